@@ -1,0 +1,48 @@
+# Two commands on a fresh machine:   make train   |   make test
+# Both create .venv (seeing a torch you already have, CUDA builds included), install the
+# pinned dependencies, build the C++ extension against that torch, then do their job.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+TORCH_PIN ?= torch==2.13.0
+STAMP  := $(VENV)/.qwenrl-deps
+ARGS   ?=
+
+.PHONY: setup ext train test bench lint format clean
+
+$(PY):
+	$(PYTHON) -m venv --system-site-packages $(VENV)
+
+$(STAMP): $(PY) pyproject.toml setup.py
+	$(PY) -m pip install -q --upgrade pip
+	@# Keep a torch that is already importable (e.g. a CUDA build); otherwise take the pinned CPU one.
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_PIN)"
+	$(PY) -m pip install -q setuptools wheel pybind11 ninja
+	$(PY) -m pip install -q -e ".[dev,plot]" --no-build-isolation
+	touch $@
+
+setup: $(STAMP) ext
+
+# Incremental (ninja) rebuild of qwenrl._C after a change in csrc/.
+ext: $(STAMP)
+	$(PY) setup.py -q build_ext --inplace
+
+train: setup
+	$(PY) -m qwenrl.train $(ARGS)
+
+test: setup
+	$(PY) -m pytest -q tests $(ARGS)
+
+bench: setup
+	$(PY) -m pytest bench/ --benchmark-only $(ARGS)
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: $(STAMP)
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+clean:
+	rm -rf build *.egg-info qwenrl/_C*.so

@@ -1,0 +1,1 @@
+"""ARC-AGI data: tasks, grids, augmentation, sampling."""

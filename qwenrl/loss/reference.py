@@ -1,0 +1,130 @@
+"""The expected-free-energy loss in plain PyTorch: the spec (DESIGN.md §2.1) and the fallback.
+
+Every fused kernel (C++ on CPU, Triton on GPU) is tested against this file. It works on
+flattened inputs: ``logits`` [N, C], ``target`` [N] class indices or [N, C] probabilities.
+
+Per valid row i, with q = softmax(z_i) in fp32 (or the input dtype when ``upcast=False``)::
+
+    p_i    = (1-ε)·onehot(y_i) + ε/C          (soft targets: (1-ε)·P_i + ε/C)
+    risk_i = KL(p_i ‖ q_i)                     (0·log 0 = 0)
+    amb_i  = H(q_i)
+    hard_i = q_i[y_i] < τ                      (soft: y_i = argmax P_i; or a given mask)
+    w_i    = w_e + (1 - w_e)·hard_i            (not differentiated)
+    loss_i = w_i·(risk_i + β·amb_i)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+REDUCTIONS = ("none", "mean", "sum")
+STAT_NAMES = ("mask_ratio", "accuracy", "risk", "entropy", "n_valid")
+
+
+def stats_from_sums(sums: Tensor) -> dict[str, Tensor]:
+    """Turns the per-call sums every backend produces into the §2.2 stats.
+
+    ``sums`` is a float32 tensor [5]: (n_hard, n_correct, Σ risk, Σ entropy, n_valid). The
+    divisions stay on the device (no host sync); with no valid rows every mean is 0.
+    """
+    n_valid = sums[4]
+    denom = n_valid.clamp(min=1.0)
+    return {
+        "mask_ratio": sums[0] / denom,
+        "accuracy": sums[1] / denom,
+        "risk": sums[2] / denom,
+        "entropy": sums[3] / denom,
+        "n_valid": n_valid,
+    }
+
+
+def efe_loss_reference(
+    logits: Tensor,
+    target: Tensor,
+    *,
+    tau: float = 0.6,
+    easy_weight: float = 0.5,
+    entropy_weight: float = 0.0,
+    label_smoothing: float = 0.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    log_target: bool = False,
+    hard_mask: Tensor | None = None,
+    upcast: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """Reference EFE loss on flattened inputs.
+
+    Args:
+        logits: [N, C] float logits.
+        target: [N] integer class indices (``ignore_index`` rows skipped) or [N, C]
+            probabilities (log-probabilities when ``log_target``).
+        hard_mask: optional [N] bool; replaces the ``q[y] < tau`` rule.
+        upcast: compute in fp32 (at least); ``False`` computes in the input's own dtype,
+            which the tests use as "PyTorch's own error" in low precision.
+
+    Returns:
+        (loss, sums): loss is [N] for ``reduction='none'`` (0 on ignored rows) or a 0-dim
+        tensor, in the compute dtype and differentiable w.r.t. ``logits``; sums is the
+        float32 [5] tensor of :func:`stats_from_sums`.
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    z = logits.float() if upcast and logits.dtype in (torch.float16, torch.bfloat16) else logits
+    n, c = z.shape
+    eps = float(label_smoothing)
+    soft = target.is_floating_point()
+
+    log_q = torch.log_softmax(z, dim=-1)
+    q = log_q.exp()
+    # Entropy via q·log q, with 0·log 0 = 0 where q underflows to exactly zero.
+    entropy = -torch.where(q > 0, q * log_q, torch.zeros_like(q)).sum(-1)
+
+    if soft:
+        tgt = target.to(z.dtype)
+        p = tgt.exp() if log_target else tgt
+        if eps > 0:
+            p = (1.0 - eps) * p + eps / c
+            log_p = torch.log(p)
+        else:
+            log_p = tgt if log_target else torch.log(p)
+        valid = torch.ones(n, dtype=torch.bool, device=z.device)
+        y = p.argmax(-1)
+    else:
+        valid = target != ignore_index
+        y = torch.where(valid, target, torch.zeros_like(target)).long()
+        p = torch.full_like(z, eps / c)
+        p.scatter_(1, y[:, None], 1.0 - eps + eps / c)
+        log_p = torch.log(p)
+    plogp = torch.where(p > 0, p * log_p, torch.zeros_like(p))
+    risk = (plogp - p * log_q).sum(-1)
+
+    with torch.no_grad():
+        q_y = q.gather(1, y[:, None]).squeeze(1)
+        hard = hard_mask.bool() if hard_mask is not None else q_y < tau
+        hard = hard & valid
+        w = easy_weight + (1.0 - easy_weight) * hard.to(z.dtype)
+        correct = (z.argmax(-1) == y) & valid
+
+    zero = torch.zeros((), dtype=z.dtype, device=z.device)
+    per_row = torch.where(valid, w * (risk + entropy_weight * entropy), zero)
+    n_valid = valid.sum()
+    if reduction == "none":
+        loss = per_row
+    elif reduction == "sum":
+        loss = per_row.sum()
+    else:
+        loss = per_row.sum() / n_valid.clamp(min=1).to(z.dtype)
+
+    with torch.no_grad():
+        vf = valid.float()
+        sums = torch.stack(
+            [
+                hard.float().sum(),
+                correct.float().sum(),
+                torch.where(valid, risk.detach().float(), 0.0).sum(),
+                torch.where(valid, entropy.detach().float(), 0.0).sum(),
+                vf.sum(),
+            ]
+        )
+    return loss, sums
