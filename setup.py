@@ -10,7 +10,7 @@ import os
 from setuptools import setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension
 
-cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
+cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
 if os.environ.get("QWENRL_PORTABLE", "0") != "1":
     cxx_flags.append("-march=native")
 

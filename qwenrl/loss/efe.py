@@ -173,9 +173,7 @@ def _check_inputs(
         if log_target:
             raise ValueError("log_target=True needs a floating [..., C] target distribution")
         if target.dtype not in (torch.int64, torch.int32):
-            raise TypeError(
-                f"class targets must be int64 or int32, got dtype {target.dtype}"
-            )
+            raise TypeError(f"class targets must be int64 or int32, got dtype {target.dtype}")
         if target.shape != row_shape:
             raise ValueError(
                 f"target shape {tuple(target.shape)} does not match logits shape "
@@ -199,12 +197,19 @@ def _check_inputs(
                 f"{tuple(row_shape)}"
             )
         if hard_mask.device != logits.device:
-            raise ValueError(f"hard_mask is on {hard_mask.device} but logits are on {logits.device}")
+            raise ValueError(
+                f"hard_mask is on {hard_mask.device} but logits are on {logits.device}"
+            )
     return soft
 
 
 class EFEFunction(torch.autograd.Function):
-    """Fused forward+backward: forward writes the gradient, backward scales it."""
+    """Fused forward+backward: forward writes the gradient, backward scales it in place.
+
+    The gradient buffer is handed to autograd as the result (no copy, no second [N, C]
+    allocation), so it can be consumed once: a second backward through the same loss (with
+    ``retain_graph=True``) raises instead of returning a gradient scaled twice.
+    """
 
     @staticmethod
     def forward(ctx, logits, target, hard_mask, forward_fn, opts, inplace):  # type: ignore[override]
@@ -212,27 +217,26 @@ class EFEFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad = logits if inplace else torch.empty_like(logits)
         loss, sums = forward_fn(logits, target, hard_mask, grad, **opts)
-        ctx.reduction = opts["reduction"]
-        ctx.save_for_backward(grad)
-        ctx.mark_non_differentiable(sums)
-        loss = loss.to(logits.dtype)
         if inplace and grad is not None:
-            # The logits now hold the gradient: tell autograd, so that anything which saved
+            # The logits now hold the gradient: bump their version so that any op which saved
             # them for its own backward raises instead of silently using the gradient.
-            ctx.mark_dirty(logits)
-            return loss, sums, logits
-        return loss, sums, None
+            torch.autograd.graph.increment_version(logits)
+        ctx.reduction = opts["reduction"]
+        ctx.grad = grad  # not saved_tensors: backward gives this very buffer away
+        ctx.mark_non_differentiable(sums)
+        return loss.to(logits.dtype), sums
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_sums, _grad_logits):  # type: ignore[override]
-        (grad,) = ctx.saved_tensors
+    def backward(ctx, grad_loss, _grad_sums):  # type: ignore[override]
+        grad, ctx.grad = ctx.grad, None
         if grad is None:
-            return (None,) * 6
-        if ctx.reduction == "none":
-            g = grad * grad_loss.to(grad.dtype)[:, None]
-        else:
-            g = grad * grad_loss.to(grad.dtype)
-        return g, None, None, None, None, None
+            raise RuntimeError(
+                "efe_loss: the fused gradient was already consumed by an earlier backward; "
+                "compute the loss again to backward twice"
+            )
+        scale = grad_loss.to(grad.dtype)
+        grad.mul_(scale[:, None] if ctx.reduction == "none" else scale)
+        return grad, None, None, None, None, None
 
 
 def efe_loss(
@@ -282,7 +286,7 @@ def efe_loss(
         log_target=log_target,
         validate=validate,
     )
-    _, forward_fn = resolve_backend(backend, logits.device)
+    backend_name, forward_fn = resolve_backend(backend, logits.device)
     n_classes = logits.shape[-1]
     row_shape = logits.shape[:-1]
     z = logits.reshape(-1, n_classes)
@@ -291,7 +295,11 @@ def efe_loss(
     if inplace and z.data_ptr() != logits.data_ptr():
         raise ValueError("inplace=True needs contiguous logits")
     if soft:
-        tgt = target.reshape(-1, n_classes).to(torch.float32 if target.dtype == torch.float64 else target.dtype).contiguous()
+        tgt = (
+            target.reshape(-1, n_classes)
+            .to(torch.float32 if target.dtype == torch.float64 else target.dtype)
+            .contiguous()
+        )
     else:
         tgt = target.reshape(-1).to(torch.int64).contiguous()
     mask = hard_mask.reshape(-1).contiguous() if hard_mask is not None else None
@@ -305,7 +313,12 @@ def efe_loss(
         ignore_index=int(ignore_index),
         reduction=reduction,
     )
-    loss, sums, _ = EFEFunction.apply(z, tgt, mask, forward_fn, opts, inplace)
+    if torch.compiler.is_compiling():  # Dynamo cannot trace the fused kernels: a custom op
+        from qwenrl.loss.compile import efe_compiled
+
+        loss, sums = efe_compiled(z, tgt, mask, backend_name, backend, opts)
+    else:
+        loss, sums = EFEFunction.apply(z, tgt, mask, forward_fn, opts, inplace)
     if reduction == "none":
         loss = loss.reshape(row_shape)
     if return_stats:
