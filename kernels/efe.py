@@ -1,0 +1,449 @@
+"""Fused Triton kernels for the expected-free-energy loss (DESIGN.md §2.4).
+
+One launch computes, for every row, the loss, the stat sums and the gradient of the reduced
+loss w.r.t. the logits. Two kernels share the same math:
+
+* ``_efe_tile_kernel`` (rows up to ``MAX_TILE_C`` classes, e.g. ARC's C = 12): a
+  [BLOCK_N, BLOCK_C] tile of whole rows in registers, many rows per program, so the logits are
+  read once and the gradient written once.
+* ``_efe_online_kernel`` (wider rows, LLM vocabularies up to ~152k): one row per program.
+  Pass 1 streams the row in C-blocks with an online softmax that also carries Σ e·(z − m) for
+  the entropy; pass 2 reads the row again to write the gradient (skipped without a gradient).
+
+Nothing synchronises the host: N_valid for ``mean`` is a device scalar that the kernels load,
+and the stats are per-program partial sums that torch ops reduce on the device afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+MAX_TILE_C = 8192  # widest row the tile kernel keeps whole in registers
+TILE_ELEMS = 2048  # BLOCK_N · BLOCK_C of a tile-kernel program
+ONLINE_BLOCK_C = 8192  # C-block streamed by the online kernel
+N_PARTIALS = tl.constexpr(6)  # per program: n_hard, n_correct, Σ risk, Σ entropy, n_valid, Σ loss
+
+
+@triton.jit
+def _efe_tile_kernel(
+    z_ptr,  # [N, C] logits (fp32 | bf16 | fp16)
+    tgt_ptr,  # [N] int64 class indices, or [N, C] target P (log P when LOG_TARGET)
+    mask_ptr,  # [N] uint8 hard mask (read when HAS_MASK)
+    grad_ptr,  # [N, C] gradient out, logits' dtype (written when WRITE_GRAD; may alias z_ptr)
+    loss_ptr,  # [N] fp32 per-row loss (written when WRITE_LOSS)
+    part_ptr,  # [programs, N_PARTIALS] fp32 partial sums of this program's rows
+    nvalid_ptr,  # [] int64 number of valid rows (read when MEAN_BY_NVALID)
+    N,
+    C,
+    ignore_index,
+    tau,
+    easy_weight,
+    beta,
+    eps,
+    plogp_class,  # Σ p log p of a smoothed one-hot target (class targets)
+    grad_scale,
+    SOFT: tl.constexpr,
+    LOG_TARGET: tl.constexpr,
+    SMOOTH: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+    WRITE_LOSS: tl.constexpr,
+    MEAN_BY_NVALID: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_C)
+    row_in = rows < N
+    col_in = cols < C
+    tile_in = row_in[:, None] & col_in[None, :]
+    offs = rows.to(tl.int64)[:, None] * C + cols[None, :]
+
+    z = tl.load(z_ptr + offs, mask=tile_in, other=0.0).to(tl.float32)
+    z = tl.where(col_in[None, :], z, float("-inf"))  # padding rows stay finite
+    m = tl.max(z, 1)
+    e = tl.exp(z - m[:, None])  # 0 on padding columns
+    zs = tl.where(col_in[None, :], z - m[:, None], 0.0)
+    s = tl.sum(e, 1)
+    log_s = tl.log(s)
+    log_q = zs - log_s[:, None]
+    q = e / s[:, None]
+    entropy = log_s - tl.sum(e * zs, 1) / s
+    arg_z = tl.argmax(z, 1)
+
+    if SOFT:
+        t = tl.load(tgt_ptr + offs, mask=tile_in, other=0.0).to(tl.float32)
+        if LOG_TARGET:
+            prob = tl.exp(t)
+        else:
+            prob = t
+        if SMOOTH:
+            p = (1.0 - eps) * prob + eps / C
+            log_p = tl.log(tl.where(p > 0, p, 1.0))
+        elif LOG_TARGET:
+            p = prob
+            log_p = t
+        else:
+            p = prob
+            log_p = tl.log(tl.where(prob > 0, prob, 1.0))
+        p = tl.where(col_in[None, :], p, 0.0)
+        plogp = tl.sum(tl.where(p > 0, p * log_p, 0.0), 1)
+        sum_p = tl.sum(p, 1)[:, None]
+        y = tl.argmax(p, 1)
+        valid = row_in
+        y_in = row_in
+    else:
+        y = tl.load(tgt_ptr + rows, mask=row_in, other=ignore_index)
+        valid = row_in & (y != ignore_index)
+        y_in = (y >= 0) & (y < C)  # an out-of-range target gives a NaN row, never a stray read
+        p = tl.where(cols[None, :] == y[:, None], 1.0 - eps + eps / C, eps / C)
+        p = tl.where(col_in[None, :], p, 0.0)
+        plogp = plogp_class
+        sum_p = 1.0
+    risk = plogp - tl.sum(p * log_q, 1)
+    risk = tl.where(y_in, risk, float("nan"))
+
+    q_y = tl.sum(tl.where(cols[None, :] == y[:, None], q, 0.0), 1)
+    if HAS_MASK:
+        hard = tl.load(mask_ptr + rows, mask=row_in, other=0) != 0
+    else:
+        hard = q_y < tau
+    hard = hard & valid
+    w = easy_weight + (1.0 - easy_weight) * hard.to(tl.float32)
+    w = tl.where(y_in, w, float("nan"))
+    loss_row = tl.where(valid, w * (risk + beta * entropy), 0.0)
+    correct = valid & (arg_z == y)
+
+    if WRITE_LOSS:
+        tl.store(loss_ptr + rows, loss_row, mask=row_in)
+    if WRITE_GRAD:
+        scale = grad_scale
+        if MEAN_BY_NVALID:
+            scale = scale / tl.maximum(tl.load(nvalid_ptr).to(tl.float32), 1.0)
+        g = (sum_p * q - p) - beta * q * (log_q + entropy[:, None])
+        g = tl.where(valid[:, None], (w * scale)[:, None] * g, 0.0)
+        tl.store(grad_ptr + offs, g.to(grad_ptr.dtype.element_ty), mask=tile_in)
+
+    out = part_ptr + pid * N_PARTIALS
+    tl.store(out + 0, tl.sum(hard.to(tl.float32), 0))
+    tl.store(out + 1, tl.sum(correct.to(tl.float32), 0))
+    tl.store(out + 2, tl.sum(tl.where(valid, risk, 0.0), 0))
+    tl.store(out + 3, tl.sum(tl.where(valid, entropy, 0.0), 0))
+    tl.store(out + 4, tl.sum(valid.to(tl.float32), 0))
+    tl.store(out + 5, tl.sum(loss_row, 0))
+
+
+@triton.jit
+def _efe_online_kernel(
+    z_ptr,  # [N, C] logits (fp32 | bf16 | fp16)
+    tgt_ptr,  # [N] int64 class indices, or [N, C] target P (log P when LOG_TARGET)
+    mask_ptr,  # [N] uint8 hard mask (read when HAS_MASK)
+    grad_ptr,  # [N, C] gradient out, logits' dtype (written when WRITE_GRAD; may alias z_ptr)
+    loss_ptr,  # [N] fp32 per-row loss (written when WRITE_LOSS)
+    part_ptr,  # [N, N_PARTIALS] fp32 partial sums of this program's row
+    nvalid_ptr,  # [] int64 number of valid rows (read when MEAN_BY_NVALID)
+    N,
+    C,
+    ignore_index,
+    tau,
+    easy_weight,
+    beta,
+    eps,
+    plogp_class,  # Σ p log p of a smoothed one-hot target (class targets)
+    grad_scale,
+    SOFT: tl.constexpr,
+    LOG_TARGET: tl.constexpr,
+    SMOOTH: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+    WRITE_LOSS: tl.constexpr,
+    MEAN_BY_NVALID: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    row = pid.to(tl.int64)
+    z_row = z_ptr + row * C
+    t_row = tgt_ptr + row * C
+    cols = tl.arange(0, BLOCK_C)
+    if SOFT:
+        valid = pid < N
+        y_in = pid < N
+    else:
+        y = tl.load(tgt_ptr + row)
+        valid = y != ignore_index
+        y_in = (y >= 0) & (y < C)  # an out-of-range target gives a NaN row, never a stray read
+        z_y = tl.load(z_row + tl.where(y_in & valid, y, 0)).to(tl.float32)
+
+    # Pass 1: running max m, s = Σ e^(z-m), t = Σ e^(z-m)·(z-m), rescaled as m grows.
+    # Ignored rows are never read (an empty range), their results are discarded below.
+    c_end = tl.where(valid, C, 0)
+    m = float("-inf")
+    s = 0.0
+    t = 0.0
+    arg_z = 0
+    sum_zs = 0.0  # class targets with smoothing: Σ_c (z_c - m)
+    plogp = 0.0  # soft targets: Σ p log p, Σ p·(z - m), Σ p, and argmax p with z there
+    pzs = 0.0
+    sum_p = 0.0
+    p_best = -1.0
+    y_soft = 0
+    z_soft = 0.0
+    for c0 in tl.range(0, c_end, BLOCK_C):
+        offs = c0 + cols
+        inb = offs < C
+        z = tl.load(z_row + offs, mask=inb, other=float("-inf")).to(tl.float32)
+        blk_max = tl.max(z, 0)
+        arg_z = tl.where(blk_max > m, c0 + tl.argmax(z, 0), arg_z)
+        m_new = tl.maximum(m, blk_max)
+        shift = m - m_new  # -inf on the first block, where the guards below drop it
+        alpha = tl.exp(shift)
+        e = tl.exp(z - m_new)
+        zs = tl.where(inb, z - m_new, 0.0)
+        t = alpha * (t + tl.where(s > 0, shift * s, 0.0)) + tl.sum(e * zs, 0)
+        s = alpha * s + tl.sum(e, 0)
+        if SOFT:
+            tv = tl.load(t_row + offs, mask=inb, other=0.0).to(tl.float32)
+            if LOG_TARGET:
+                prob = tl.exp(tv)
+            else:
+                prob = tv
+            if SMOOTH:
+                p = (1.0 - eps) * prob + eps / C
+                log_p = tl.log(tl.where(p > 0, p, 1.0))
+            elif LOG_TARGET:
+                p = prob
+                log_p = tv
+            else:
+                p = prob
+                log_p = tl.log(tl.where(prob > 0, prob, 1.0))
+            p = tl.where(inb, p, 0.0)
+            plogp += tl.sum(tl.where(p > 0, p * log_p, 0.0), 0)
+            pzs = pzs + tl.where(sum_p > 0, shift * sum_p, 0.0) + tl.sum(p * zs, 0)
+            sum_p += tl.sum(p, 0)
+            blk_pmax = tl.max(p, 0)
+            blk_parg = tl.argmax(p, 0)
+            better = blk_pmax > p_best
+            y_soft = tl.where(better, c0 + blk_parg, y_soft)
+            z_soft = tl.where(better, tl.sum(tl.where(cols == blk_parg, z, 0.0), 0), z_soft)
+            p_best = tl.maximum(p_best, blk_pmax)
+        elif SMOOTH:
+            sum_zs = sum_zs + tl.where(c0 > 0, shift * c0, 0.0) + tl.sum(zs, 0)
+        m = m_new
+
+    log_s = tl.log(s)
+    lse = m + log_s
+    entropy = log_s - t / s
+    if SOFT:
+        y = y_soft
+        z_y = z_soft
+        risk = plogp - (pzs - sum_p * log_s)
+    else:
+        sum_p = 1.0
+        cross = z_y - lse  # log q_y
+        if SMOOTH:
+            cross = (1.0 - eps) * cross + eps / C * (sum_zs - C * log_s)
+        risk = tl.where(y_in, plogp_class - cross, float("nan"))
+
+    if HAS_MASK:
+        hard = tl.load(mask_ptr + row) != 0
+    else:
+        hard = tl.exp(z_y - lse) < tau
+    hard = hard & valid
+    w = easy_weight + (1.0 - easy_weight) * hard.to(tl.float32)
+    w = tl.where(y_in, w, float("nan"))
+    loss_row = tl.where(valid, w * (risk + beta * entropy), 0.0)
+    correct = valid & (arg_z == y)
+
+    if WRITE_LOSS:
+        tl.store(loss_ptr + row, loss_row)
+    if WRITE_GRAD:
+        # Pass 2: the gradient, block by block (each block is read before it is written, so
+        # grad_ptr may alias z_ptr). Ignored rows write zeros without reading.
+        scale = grad_scale
+        if MEAN_BY_NVALID:
+            scale = scale / tl.maximum(tl.load(nvalid_ptr).to(tl.float32), 1.0)
+        coef = w * scale
+        g_row = grad_ptr + row * C
+        for c0 in tl.range(0, C, BLOCK_C):
+            offs = c0 + cols
+            inb = offs < C
+            z = tl.load(z_row + offs, mask=offs < c_end, other=0.0).to(tl.float32)
+            log_q = z - lse
+            q = tl.exp(log_q)
+            if SOFT:
+                tv = tl.load(t_row + offs, mask=offs < c_end, other=0.0).to(tl.float32)
+                if LOG_TARGET:
+                    p = tl.exp(tv)
+                else:
+                    p = tv
+                if SMOOTH:
+                    p = (1.0 - eps) * p + eps / C
+            else:
+                p = tl.where(offs == y, 1.0 - eps + eps / C, eps / C)
+            g = (sum_p * q - p) - beta * q * (log_q + entropy)
+            g = tl.where(valid, coef * g, 0.0)
+            tl.store(g_row + offs, g.to(grad_ptr.dtype.element_ty), mask=inb)
+
+    out = part_ptr + row * N_PARTIALS
+    tl.store(out + 0, hard.to(tl.float32))
+    tl.store(out + 1, correct.to(tl.float32))
+    tl.store(out + 2, tl.where(valid, risk, 0.0))
+    tl.store(out + 3, tl.where(valid, entropy, 0.0))
+    tl.store(out + 4, valid.to(tl.float32))
+    tl.store(out + 5, loss_row)
+
+
+def _num_warps(elems: int) -> int:
+    return max(4, min(16, elems // 256))
+
+
+def _plogp_class(eps: float, n_classes: int) -> float:
+    """Σ p log p of (1-ε)·onehot + ε/C, in float64 on the host (no tensor involved)."""
+    if eps <= 0.0:
+        return 0.0
+    hi, lo = 1.0 - eps + eps / n_classes, eps / n_classes
+    return hi * math.log(hi) + (n_classes - 1) * lo * math.log(lo)
+
+
+def _launch(
+    logits: Tensor,
+    target: Tensor,
+    mask: Tensor | None,
+    grad: Tensor | None,
+    loss_rows: Tensor | None,
+    nvalid: Tensor | None,
+    scalars: tuple,
+    flags: dict,
+    *,
+    online: bool,
+    block_n: int | None,
+    block_c: int | None,
+) -> Tensor:
+    """Launches one kernel; returns its per-program partial sums [programs, N_PARTIALS]."""
+    n, c = logits.shape
+    if online:
+        block_c = block_c or min(ONLINE_BLOCK_C, triton.next_power_of_2(c))
+        programs, meta = n, dict(BLOCK_C=block_c)
+        kernel, num_warps = _efe_online_kernel, _num_warps(block_c)
+    else:
+        block_c = triton.next_power_of_2(c)
+        block_n = block_n or max(1, min(TILE_ELEMS // block_c, triton.next_power_of_2(n)))
+        programs, meta = triton.cdiv(n, block_n), dict(BLOCK_N=block_n, BLOCK_C=block_c)
+        kernel, num_warps = _efe_tile_kernel, _num_warps(block_n * block_c)
+    part = torch.empty((programs, N_PARTIALS), dtype=torch.float32, device=logits.device)
+    # Unused pointers get any valid tensor: their constexpr flag keeps them unread/unwritten.
+    kernel[(programs,)](
+        logits,
+        target,
+        mask if mask is not None else part,
+        grad if grad is not None else logits,
+        loss_rows if loss_rows is not None else part,
+        part,
+        nvalid if nvalid is not None else part,
+        n,
+        c,
+        *scalars,
+        **flags,
+        **meta,
+        num_warps=num_warps,
+    )
+    return part
+
+
+def efe_forward_triton(
+    logits: Tensor,
+    target: Tensor,
+    hard_mask: Tensor | None,
+    grad: Tensor | None,
+    *,
+    soft: bool,
+    log_target: bool,
+    tau: float,
+    easy_weight: float,
+    entropy_weight: float,
+    label_smoothing: float,
+    ignore_index: int,
+    reduction: str,
+    online: bool | None = None,
+    block_n: int | None = None,
+    block_c: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Fused EFE forward (+ gradient) in one Triton launch; the fused-backend convention.
+
+    Args:
+        logits: [N, C] contiguous fp32/bf16/fp16 logits.
+        target: [N] int64 class indices, or [N, C] contiguous float target (log P when
+            ``log_target``).
+        hard_mask: optional [N] bool, replaces the ``q[y] < tau`` rule.
+        grad: optional [N, C] output (logits' dtype, may be ``logits`` itself): receives the
+            gradient of the reduced loss (of each row's own loss for ``'none'``).
+        online: force the row-per-program online kernel (True) or the tile kernel (False);
+            default: online when the row is wider than ``MAX_TILE_C``.
+        block_n, block_c: override the tile kernel's rows per program and the online kernel's
+            C-block (tests use them to exercise several programs and C-blocks).
+
+    Returns:
+        (loss, sums): fp32 loss ([N] for ``'none'``, 0-dim otherwise) and fp32 sums [5] =
+        (n_hard, n_correct, Σ risk, Σ entropy, n_valid), all on the logits' device.
+    """
+    n, c = logits.shape
+    device = logits.device
+    if n == 0:
+        loss = torch.zeros((0,) if reduction == "none" else (), dtype=torch.float32, device=device)
+        return loss, torch.zeros(5, dtype=torch.float32, device=device)
+    eps = float(label_smoothing)
+    mean_by_nvalid = grad is not None and reduction == "mean" and not soft
+    nvalid = (target != ignore_index).sum() if mean_by_nvalid else None  # stays on the device
+    grad_scale = 1.0 / n if reduction == "mean" and soft else 1.0
+    loss_rows = torch.empty(n, dtype=torch.float32, device=device) if reduction == "none" else None
+    mask = hard_mask.view(torch.uint8) if hard_mask is not None else None
+    scalars = (
+        int(ignore_index),
+        float(tau),
+        float(easy_weight),
+        float(entropy_weight),
+        eps,
+        _plogp_class(eps, c),
+        grad_scale,
+    )
+    flags = dict(
+        SOFT=bool(soft),
+        LOG_TARGET=bool(log_target),
+        SMOOTH=eps > 0.0,
+        HAS_MASK=hard_mask is not None,
+        WRITE_GRAD=grad is not None,
+        WRITE_LOSS=loss_rows is not None,
+        MEAN_BY_NVALID=mean_by_nvalid,
+    )
+    if online is None:
+        online = triton.next_power_of_2(c) > MAX_TILE_C
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        part = _launch(
+            logits,
+            target,
+            mask,
+            grad,
+            loss_rows,
+            nvalid,
+            scalars,
+            flags,
+            online=online,
+            block_n=block_n,
+            block_c=block_c,
+        )
+    # Reduced on the device, each into a fresh tensor (not a view of one [6] total).
+    sums = part[:, :5].sum(0)
+    if reduction == "none":
+        loss = loss_rows
+    elif reduction == "sum":
+        loss = part[:, 5].sum()
+    else:
+        loss = part[:, 5].sum() / sums[4].clamp(min=1.0)
+    return loss, sums
