@@ -1,0 +1,49 @@
+"""Shared benchmark plumbing: the tests' helpers on the path, and a ratio table at the end.
+
+Each benchmark calls ``record(group, name, seconds, **extra)``; the first entry of a group is
+its baseline, and the terminal summary prints every entry's speed-up against it.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+_rows: dict[str, list[tuple[str, float, dict]]] = {}
+
+
+@pytest.fixture
+def record(benchmark):
+    """Records the median time of ``benchmark`` and returns its ratio vs the group baseline."""
+
+    def _record(group: str, name: str, **extra) -> float:
+        seconds = benchmark.stats.stats.median
+        rows = _rows.setdefault(group, [])
+        baseline = rows[0][1] if rows else seconds
+        ratio = baseline / seconds
+        rows.append((name, seconds, extra))
+        benchmark.extra_info.update(extra, baseline=rows[0][0], speedup_vs_baseline=ratio)
+        return ratio
+
+    return _record
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _rows:
+        return
+    tr = terminalreporter
+    tr.section("speed-ups against each group's baseline (median times)")
+    for group, rows in _rows.items():
+        base_name, base, _ = rows[0]
+        tr.write_line(f"{group}  (baseline: {base_name})")
+        for name, seconds, extra in rows:
+            info = "  ".join(
+                f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in extra.items()
+            )
+            tr.write_line(
+                f"    {name:<28} {seconds * 1e3:10.3f} ms  x{base / seconds:6.2f}  {info}"
+            )
