@@ -232,21 +232,38 @@ class StepForward(nn.Module):
     """The differentiable part of one step, as one module so DDP can wrap it.
 
     Step 1 (Qwen on the prompts to compute, cache for the rest) and step 2 (refiner → RL
-    action → agent) up to the logits.
+    action → agent) up to the logits. Only tensors go through ``forward`` (DDP inspects its
+    arguments); the step's cache plan is set on :attr:`context` just before the call.
     """
 
-    def __init__(self, models: QwenRLModels) -> None:
+    def __init__(self, models: QwenRLModels, cache: EmbeddingCache) -> None:
         super().__init__()
         self.models = models
+        self.cache = cache
+        self.context: tuple[Any, int, bool] | None = None  # (cache plan, step, anchor_only)
 
-    def forward(self, tokens, cache: EmbeddingCache, plan, query: torch.Tensor, step: int):
-        fresh = None
-        if tokens is not None:
-            fresh = self.models.encoder(**tokens).float()  # [U, dim], graph into Qwen
-            cache.write(plan, fresh, step)  # detached copy
-        prompt = cache.gather(plan, fresh)  # [B, dim]: fresh rows differentiable
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        query: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        assert self.context is not None, "set StepForward.context = (plan, step) first"
+        plan, step, anchor_only = self.context
+        fresh, anchor = None, None
+        if input_ids is not None:
+            fresh = self.models.encoder(input_ids, attention_mask).float()  # [U, dim], into Qwen
+            if anchor_only:
+                # Qwen runs here only so that every rank takes part in its gradient all-reduce
+                # on this step; 0·x adds a zero gradient and changes no value.
+                anchor, fresh = 0.0 * fresh.sum(), None
+            else:
+                self.cache.write(plan, fresh, step)  # detached copy
+        prompt = self.cache.gather(plan, fresh)  # [B, dim]: fresh rows differentiable
         conditioned, refined_detached, action = self.models.condition(prompt)
         logits = self.models.agent(query, conditioned)  # [B, 900, C]
+        if anchor is not None:
+            logits = logits + anchor
         return logits, refined_detached, action
 
 
@@ -304,7 +321,12 @@ class Trainer:
         )
         self.models = QwenRLModels(self.model_config).to(self.device)
         self.models.train()
-        self.forward = StepForward(self.models)
+        capacity = max(4 * (cfg.working_set or 4 * cfg.batch_size), 2 * cfg.batch_size)
+        self.cache = EmbeddingCache(
+            capacity, cfg.dim, refresh_every=cfg.refresh_every, device=self.device
+        )
+        self.step_forward = StepForward(self.models, self.cache)
+        self.forward = self.step_forward
         if self.dist.enabled:
             # The RL head is trained by its own optimizer (gradients averaged by hand below);
             # Qwen is unused on cached steps, hence find_unused_parameters.
@@ -314,10 +336,10 @@ class Trainer:
                 if any(p is q for q in self.models.rl_parameters())
             ]
             nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-                self.forward, ignored
+                self.step_forward, ignored
             )
             self.forward = nn.parallel.DistributedDataParallel(
-                self.forward,
+                self.step_forward,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=True,
             )
@@ -328,10 +350,6 @@ class Trainer:
         self.rl_optimizer = torch.optim.Adam(self.models.rl_parameters(), lr=cfg.rl_lr)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
-        capacity = max(4 * (cfg.working_set or 4 * cfg.batch_size), 2 * cfg.batch_size)
-        self.cache = EmbeddingCache(
-            capacity, cfg.dim, refresh_every=cfg.refresh_every, device=self.device
-        )
         self.criterion = EFELoss(
             tau=tau_for_epoch(cfg, 0),
             easy_weight=cfg.easy_weight,
@@ -389,18 +407,24 @@ class Trainer:
             enabled=self.autocast_dtype is not None,
         )
 
-    def _plan(self, batch: Batch):
-        """Cache plan; under DDP every rank recomputes Qwen on the same steps."""
+    def _plan(self, batch: Batch) -> tuple[Any, list[str], bool]:
+        """Cache plan and the prompt texts Qwen must encode this step.
+
+        Under DDP the ranks agree on whether Qwen runs: a rank with nothing to compute while
+        another has encodes its first prompt as a zero-weight anchor (returned flag True), so
+        Qwen's gradients are all-reduced by every rank on the same steps.
+        """
         plan = self.cache.plan(batch.keys, self.step)
+        first_row = {}
+        for row, key in enumerate(batch.keys.tolist()):
+            first_row.setdefault(key, row)
+        texts = [batch.prompts[first_row[k]] for k in plan.compute_keys.tolist()]
         if self.dist.enabled:
-            need = torch.tensor([float(plan.num_compute > 0)], device=self.device)
+            need = torch.tensor([float(len(texts) > 0)], device=self.device)
             dist.all_reduce(need, op=dist.ReduceOp.MAX)
-            if need.item() > 0 and plan.num_compute == 0:
-                # Another rank runs Qwen this step: so does this one (on its first key), so
-                # that Qwen's gradient all-reduce has the same participants on every rank.
-                self.cache.invalidate(batch.keys[:1])
-                plan = self.cache.plan(batch.keys, self.step)
-        return plan
+            if need.item() > 0 and not texts:
+                return plan, batch.prompts[:1], True
+        return plan, texts, False
 
     def train_step(self, batch: Batch) -> dict[str, Any]:
         """One optimisation step in the corrected order; returns this step's metrics."""
@@ -410,18 +434,19 @@ class Trainer:
 
         # 1. cache plan → Qwen (with grad) for keys to compute, cached values for the rest
         self._mark("plan")
-        plan = self._plan(batch)
-        tokens = None
-        if plan.num_compute:
-            index = {int(k): i for i, k in reversed(list(enumerate(batch.keys.tolist())))}
-            texts = [batch.prompts[index[int(k)]] for k in plan.compute_keys.tolist()]
+        plan, texts, anchor_only = self._plan(batch)
+        tokens = {"input_ids": None, "attention_mask": None}
+        if texts:
             tokens = self.models.encoder.tokenize(texts)
             self._mark("qwen")
-        qwen_ran = tokens is not None
+        qwen_ran = tokens["input_ids"] is not None
 
         # 2. refiner → RL action → agent → logits → EFE loss (τ from the curriculum)
         with self._autocast():
-            logits, refined, action = self.forward(tokens, self.cache, plan, batch.query, self.step)
+            self.step_forward.context = (plan, self.step, anchor_only)
+            logits, refined, action = self.forward(
+                tokens["input_ids"], tokens["attention_mask"], batch.query
+            )
             b = logits.shape[0]
             loss = self.criterion(logits, batch.target.view(b, -1))
         stats = self.criterion.last_stats

@@ -27,8 +27,8 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from qwenrl.kernels import efe as kefe  # noqa: E402
 
+from qwenrl.kernels import efe as kefe  # noqa: E402
 from qwenrl.loss import efe_loss, efe_loss_reference, stats_from_sums  # noqa: E402
 from qwenrl.loss.reference import STAT_NAMES  # noqa: E402
 

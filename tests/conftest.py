@@ -1,0 +1,24 @@
+"""Shared pytest fixtures, grouped by the module they serve."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+# --- models: a tiny Qwen checkpoint on disk -------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Qwen3 + grid tokenizer saved with ``save_pretrained`` (seed 0, dim 32).
+
+    Tests load it through the real ``qwen_path`` code path, as a user's checkpoint would be.
+    """
+    from qwenrl.models import QwenPromptEncoder
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny_qwen")
+    QwenPromptEncoder(32).save_pretrained(path)
+    return path
