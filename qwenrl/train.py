@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import random
 import shutil
@@ -61,9 +62,9 @@ class TrainConfig:
     """Every flag of ``python -m qwenrl.train``; the defaults are the embedded default run."""
 
     epochs: int = 3
-    max_batches: int = 60  # per epoch; 0 = the whole epoch
+    max_batches: int = 0  # per epoch; 0 = the whole epoch
     batch_size: int = 16
-    agent_lr: float = 1e-3
+    agent_lr: float = 5e-4
     qwen_lr: float = 2e-4
     rl_lr: float = 1e-3
     device: str = "cpu"
@@ -75,6 +76,7 @@ class TrainConfig:
     working_set: int = 0  # prompts per cache window; 0 = 4 × batch_size
     reward_scale: float = 5.0
     grad_clip: float = 1.0
+    warmup_steps: int = 20
     tau_start: float = 0.6
     tau_end: float = 0.3
     tau_epoch: int = 1  # τ = tau_start while epoch < tau_epoch, then tau_end
@@ -112,6 +114,7 @@ HELP = {
     "working_set": "prompts sampled per cache window (0 = 4 × batch_size)",
     "reward_scale": "RL reward multiplier",
     "grad_clip": "max global grad norm of the main model (0 = no clipping)",
+    "warmup_steps": "linear learning-rate warm-up steps, then cosine decay to 10% at the end",
     "tau_start": "hard-cell threshold τ while epoch < tau_epoch",
     "tau_end": "hard-cell threshold τ from epoch tau_epoch on",
     "tau_epoch": "epoch at which τ switches from tau_start to tau_end",
@@ -185,6 +188,14 @@ def check_config(cfg: TrainConfig) -> str | None:
     if cfg.data is not None and not Path(cfg.data).is_dir():
         return f"--data {cfg.data}: no such directory"
     return None
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to 0.1 at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.1 + 0.45 * (1.0 + math.cos(math.pi * progress))
 
 
 def tau_for_epoch(cfg: TrainConfig, epoch: int) -> float:
@@ -347,6 +358,10 @@ class Trainer:
         self.qwen_params = groups[0]["params"]
         self.main_params = [p for g in groups for p in g["params"]]
         self.optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+        total = cfg.epochs * self.steps_per_epoch
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total)
+        )
         self.rl_optimizer = torch.optim.Adam(self.models.rl_parameters(), lr=cfg.rl_lr)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
@@ -466,6 +481,7 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self._mark("scaler.step")
         self.scaler.update()
+        self.scheduler.step()
 
         # 4. after scaler.step: the RL update on detached inputs, its own optimizer
         with torch.no_grad():
@@ -549,7 +565,10 @@ class Trainer:
         t_last, s_last = time.perf_counter(), self.step
         while self.step < total:
             epoch = self.step // self.steps_per_epoch
-            self.criterion.tau = tau_for_epoch(cfg, epoch)
+            tau = tau_for_epoch(cfg, epoch)
+            if tau != self.criterion.tau:
+                self.flags.losses.clear()  # the loss changes definition with τ
+            self.criterion.tau = tau
             bar = tqdm(
                 total=self.steps_per_epoch,
                 initial=self.step % self.steps_per_epoch,
@@ -601,6 +620,7 @@ class Trainer:
         )
         sums = torch.zeros(4, dtype=torch.float64)  # correct cells, counted cells, exact, samples
         hard, valid = 0.0, 0.0
+        shown: list[dict[str, Any]] = []
         for start in range(lo, hi, self.cfg.val_batch_size):
             batch = collate(
                 [ds[i] for i in range(start, min(start + self.cfg.val_batch_size, hi))]
@@ -618,6 +638,8 @@ class Trainer:
                 self.criterion(attempts[0], target)
             stats = self.criterion.last_stats
             pred = attempts[0].argmax(-1)
+            if not shown:
+                shown = self._grid_examples(batch, attempts[0])
             counted = target != OUTSIDE
             sums[0] += float(((pred == target) & counted).sum())
             sums[1] += float(counted.sum())
@@ -643,6 +665,11 @@ class Trainer:
             "samples": int(samples),
         }
         self._log(summary)
+        if self.dist.is_main and shown:
+            _write_json_atomic(
+                self.out / "val_grids.json",
+                {"step": self.step, "epoch": epoch, "tau": self.criterion.tau, "samples": shown},
+            )
         self._print(
             f"[Epoch {epoch}] validation: cell accuracy {summary['cell_accuracy']:.4f} | "
             f"exact match {summary['exact_match']:.4f} ({int(exact)}/{int(samples)}) | "
@@ -650,6 +677,24 @@ class Trainer:
         )
         self.models.train()
         return summary
+
+    def _grid_examples(self, batch: Batch, logits: torch.Tensor, k: int = 4) -> list[dict]:
+        """A few validation grids for ``python -m qwenrl.plot``: input, prediction, target and
+        the hard cells (q[target] < τ)."""
+        b = min(k, len(batch))
+        target = batch.target[:b].view(b, -1)
+        q_target = logits[:b].float().softmax(-1).gather(-1, target[..., None]).squeeze(-1)
+        pred = logits[:b].argmax(-1)
+        return [
+            {
+                "task_id": batch.task_ids[i],
+                "input": batch.query[i].tolist(),
+                "prediction": pred[i].view(30, 30).tolist(),
+                "target": batch.target[i].tolist(),
+                "hard": (q_target[i] < self.criterion.tau).view(30, 30).tolist(),
+            }
+            for i in range(b)
+        ]
 
     # --- checkpoints -------------------------------------------------------------------------
 
@@ -669,6 +714,7 @@ class Trainer:
             "step": self.step,
             "config": dataclasses.asdict(self.cfg),
             "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
             "rl_optimizer": self.rl_optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "cache": self.cache.state_dict(),
@@ -705,6 +751,7 @@ class Trainer:
         state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
         self.step = int(state["step"])
         self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
         self.rl_optimizer.load_state_dict(state["rl_optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.cache.load_state_dict(state["cache"])
@@ -726,6 +773,12 @@ def latest_checkpoint(out: str | Path) -> Path | None:
     """The newest complete checkpoint in a run dir (temp dirs of a killed save are ignored)."""
     done = sorted(p for p in Path(out).glob("checkpoint-*") if (p / "state.pt").is_file())
     return done[-1] if done else None
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
 
 
 def _fsync_dir(path: Path) -> None:
