@@ -112,6 +112,16 @@ def test_hard_mask_and_batched_shape(seed):
 
 
 @needs_ext
+def test_qwen_vocabulary_width():
+    """C = 151,936 (a Qwen vocabulary): the per-thread row buffer path at full width."""
+    z, t = make_inputs(2, 151936, "class", seed=seed_of("vocab"), ignore_frac=0.0)
+    loss, stats, grad = run(z, t, "cpu", entropy_weight=0.2, label_smoothing=0.05)
+    loss64, stats64, grad64 = run_reference64(z, t, entropy_weight=0.2, label_smoothing=0.05)
+    torch.testing.assert_close(loss.double(), loss64, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad.double(), grad64, rtol=1e-4, atol=1e-8)
+
+
+@needs_ext
 def test_all_rows_ignored_gives_zero_not_nan():
     z = torch.randn(6, 12)
     t = torch.full((6,), -100)

@@ -168,6 +168,46 @@ def test_interrupted_save_leaves_the_previous_checkpoint(tmp_path, arc_dir, monk
     resumed.close()
 
 
+SIGKILL_WORKER = r"""
+import json, sys, time
+from qwenrl import train as T
+trainer = T.Trainer(T.TrainConfig(**json.loads(sys.argv[1])), quiet=True)
+trainer.train_step(trainer.batch_at(0))
+trainer.save_checkpoint()
+trainer.train_step(trainer.batch_at(1))
+real_save = T.torch.save
+def save_then_hang(obj, f, *args, **kwargs):
+    real_save(obj, f, *args, **kwargs)
+    print("MID-SAVE", flush=True)  # weights and state written, not yet renamed into place
+    time.sleep(600)
+T.torch.save = save_then_hang
+trainer.save_checkpoint()
+"""
+
+
+def test_sigkill_mid_save_resumes_from_the_last_complete_checkpoint(tmp_path, arc_dir):
+    import os
+    import signal
+
+    cfg = tiny_config(tmp_path / "run", arc_dir)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SIGKILL_WORKER, json.dumps(cfg.__dict__)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout.readline().strip() == "MID-SAVE"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert latest_checkpoint(tmp_path / "run").name == f"checkpoint-{1:08d}"
+    assert list((tmp_path / "run").glob(".tmp-checkpoint-*"))
+    resumed = Trainer(tiny_config(tmp_path / "run", arc_dir, resume="auto"), quiet=True)
+    assert resumed.step == 1
+    resumed.close()
+
+
 def test_nonfinite_loss_is_skipped_then_stops_with_a_checkpoint(tmp_path, arc_dir, monkeypatch):
     trainer = Trainer(tiny_config(tmp_path / "run", arc_dir, max_nonfinite=3), quiet=True)
     trainer.train_step(trainer.batch_at(0))
@@ -321,3 +361,12 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path, arc_dir):
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     assert two["losses"] == pytest.approx(one["losses"], rel=1e-4, abs=1e-5)
     torch.testing.assert_close(two["params"], one["params"], rtol=1e-3, atol=1e-5)
+
+
+def test_bf16_autocast_step(tmp_path, arc_dir):
+    trainer = Trainer(tiny_config(tmp_path / "run", arc_dir, amp="bf16"), quiet=True)
+    for step in range(2):
+        metrics = trainer.train_step(trainer.batch_at(step))
+        assert np.isfinite(metrics["loss"]) and metrics["loss"] > 0
+    assert trainer.qwen_params[0].dtype == torch.float32  # master weights stay fp32
+    trainer.close()
