@@ -83,7 +83,7 @@ class TrainConfig:
     easy_weight: float = 0.5
     entropy_weight: float = 0.0
     loss_backend: str = "auto"
-    val_tasks: int = 40
+    val_tasks: int = 0
     val_batch_size: int = 16
     log_every: int = 10
     out: str = "runs/default"
@@ -95,6 +95,8 @@ class TrainConfig:
     num_threads: int = 0
     dim: int = 128
     agent_layers: int = 3
+    dropout: float = 0.0
+    weight_decay: float = 0.0
     qwen_max_length: int = 1024
 
 
@@ -133,6 +135,8 @@ HELP = {
     "num_threads": "torch CPU threads (0 = torch's default)",
     "dim": "width of the prompt embedding and the agent",
     "agent_layers": "transformer layers of the agent",
+    "dropout": "dropout in the agent",
+    "weight_decay": "AdamW weight decay of the main optimizer",
     "qwen_max_length": "prompt truncation length in tokens",
 }
 
@@ -302,6 +306,8 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.out = Path(cfg.out)
+        if not cfg.resume and self.dist.is_main:
+            self._move_earlier_run()
         self.out.mkdir(parents=True, exist_ok=True)
         self.trace: list[str] | None = None  # tests record the order of the step's phases here
 
@@ -326,6 +332,7 @@ class Trainer:
         self.model_config = ModelConfig(
             dim=cfg.dim,
             agent_layers=cfg.agent_layers,
+            dropout=cfg.dropout,
             reward_scale=cfg.reward_scale,
             qwen_path=cfg.qwen,
             max_length=cfg.qwen_max_length,
@@ -357,7 +364,7 @@ class Trainer:
         groups = self.models.main_param_groups(cfg.agent_lr, cfg.qwen_lr)
         self.qwen_params = groups[0]["params"]
         self.main_params = [p for g in groups for p in g["params"]]
-        self.optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
         total = cfg.epochs * self.steps_per_epoch
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total)
@@ -374,7 +381,6 @@ class Trainer:
 
         self.step = 0  # optimizer steps taken (global, all epochs)
         self.flags = RedFlags(warn=self._warn)
-        self.history: list[dict[str, Any]] = []
         self._tb = None
         if cfg.tensorboard and self.dist.is_main:
             from torch.utils.tensorboard import SummaryWriter
@@ -387,6 +393,17 @@ class Trainer:
             else:
                 self.load_checkpoint(path)
 
+    def _move_earlier_run(self) -> None:
+        """A fresh run never mixes with (or deletes) an earlier one in the same --out."""
+        if self.out.is_dir() and any(self.out.iterdir()):
+            aside = self.out.with_name(f"{self.out.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+            self.out.rename(aside)
+            print(
+                f"{self.out} held an earlier run: moved it to {aside} "
+                "(use --resume to continue a run instead)",
+                file=sys.stderr,
+            )
+
     # --- output ---------------------------------------------------------------------------
 
     def _print(self, msg: str) -> None:
@@ -396,10 +413,8 @@ class Trainer:
     def _warn(self, msg: str) -> None:
         if self.dist.is_main:
             warnings.warn(msg, RuntimeWarning, stacklevel=2)
-            self._print(f"WARNING: {msg}")
 
     def _log(self, record: dict[str, Any]) -> None:
-        self.history.append(record)
         if not self.dist.is_main:
             return
         with open(self.out / "metrics.jsonl", "a") as f:
@@ -618,7 +633,8 @@ class Trainer:
             n * self.dist.rank // self.dist.world_size,
             n * (self.dist.rank + 1) // self.dist.world_size,
         )
-        sums = torch.zeros(4, dtype=torch.float64)  # correct cells, counted cells, exact, samples
+        # correct target cells, target cells, exact matches, samples, correct canvas cells
+        sums = torch.zeros(5, dtype=torch.float64)
         hard, valid = 0.0, 0.0
         shown: list[dict[str, Any]] = []
         for start in range(lo, hi, self.cfg.val_batch_size):
@@ -649,17 +665,19 @@ class Trainer:
                 tgt = batch.target[i, :h, :w].cpu().numpy()
                 sums[2] += float(exact_match([decode_grid(p[i]) for p in preds2], tgt))
             sums[3] += b
+            sums[4] += float((pred == target).sum())
             hard += float(stats["mask_ratio"]) * float(stats["n_valid"])
             valid += float(stats["n_valid"])
         totals = torch.tensor([*sums.tolist(), hard, valid], dtype=torch.float64)
         if self.dist.enabled:
             dist.all_reduce(totals)
-        c, counted, exact, samples, hard, valid = totals.tolist()
+        c, counted, exact, samples, canvas, hard, valid = totals.tolist()
         summary = {
             "kind": "val",
             "step": self.step,
             "epoch": epoch,
             "cell_accuracy": c / max(counted, 1),
+            "canvas_accuracy": canvas / max(samples * 900, 1),
             "exact_match": exact / max(samples, 1),
             "mask_ratio": hard / max(valid, 1),
             "samples": int(samples),
@@ -672,6 +690,7 @@ class Trainer:
             )
         self._print(
             f"[Epoch {epoch}] validation: cell accuracy {summary['cell_accuracy']:.4f} | "
+            f"canvas accuracy {summary['canvas_accuracy']:.4f} | "
             f"exact match {summary['exact_match']:.4f} ({int(exact)}/{int(samples)}) | "
             f"mask ratio {summary['mask_ratio']:.4f}"
         )
@@ -766,6 +785,7 @@ class Trainer:
         if self._tb is not None:
             self._tb.close()
         if self.dist.enabled and dist.is_initialized():
+            dist.barrier()  # no rank tears the group down while another still talks to it
             dist.destroy_process_group()
 
 
@@ -882,6 +902,12 @@ def main(argv: list[str] | None = None) -> int:
         trainer.close()
     if trainer.dist.is_main and summary:
         print(json.dumps({k: v for k, v in summary.items() if k != "kind"}))
+    if trainer.dist.enabled:
+        # Work and checkpoints are done and the process group is gone; skip the interpreter's
+        # teardown, where gloo's threads can abort the process and fail a finished torchrun job.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 
