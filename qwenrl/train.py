@@ -520,26 +520,10 @@ class Trainer:
         return metrics
 
     def _rl_update(self, refined, action, reward) -> dict[str, torch.Tensor]:
-        policy = self.models.policy
-        if not self.dist.enabled:
-            return policy.update(self.rl_optimizer, refined, action, reward)
-        # Same as RefinementPolicy.update, with the RL gradients averaged over the ranks.
-        loss, stats = policy.reinforce_loss(refined, action, reward)
-        self.rl_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        for p in policy.policy_parameters():
-            if p.grad is not None:
-                _all_reduce_mean(p.grad, self.dist)
-        self.rl_optimizer.step()
-        mean = _all_reduce_mean(stats["scaled_reward"].detach().clone(), self.dist)
-        with torch.no_grad():
-            if bool(policy.baseline_ready):
-                m = policy.baseline_momentum
-                policy.baseline.mul_(m).add_((1.0 - m) * mean)
-            else:
-                policy.baseline.copy_(mean)
-                policy.baseline_ready.fill_(True)
-        return {"rl_loss": loss.detach()}
+        average = (lambda t: _all_reduce_mean(t, self.dist)) if self.dist.enabled else None
+        return self.models.policy.update(
+            self.rl_optimizer, refined, action, reward, average=average
+        )
 
     def _skip_nonfinite(self, loss: torch.Tensor) -> dict[str, Any]:
         self.flags.nonfinite_streak += 1

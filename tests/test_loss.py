@@ -7,38 +7,18 @@ The reference (`efe_loss_reference`) is the spec; every case below draws fresh r
 from __future__ import annotations
 
 import warnings
-import zlib
 
 import pytest
 import torch
 import torch.nn.functional as F
+from loss_inputs import make_inputs, seed_of
 
 import qwenrl
 from qwenrl.loss import efe as efe_module
 from qwenrl.loss import efe_loss, efe_loss_reference, stats_from_sums
 
 HAS_EXT = efe_module._cpu_forward() is not None
-
-
-def seed_of(*params) -> int:
-    """A seed per parameter set: fresh across cases, stable across runs."""
-    return zlib.crc32(repr(params).encode())
-
-
 needs_ext = pytest.mark.skipif(not HAS_EXT, reason="qwenrl._C is not built")
-
-
-def make_inputs(n, c, kind, seed, *, ignore_frac=0.2, dtype=torch.float32, scale=3.0):
-    """Random logits and a target of the given kind: 'class', 'soft' or 'log'."""
-    g = torch.Generator().manual_seed(seed)
-    z = (torch.randn(n, c, generator=g) * scale).to(dtype)
-    if kind == "class":
-        t = torch.randint(0, c, (n,), generator=g)
-        t[torch.rand(n, generator=g) < ignore_frac] = -100
-    else:
-        p = torch.softmax(torch.randn(n, c, generator=g) * 2, -1)
-        t = p.log() if kind == "log" else p
-    return z, t
 
 
 def run(z, t, backend, grad_out=None, **opts):

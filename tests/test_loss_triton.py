@@ -13,7 +13,6 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import zlib  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -27,6 +26,7 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from loss_inputs import make_inputs, seed_of  # noqa: E402
 
 from qwenrl.kernels import efe as kefe  # noqa: E402
 from qwenrl.loss import efe_loss, efe_loss_reference, stats_from_sums  # noqa: E402
@@ -38,24 +38,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning"),
     pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
 ]
-
-
-def seed_of(*params) -> int:
-    """A seed per parameter set: fresh across cases, stable across runs."""
-    return zlib.crc32(repr(("triton",) + params).encode())
-
-
-def make_inputs(n, c, kind, seed, *, ignore_frac=0.25, dtype=torch.float32, scale=3.0):
-    """Random logits and a target of the given kind: 'class', 'soft' or 'log'."""
-    g = torch.Generator().manual_seed(seed)
-    z = (torch.randn(n, c, generator=g) * scale).to(dtype)
-    if kind == "class":
-        t = torch.randint(0, c, (n,), generator=g)
-        t[torch.rand(n, generator=g) < ignore_frac] = -100
-    else:
-        p = torch.softmax(torch.randn(n, c, generator=g) * 2, -1)
-        t = p.log() if kind == "log" else p
-    return z, t
 
 
 def grad_output_for(loss_shape, seed):

@@ -186,19 +186,30 @@ class RefinementPolicy(nn.Module):
         refined: torch.Tensor,
         action: torch.Tensor,
         reward: torch.Tensor,
+        *,
+        average: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         """One RL step: zero_grad → backward → step on ``optimizer``, then move the baseline.
 
         Call it after the main loss's backward and optimizer step; it never touches the main
-        graph. Returns detached 0-dim tensors (``rl_loss``, ``reward``, ``scaled_reward``,
-        ``advantage``, ``entropy``, ``baseline``); ``.item()`` them when logging.
+        graph. ``average`` (data parallel) averages a tensor in place across processes: it is
+        applied to the policy gradients and to the batch's mean scaled reward, so every rank
+        takes the same step and keeps the same baseline. Returns detached 0-dim tensors
+        (``rl_loss``, ``reward``, ``scaled_reward``, ``advantage``, ``entropy``, ``baseline``);
+        ``.item()`` them when logging.
         """
         loss, stats = self.reinforce_loss(refined, action, reward)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if average is not None:
+            for p in self.policy_parameters():
+                if p.grad is not None:
+                    average(p.grad)
         optimizer.step()
         with torch.no_grad():
-            mean = stats["scaled_reward"]
+            mean = stats["scaled_reward"].clone()
+            if average is not None:
+                average(mean)
             if bool(self.baseline_ready):
                 m = self.baseline_momentum
                 self.baseline.mul_(m).add_((1.0 - m) * mean)
