@@ -126,9 +126,11 @@ def plot_curves(records: list[dict[str, Any]], path: Path) -> None:
 
     for key, label, marker in (
         ("cell_accuracy", "cell accuracy", "o"),
+        ("canvas_accuracy", "canvas accuracy", "s"),
         ("exact_match", "exact match", "^"),
     ):
-        ax_val.plot(*_series(val, key), marker=marker, label=label)
+        if any(key in r for r in val):  # canvas_accuracy is absent from older runs
+            ax_val.plot(*_series(val, key), marker=marker, label=label)
     for r in val:
         if isinstance(r.get("cell_accuracy"), (int, float)) and "epoch" in r:
             ax_val.annotate(

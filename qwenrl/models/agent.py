@@ -60,7 +60,7 @@ class GridAgent(nn.Module):
         patch: int = 2,
         dropout: float = 0.0,
         num_classes: int = NUM_CLASSES,
-        copy_gain: float = 2.0,
+        copy_gain: float = 5.0,
     ) -> None:
         super().__init__()
         if CANVAS % patch:
