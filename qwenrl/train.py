@@ -96,6 +96,7 @@ class TrainConfig:
     dim: int = 128
     agent_layers: int = 3
     dropout: float = 0.0
+    prompt_dropout: float = 0.3
     weight_decay: float = 0.0
     qwen_max_length: int = 1024
 
@@ -136,6 +137,7 @@ HELP = {
     "dim": "width of the prompt embedding and the agent",
     "agent_layers": "transformer layers of the agent",
     "dropout": "dropout in the agent",
+    "prompt_dropout": "share of training samples whose prompt conditioning is zeroed",
     "weight_decay": "AdamW weight decay of the main optimizer",
     "qwen_max_length": "prompt truncation length in tokens",
 }
@@ -333,6 +335,7 @@ class Trainer:
             dim=cfg.dim,
             agent_layers=cfg.agent_layers,
             dropout=cfg.dropout,
+            prompt_dropout=cfg.prompt_dropout,
             reward_scale=cfg.reward_scale,
             qwen_path=cfg.qwen,
             max_length=cfg.qwen_max_length,

@@ -49,6 +49,9 @@ class GridAgent(nn.Module):
         dropout: dropout inside the transformer layers.
         num_classes: output classes per cell (colours + OUTSIDE + PAD).
         copy_gain: initial logit bonus of copying the input cell (module docstring).
+        prompt_dropout: in training, the share of samples whose prompt conditioning is zeroed,
+            so the agent also learns what holds without the prompt (unseen tasks' prompts are
+            out of distribution).
     """
 
     def __init__(
@@ -61,11 +64,13 @@ class GridAgent(nn.Module):
         dropout: float = 0.0,
         num_classes: int = NUM_CLASSES,
         copy_gain: float = 5.0,
+        prompt_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         if CANVAS % patch:
             raise ValueError(f"patch={patch} must divide the canvas side {CANVAS}")
         self.patch = patch
+        self.prompt_dropout = prompt_dropout
         self.side = CANVAS // patch
         self.num_classes = num_classes
         self.cell_emb = nn.Embedding(NUM_CLASSES, dim)  # canvas tokens: colours, OUTSIDE, PAD
@@ -101,6 +106,9 @@ class GridAgent(nn.Module):
         d = x.shape[-1]
         pos = (self.row_emb[:, None, :] + self.col_emb[None, :, :]).reshape(s * s, d)
         cond = self.prompt_proj(prompt.to(x.dtype))  # (B, D)
+        if self.training and self.prompt_dropout > 0:
+            keep = torch.rand(cond.shape[0], 1, device=cond.device) >= self.prompt_dropout
+            cond = cond * keep.to(cond.dtype)
         x = x + pos + cond[:, None, :]
         x = torch.cat([cond[:, None, :], x], dim=1)  # (B, 1 + S², D)
         x = self.norm(self.encoder(x)[:, 1:])  # (B, S², D)

@@ -27,6 +27,7 @@ class ModelConfig:
     agent_ffn_mult: int = 4
     patch: int = 2
     dropout: float = 0.0
+    prompt_dropout: float = 0.0
     num_classes: int = NUM_CLASSES
     refiner_depth: int = 2
     num_actions: int = 4
@@ -82,6 +83,7 @@ class QwenRLModels(nn.Module):
             config.patch,
             config.dropout,
             config.num_classes,
+            prompt_dropout=config.prompt_dropout,
         )
 
     def main_param_groups(self, agent_lr: float, qwen_lr: float) -> list[dict]:
