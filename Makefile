@@ -7,6 +7,9 @@ PY     := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 STAMP  := $(VENV)/.qwenrl-deps
 ARGS   ?=
+# Test and benchmark temp files and compiler caches stay inside the checkout (.cache/).
+LOCAL_TMP := TMPDIR=$(CURDIR)/.cache/tmp TORCHINDUCTOR_CACHE_DIR=$(CURDIR)/.cache/inductor \
+	TRITON_CACHE_DIR=$(CURDIR)/.cache/triton
 
 .PHONY: setup ext train test bench lint format clean
 
@@ -31,10 +34,12 @@ train: setup
 	$(PY) -m qwenrl.train $(ARGS)
 
 test: setup
-	$(PY) -m pytest -q tests $(ARGS)
+	mkdir -p .cache/tmp
+	$(LOCAL_TMP) $(PY) -m pytest -q tests $(ARGS)
 
 bench: setup
-	$(PY) -m pytest bench/ --benchmark-only $(ARGS)
+	mkdir -p .cache/tmp
+	$(LOCAL_TMP) $(PY) -m pytest bench/ --benchmark-only $(ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -6,12 +6,17 @@ its baseline, and the terminal summary prints every entry's speed-up against it.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(_ROOT / "tests"))
+# Compiler caches (torch.compile, Triton) stay inside the checkout, not in system folders.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(_ROOT / ".cache" / "inductor"))
+os.environ.setdefault("TRITON_CACHE_DIR", str(_ROOT / ".cache" / "triton"))
 
 _rows: dict[str, list[tuple[str, float, dict]]] = {}
 

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+# Compiler caches (torch.compile, Triton) stay inside the checkout, not in system folders.
+_CACHE = Path(__file__).resolve().parents[1] / ".cache"
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(_CACHE / "inductor"))
+os.environ.setdefault("TRITON_CACHE_DIR", str(_CACHE / "triton"))
 
 # --- models: a tiny Qwen checkpoint on disk -------------------------------------------------
 
