@@ -23,3 +23,27 @@ def make_inputs(n, c, kind, seed, *, ignore_frac=0.2, dtype=torch.float32, scale
         p = torch.softmax(torch.randn(n, c, generator=g) * 2, -1)
         t = p.log() if kind == "log" else p
     return z, t
+
+
+def _max_err(x: torch.Tensor, truth: torch.Tensor) -> float:
+    return (x.double() - truth).abs().max().item()
+
+
+def assert_within_twice_torch_error(
+    z, t, loss, grad, truth_loss, truth_grad, grad_out=None, **opts
+) -> None:
+    """A kernel's loss and gradient on low-precision ``z`` err at most 2x as much as PyTorch
+    computing the reference in that same precision (plus one ulp of the largest true value),
+    both measured against the float64 truth."""
+    from qwenrl.loss import efe_loss_reference
+
+    dtype = z.dtype
+    zz = z.detach().clone().requires_grad_()
+    own_loss, _ = efe_loss_reference(zz, t, upcast=False, **opts)
+    own_loss.backward(torch.ones_like(own_loss) if grad_out is None else grad_out.to(dtype))
+    ulp = torch.finfo(dtype).eps
+    assert loss.dtype == dtype and grad.dtype == dtype
+    floor_loss = ulp * truth_loss.abs().max().item()
+    floor_grad = ulp * truth_grad.abs().max().item()
+    assert _max_err(loss, truth_loss) <= 2 * _max_err(own_loss.detach(), truth_loss) + floor_loss
+    assert _max_err(grad, truth_grad) <= 2 * _max_err(zz.grad, truth_grad) + floor_grad
