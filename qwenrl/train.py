@@ -41,6 +41,7 @@ from qwenrl.data import (
     OUTSIDE,
     ArcDataset,
     Batch,
+    DemoHints,
     WorkingSetSampler,
     build_datasets,
     cell_accuracy,
@@ -264,6 +265,7 @@ class StepForward(nn.Module):
         input_ids: torch.Tensor | None,
         attention_mask: torch.Tensor | None,
         query: torch.Tensor,
+        hints: DemoHints | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         assert self.context is not None, "set StepForward.context = (plan, step) first"
         plan, step, anchor_only = self.context
@@ -278,7 +280,7 @@ class StepForward(nn.Module):
                 self.cache.write(plan, fresh, step)  # detached copy
         prompt = self.cache.gather(plan, fresh)  # [B, dim]: fresh rows differentiable
         conditioned, refined_detached, action = self.models.condition(prompt)
-        logits = self.models.agent(query, conditioned)  # [B, 900, C]
+        logits = self.models.agent(query, conditioned, hints)  # [B, 900, C]
         if anchor is not None:
             logits = logits + anchor
         return logits, refined_detached, action
@@ -478,7 +480,7 @@ class Trainer:
         with self._autocast():
             self.step_forward.context = (plan, self.step, anchor_only)
             logits, refined, action = self.forward(
-                tokens["input_ids"], tokens["attention_mask"], batch.query
+                tokens["input_ids"], tokens["attention_mask"], batch.query, batch.hints
             )
             b = logits.shape[0]
             loss = self.criterion(logits, batch.target.view(b, -1))
@@ -636,7 +638,7 @@ class Trainer:
                 attempts = []
                 for a in range(min(2, ranked.shape[-1])):
                     cond = self.models.policy.steer(refined, ranked[:, a])
-                    attempts.append(self.models.agent(batch.query, cond).float())
+                    attempts.append(self.models.agent(batch.query, cond, batch.hints).float())
                 target = batch.target.view(b, -1)
                 self.criterion(attempts[0], target)
             stats = self.criterion.last_stats

@@ -12,6 +12,10 @@ import torch
 _CACHE = Path(__file__).resolve().parents[1] / ".cache"
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(_CACHE / "inductor"))
 os.environ.setdefault("TRITON_CACHE_DIR", str(_CACHE / "triton"))
+# Triton reads TRITON_INTERPRET once, when it is first imported, and other test modules import
+# it indirectly (transformers does) before tests/test_loss_triton.py is collected: set it here.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # --- models: a tiny Qwen checkpoint on disk -------------------------------------------------
 

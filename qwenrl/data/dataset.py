@@ -32,6 +32,7 @@ from torch.utils.data import Dataset
 
 from qwenrl.data.augment import NUM_D8, Augmentation
 from qwenrl.data.grids import OUTSIDE, PAD, grid_to_canvas, pairs_to_text
+from qwenrl.data.hints import DemoHints, demo_hints
 from qwenrl.data.tasks import ArcTask, load_tasks
 
 
@@ -51,7 +52,9 @@ class _Item(NamedTuple):
 
 @dataclass(frozen=True)
 class Sample:
-    """One query. Canvases are [30, 30] int64; ``shape`` is the target grid's (h, w)."""
+    """One query. Canvases are [30, 30] int64; ``shape`` is the target grid's (h, w);
+    ``hints`` what the demonstrations say about the output (:mod:`qwenrl.data.hints`; never
+    looks at the target)."""
 
     key: int
     prompt: str
@@ -60,6 +63,7 @@ class Sample:
     shape: tuple[int, int]
     task_id: str
     aug_id: int
+    hints: DemoHints
 
 
 class ArcDataset(Dataset):
@@ -146,17 +150,20 @@ class ArcDataset(Dataset):
         it, aug_id = self._split_index(index)
         task = self.tasks[it.task_index]
         aug = Augmentation.from_id(aug_id, self.aug_seed)
-        demos = [p for j, p in enumerate(task.train) if j != it.held_out]
+        demos = [
+            (aug.apply(i), aug.apply(o)) for j, (i, o) in enumerate(task.train) if j != it.held_out
+        ]
         query_in, query_out = (task.train if it.kind == "train" else task.test)[it.pair]
-        target = aug.apply(query_out)
+        query_in, target = aug.apply(query_in), aug.apply(query_out)
         return Sample(
             key=prompt_key(self.split, self.aug_seed, it.task_index, it.held_out, aug_id),
-            prompt=pairs_to_text([(aug.apply(i), aug.apply(o)) for i, o in demos]),
-            query=grid_to_canvas(aug.apply(query_in), PAD),
+            prompt=pairs_to_text(demos),
+            query=grid_to_canvas(query_in, PAD),
             target=grid_to_canvas(target, OUTSIDE),
             shape=(int(target.shape[0]), int(target.shape[1])),
             task_id=task.id,
             aug_id=aug_id,
+            hints=demo_hints(demos, query_in),
         )
 
     def target_grid(self, index: int) -> np.ndarray:
@@ -170,7 +177,8 @@ class Batch:
     """Collated samples.
 
     keys [B] int64 · prompts list[str] (B) · query [B, 30, 30] int64 · target [B, 30, 30]
-    int64 · shapes [B, 2] int64 (target h, w) · aug_ids [B] int64 · task_ids list[str].
+    int64 · shapes [B, 2] int64 (target h, w) · aug_ids [B] int64 · task_ids list[str] ·
+    hints: :class:`~qwenrl.data.hints.DemoHints` with a leading B.
     """
 
     keys: torch.Tensor
@@ -180,6 +188,7 @@ class Batch:
     shapes: torch.Tensor
     aug_ids: torch.Tensor
     task_ids: list[str]
+    hints: DemoHints
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -198,6 +207,7 @@ class Batch:
             shapes=move(self.shapes),
             aug_ids=move(self.aug_ids),
             task_ids=self.task_ids,
+            hints=self.hints.to(device, non_blocking=non_blocking),
         )
 
 
@@ -211,6 +221,7 @@ def collate(samples: list[Sample]) -> Batch:
         shapes=torch.tensor([s.shape for s in samples], dtype=torch.long),
         aug_ids=torch.tensor([s.aug_id for s in samples], dtype=torch.long),
         task_ids=[s.task_id for s in samples],
+        hints=DemoHints.stack([s.hints for s in samples]),
     )
 
 

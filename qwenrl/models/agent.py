@@ -9,10 +9,22 @@ about 4× slower per step on a 2-core CPU.
 Conditioning: the prompt embedding is added to every token and also prepended as a token of
 its own, which all cells can attend to.
 
-Copy skip: most ARC outputs share the input's size and most of its cells, so each cell's own
-query token adds a learned vote to the logits (``copy_logits``, a [12, C] table initialised to
-"colour c → c, PAD → OUTSIDE"). The transformer then learns the deviations from a copy of the
-input instead of rediscovering the copy (and the output's size) from scratch.
+Demonstration hints (:class:`qwenrl.data.hints.DemoHints`, optional):
+
+* the output shape the demonstrations imply puts every cell in one of three states: unknown,
+  inside the implied output, outside it. Without it the agent learns the training tasks'
+  output sizes from absolute positions, and on the (larger) evaluation grids predicts OUTSIDE
+  over cells a copy would get right.
+* the colour votes (what similar demonstration cells became) and their level enter the cell
+  embedding, and also the logits directly through ``vote_gain`` (one learned weight per level,
+  starting at 0: the agent learns how far to trust the rule).
+
+Copy skip: most ARC outputs share the input's size and most of its cells, so each cell's query
+token and state add a learned vote to the logits (``copy_logits``, a [3 × 12, C] table)
+initialised to: colour c → c, except outside the implied output → OUTSIDE; PAD → OUTSIDE,
+except inside the implied output (the output is larger than the input) → no vote. The
+transformer then learns the deviations from that prior instead of rediscovering the copy and
+the output's size from scratch.
 """
 
 from __future__ import annotations
@@ -20,7 +32,24 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qwenrl.data.grids import CANVAS, NUM_CLASSES, NUM_COLOURS, OUTSIDE
+from qwenrl.data.grids import CANVAS, NUM_CLASSES, NUM_COLOURS, OUTSIDE, PAD
+from qwenrl.data.hints import DemoHints
+
+UNKNOWN, INSIDE, BEYOND = 0, 1, 2  # cell states relative to the implied output shape
+NUM_STATES = 3
+NUM_VOTE_LEVELS = 3  # none, same colour, same 3×3 neighbourhood (qwenrl.data.hints)
+
+
+def cell_states(shape_hint: torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
+    """[B, 2] implied output shapes ((0, 0) = none) → cell states [B, 30, 30] (int64)."""
+    if shape_hint.shape != (batch, 2):
+        raise ValueError(f"shape_hint must be [{batch}, 2], got {list(shape_hint.shape)}")
+    idx = torch.arange(CANVAS, device=device)
+    h, w = shape_hint[:, 0, None, None], shape_hint[:, 1, None, None]
+    inside = (idx[None, :, None] < h) & (idx[None, None, :] < w)
+    known = (h > 0) & (w > 0)
+    state = torch.where(inside, INSIDE, BEYOND)
+    return torch.where(known, state, UNKNOWN)
 
 
 def patchify(x: torch.Tensor, patch: int) -> torch.Tensor:
@@ -39,7 +68,8 @@ def unpatchify(y: torch.Tensor, patch: int) -> torch.Tensor:
 
 
 class GridAgent(nn.Module):
-    """Query canvas [B, 30, 30] + prompt [B, dim] → logits [B, 900, num_classes].
+    """Query canvas [B, 30, 30] + prompt [B, dim] (+ implied output shape [B, 2]) → logits
+    [B, 900, num_classes].
 
     Args:
         dim: width (must equal the prompt embedding's width).
@@ -52,6 +82,7 @@ class GridAgent(nn.Module):
         prompt_dropout: in training, the share of samples whose prompt conditioning is zeroed,
             so the agent also learns what holds without the prompt (unseen tasks' prompts are
             out of distribution).
+        vote_scale: logits per unit of ``vote_gain``, the learned trust in the colour votes.
     """
 
     def __init__(
@@ -65,6 +96,7 @@ class GridAgent(nn.Module):
         num_classes: int = NUM_CLASSES,
         copy_gain: float = 5.0,
         prompt_dropout: float = 0.0,
+        vote_scale: float = 25.0,
     ) -> None:
         super().__init__()
         if CANVAS % patch:
@@ -74,6 +106,14 @@ class GridAgent(nn.Module):
         self.side = CANVAS // patch
         self.num_classes = num_classes
         self.cell_emb = nn.Embedding(NUM_CLASSES, dim)  # canvas tokens: colours, OUTSIDE, PAD
+        self.state_emb = nn.Embedding(NUM_STATES, dim)
+        self.level_emb = nn.Embedding(NUM_VOTE_LEVELS, dim)
+        self.vote_proj = nn.Linear(NUM_COLOURS, dim, bias=False)
+        # Trust in the colour votes, per level, applied as vote_scale · vote_gain: Adam moves
+        # a parameter by about lr per step whatever its gradient, so the scale sets how many
+        # logits per step the trust can gain against the copy vote.
+        self.vote_gain = nn.Parameter(torch.zeros(NUM_VOTE_LEVELS))
+        self.vote_scale = vote_scale
         self.patch_proj = nn.Linear(patch * patch * dim, dim)
         self.row_emb = nn.Parameter(torch.randn(self.side, dim) * 0.02)
         self.col_emb = nn.Parameter(torch.randn(self.side, dim) * 0.02)
@@ -91,18 +131,41 @@ class GridAgent(nn.Module):
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, patch * patch * num_classes)
-        self.copy_logits = nn.Embedding(NUM_CLASSES, num_classes)
+        # Row state * NUM_CLASSES + token: the prior vote of a cell (module docstring).
+        self.copy_logits = nn.Embedding(NUM_STATES * NUM_CLASSES, num_classes)
         with torch.no_grad():
             self.copy_logits.weight.zero_()
-            for token in range(NUM_CLASSES):
-                out = token if token < NUM_COLOURS else OUTSIDE  # PAD and OUTSIDE → OUTSIDE
-                if out < num_classes:
-                    self.copy_logits.weight[token, out] = copy_gain
+            for state in range(NUM_STATES):
+                for token in range(NUM_CLASSES):
+                    out = token if token < NUM_COLOURS else OUTSIDE
+                    if state == BEYOND:
+                        out = OUTSIDE
+                    elif state == INSIDE and token == PAD:
+                        continue
+                    if out < num_classes:
+                        self.copy_logits.weight[state * NUM_CLASSES + token, out] = copy_gain
 
-    def forward(self, query: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
-        """Query tokens [B, 30, 30] (int64) and prompt [B, dim] → logits [B, 900, C]."""
-        s = self.side
-        x = self.patch_proj(patchify(self.cell_emb(query), self.patch))  # (B, S², D)
+    def forward(
+        self, query: torch.Tensor, prompt: torch.Tensor, hints: DemoHints | None = None
+    ) -> torch.Tensor:
+        """Query tokens [B, 30, 30] (int64), prompt [B, dim] and the demonstration hints
+        (batched; ``None`` = :meth:`DemoHints.empty`, no hints for any sample) → logits [B, 900, C]."""
+        s, b = self.side, query.shape[0]
+        if hints is None:
+            hints = DemoHints.empty(b, query.device)
+        elif hints.votes.shape != (b, CANVAS, CANVAS, NUM_COLOURS):
+            raise ValueError(
+                f"hints.votes must be [{b}, {CANVAS}, {CANVAS}, {NUM_COLOURS}], "
+                f"got {list(hints.votes.shape)}"
+            )
+        state = cell_states(hints.shape, b, query.device)
+        cells = (
+            self.cell_emb(query)
+            + self.state_emb(state)
+            + self.level_emb(hints.level)
+            + self.vote_proj(hints.votes.to(self.vote_proj.weight.dtype))
+        )
+        x = self.patch_proj(patchify(cells, self.patch))  # (B, S², D)
         d = x.shape[-1]
         pos = (self.row_emb[:, None, :] + self.col_emb[None, :, :]).reshape(s * s, d)
         cond = self.prompt_proj(prompt.to(x.dtype))  # (B, D)
@@ -113,4 +176,10 @@ class GridAgent(nn.Module):
         x = torch.cat([cond[:, None, :], x], dim=1)  # (B, 1 + S², D)
         x = self.norm(self.encoder(x)[:, 1:])  # (B, S², D)
         logits = unpatchify(self.head(x), self.patch)  # (B, 900, C)
-        return logits + self.copy_logits(query.reshape(query.shape[0], -1)).to(logits.dtype)
+        logits = logits + self.copy_logits((state * NUM_CLASSES + query).reshape(b, -1)).to(
+            logits.dtype
+        )
+        trust = (self.vote_scale * self.vote_gain[hints.level]).reshape(b, -1, 1)
+        votes = hints.votes.reshape(b, -1, NUM_COLOURS).to(logits.dtype)
+        colours = logits[..., :NUM_COLOURS] + trust.to(logits.dtype) * votes
+        return torch.cat([colours, logits[..., NUM_COLOURS:]], dim=-1)

