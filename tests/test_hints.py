@@ -228,6 +228,8 @@ def test_agent_without_hints_equals_empty_hints():
     bad = DemoHints.empty(3)
     with pytest.raises(ValueError, match="votes"):
         agent(q, p, bad)
+    with pytest.raises(ValueError, match="num_classes"):
+        GridAgent(dim=32, layers=1, heads=2, num_classes=4)
 
 
 def test_agent_prior_copies_inside_and_marks_outside_the_implied_shape():

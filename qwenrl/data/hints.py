@@ -108,44 +108,39 @@ def colour_votes(demos: Sequence[Pair], query: np.ndarray) -> tuple[np.ndarray, 
     [h, w] int64.
     """
     q = np.asarray(query, dtype=np.int64)
-    h, w = q.shape
-    votes = np.zeros((h, w, NUM_COLOURS), dtype=np.float32)
-    level = np.zeros((h, w), dtype=np.int64)
-    same = [(np.asarray(i), np.asarray(o)) for i, o in demos if i.shape == o.shape]
-    if not same:
-        return votes, level
-    d_in = np.concatenate([i.ravel() for i, _ in same]).astype(np.int64)
-    d_out = np.concatenate([o.ravel() for _, o in same]).astype(np.int64)
-    d_key = np.concatenate([neighbourhood_keys(i).ravel() for i, _ in same])
+    votes = np.zeros((q.size, NUM_COLOURS), dtype=np.float32)
+    level = np.zeros(q.size, dtype=np.int64)
+    same = [(i, o) for i, o in demos if i.shape == o.shape]
+    if same:
+        d_in = np.concatenate([np.ravel(i) for i, _ in same]).astype(np.int64)
+        d_out = np.concatenate([np.ravel(o) for _, o in same]).astype(np.int64)
+        d_key = np.concatenate([neighbourhood_keys(i).ravel() for i, _ in same])
+        # Each level as a table of counts (what it matches on → output colour) and, per query
+        # cell, its row in that table or -1; the neighbourhood level overrides the colour one.
+        for lv, (table, rows) in enumerate(
+            (
+                _count_table(d_in, d_out, q.ravel()),
+                _count_table(d_key, d_out, neighbourhood_keys(q).ravel()),
+            ),
+            start=1,
+        ):
+            found = rows >= 0
+            counts = table[rows[found]]
+            votes[found] = counts / counts.sum(1, keepdims=True)
+            level[found] = lv
+    return votes.reshape(*q.shape, NUM_COLOURS), level.reshape(q.shape)
 
-    # Colour level: counts [10, 10] of (input colour → output colour).
-    by_colour = np.zeros((NUM_COLOURS, NUM_COLOURS), dtype=np.float32)
-    np.add.at(by_colour, (d_in, d_out), 1.0)
-    seen = by_colour.sum(1) > 0
-    flat_q = q.ravel()
-    colour_rows = by_colour[flat_q]
-    votes_flat = votes.reshape(-1, NUM_COLOURS)
-    has_colour = seen[flat_q]
-    votes_flat[has_colour] = colour_rows[has_colour] / colour_rows[has_colour].sum(1, keepdims=True)
-    level.ravel()[has_colour] = 1
 
-    # Neighbourhood level: counts of (key, output colour), looked up by sorted search.
-    pair = d_key * NUM_COLOURS + d_out
-    uniq, counts = np.unique(pair, return_counts=True)
-    u_key, u_out = uniq // NUM_COLOURS, uniq % NUM_COLOURS
-    keys, starts = np.unique(u_key, return_index=True)
-    q_key = neighbourhood_keys(q).ravel()
-    pos = np.searchsorted(keys, q_key).clip(max=len(keys) - 1)
-    hit = keys[pos] == q_key
-    if hit.any():
-        ends = np.append(starts[1:], len(u_key))
-        nb = np.zeros((int(hit.sum()), NUM_COLOURS), dtype=np.float32)
-        for row, k in enumerate(pos[hit]):
-            sl = slice(starts[k], ends[k])
-            nb[row, u_out[sl]] = counts[sl]
-        votes_flat[hit] = nb / nb.sum(1, keepdims=True)
-        level.ravel()[hit] = 2
-    return votes, level
+def _count_table(
+    match: np.ndarray, out: np.ndarray, query: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Counts [K, 10] of output colours per distinct ``match`` value (K of them), and for each
+    ``query`` value its row there (-1 when no demonstration cell had that value)."""
+    values, inverse = np.unique(match, return_inverse=True)
+    table = np.zeros((len(values), NUM_COLOURS), dtype=np.float32)
+    np.add.at(table, (inverse, out), 1.0)
+    rows = np.searchsorted(values, query).clip(max=len(values) - 1)
+    return table, np.where(values[rows] == query, rows, -1)
 
 
 # --- what the agent receives -------------------------------------------------------------------

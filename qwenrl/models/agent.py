@@ -101,6 +101,8 @@ class GridAgent(nn.Module):
         super().__init__()
         if CANVAS % patch:
             raise ValueError(f"patch={patch} must divide the canvas side {CANVAS}")
+        if num_classes < NUM_COLOURS:
+            raise ValueError(f"num_classes={num_classes} must cover the {NUM_COLOURS} colours")
         self.patch = patch
         self.prompt_dropout = prompt_dropout
         self.side = CANVAS // patch
