@@ -134,7 +134,7 @@ def plot_curves(records: list[dict[str, Any]], path: Path) -> None:
     for r in val:
         if isinstance(r.get("cell_accuracy"), (int, float)) and "epoch" in r:
             ax_val.annotate(
-                f"e{r['epoch']}",
+                f"e{r['epoch']} {r['cell_accuracy']:.3f}",
                 (r["step"], r["cell_accuracy"]),
                 xytext=(0, 6),
                 textcoords="offset points",
