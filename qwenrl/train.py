@@ -893,7 +893,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({k: v for k, v in summary.items() if k != "kind"}))
     if trainer.dist.enabled:
         # Work and checkpoints are done and the process group is gone; skip the interpreter's
-        # teardown, where gloo's threads can abort the process and fail a finished torchrun job.
+        # teardown, where gloo's threads can abort the process and fail a finished torchrun job
+        # (a known c10d problem: gloo work objects can outlive the interpreter's finalisation,
+        # pytorch/pytorch#179291; that fix was abandoned upstream).
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
