@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
-# Compiler caches (torch.compile, Triton) stay inside the checkout, not in system folders.
-_CACHE = Path(__file__).resolve().parents[1] / ".cache"
-os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(_CACHE / "inductor"))
-os.environ.setdefault("TRITON_CACHE_DIR", str(_CACHE / "triton"))
-# Triton reads TRITON_INTERPRET once, when it is first imported, and other test modules import
-# it indirectly (transformers does) before tests/test_loss_triton.py is collected: set it here.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+# Environment settings shared with bench/ (compiler caches, Triton interpreter, extension
+# requirement) are in the repository's root conftest.py.
 
 # --- models: a tiny Qwen checkpoint on disk -------------------------------------------------
 

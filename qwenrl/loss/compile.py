@@ -16,6 +16,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from qwenrl.loss.efe import resolve_backend, upstream_scale
 from qwenrl.loss.reference import efe_loss_reference
 
 
@@ -40,8 +41,6 @@ def efe_fused(
     Returns (loss fp32 [N] or [], sums fp32 [5], grad [N, C] in the logits' dtype, or an empty
     tensor when ``needs_grad`` is False).
     """
-    from qwenrl.loss.efe import resolve_backend
-
     _, forward_fn = resolve_backend(backend, logits.device)
     grad = torch.empty_like(logits) if needs_grad else None
     loss, sums = forward_fn(
@@ -78,11 +77,7 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad_loss, _grad_sums, _grad_grad):
     (grad,) = ctx.saved_tensors
-    if ctx.reduction == "none":
-        g = grad * grad_loss.to(grad.dtype)[:, None]
-    else:
-        g = grad * grad_loss.to(grad.dtype)
-    return (g,) + (None,) * 12
+    return (grad * upstream_scale(grad_loss, grad.dtype, ctx.reduction),) + (None,) * 12
 
 
 efe_fused.register_autograd(_backward, setup_context=_setup_context)

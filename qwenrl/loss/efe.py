@@ -203,6 +203,13 @@ def _check_inputs(
     return soft
 
 
+def upstream_scale(grad_loss: torch.Tensor, dtype: torch.dtype, reduction: str) -> torch.Tensor:
+    """The incoming gradient of the loss, shaped to scale the fused [N, C] gradient: one factor
+    per row for ``'none'``, one scalar otherwise."""
+    scale = grad_loss.to(dtype)
+    return scale[:, None] if reduction == "none" else scale
+
+
 class EFEFunction(torch.autograd.Function):
     """Fused forward+backward: forward writes the gradient, backward scales it in place.
 
@@ -234,8 +241,7 @@ class EFEFunction(torch.autograd.Function):
                 "efe_loss: the fused gradient was already consumed by an earlier backward; "
                 "compute the loss again to backward twice"
             )
-        scale = grad_loss.to(grad.dtype)
-        grad.mul_(scale[:, None] if ctx.reduction == "none" else scale)
+        grad.mul_(upstream_scale(grad_loss, grad.dtype, ctx.reduction))
         return grad, None, None, None, None, None
 
 

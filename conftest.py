@@ -1,0 +1,34 @@
+"""Settings shared by the test suite (tests/) and the benchmarks (bench/).
+
+* Compiler caches (torch.compile, Triton) stay inside the checkout, not in system folders.
+* Without CUDA, Triton runs in its interpreter. Triton reads ``TRITON_INTERPRET`` once, when it
+  is first imported, and transformers imports it indirectly before any Triton test module is
+  collected: so it is set here, before anything else.
+* ``QWENRL_REQUIRE_EXT=1`` (set by ``make test`` / ``make bench``, hence by CI) turns a missing
+  C++ extension into an error instead of skipped tests, so a failed build cannot pass as green.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+_CACHE = Path(__file__).resolve().parent / ".cache"
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(_CACHE / "inductor"))
+os.environ.setdefault("TRITON_CACHE_DIR", str(_CACHE / "triton"))
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if os.environ.get("QWENRL_REQUIRE_EXT") == "1":
+        from qwenrl._ext import extension_error, load_extension
+
+        if load_extension() is None:
+            raise pytest.UsageError(
+                "QWENRL_REQUIRE_EXT=1 but the C++ extension qwenrl._C cannot be imported "
+                f"({extension_error()}); build it with `make ext`"
+            )
