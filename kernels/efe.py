@@ -31,6 +31,35 @@ N_PARTIALS = tl.constexpr(6)  # per program: n_hard, n_correct, Σ risk, Σ entr
 
 
 @triton.jit
+def _soft_target(t, eps, C, LOG_TARGET: tl.constexpr, SMOOTH: tl.constexpr):
+    """Soft-target values as loaded → (p, log p): exp for ``log_target``, then smoothing."""
+    if LOG_TARGET:
+        prob = tl.exp(t)
+    else:
+        prob = t
+    if SMOOTH:
+        p = (1.0 - eps) * prob + eps / C
+        log_p = tl.log(tl.where(p > 0, p, 1.0))
+    elif LOG_TARGET:
+        p = prob
+        log_p = t
+    else:
+        p = prob
+        log_p = tl.log(tl.where(prob > 0, prob, 1.0))
+    return p, log_p
+
+
+@triton.jit
+def _weighted_loss(hard, valid, y_in, risk, entropy, easy_weight, beta):
+    """Hard-cell weight w and the row loss w·(risk + β·H) (0 on ignored rows, NaN weight on
+    an out-of-range target) → (hard & valid, w, loss)."""
+    hard = hard & valid
+    w = easy_weight + (1.0 - easy_weight) * hard.to(tl.float32)
+    w = tl.where(y_in, w, float("nan"))
+    return hard, w, tl.where(valid, w * (risk + beta * entropy), 0.0)
+
+
+@triton.jit
 def _efe_tile_kernel(
     z_ptr,  # [N, C] logits (fp32 | bf16 | fp16)
     tgt_ptr,  # [N] int64 class indices, or [N, C] target P (log P when LOG_TARGET)
@@ -80,19 +109,7 @@ def _efe_tile_kernel(
 
     if SOFT:
         t = tl.load(tgt_ptr + offs, mask=tile_in, other=0.0).to(tl.float32)
-        if LOG_TARGET:
-            prob = tl.exp(t)
-        else:
-            prob = t
-        if SMOOTH:
-            p = (1.0 - eps) * prob + eps / C
-            log_p = tl.log(tl.where(p > 0, p, 1.0))
-        elif LOG_TARGET:
-            p = prob
-            log_p = t
-        else:
-            p = prob
-            log_p = tl.log(tl.where(prob > 0, prob, 1.0))
+        p, log_p = _soft_target(t, eps, C, LOG_TARGET, SMOOTH)
         p = tl.where(col_in[None, :], p, 0.0)
         plogp = tl.sum(tl.where(p > 0, p * log_p, 0.0), 1)
         sum_p = tl.sum(p, 1)[:, None]
@@ -115,10 +132,7 @@ def _efe_tile_kernel(
         hard = tl.load(mask_ptr + rows, mask=row_in, other=0) != 0
     else:
         hard = q_y < tau
-    hard = hard & valid
-    w = easy_weight + (1.0 - easy_weight) * hard.to(tl.float32)
-    w = tl.where(y_in, w, float("nan"))
-    loss_row = tl.where(valid, w * (risk + beta * entropy), 0.0)
+    hard, w, loss_row = _weighted_loss(hard, valid, y_in, risk, entropy, easy_weight, beta)
     correct = valid & (arg_z == y)
 
     if WRITE_LOSS:
@@ -210,19 +224,7 @@ def _efe_online_kernel(
         s = alpha * s + tl.sum(e, 0)
         if SOFT:
             tv = tl.load(t_row + offs, mask=inb, other=0.0).to(tl.float32)
-            if LOG_TARGET:
-                prob = tl.exp(tv)
-            else:
-                prob = tv
-            if SMOOTH:
-                p = (1.0 - eps) * prob + eps / C
-                log_p = tl.log(tl.where(p > 0, p, 1.0))
-            elif LOG_TARGET:
-                p = prob
-                log_p = tv
-            else:
-                p = prob
-                log_p = tl.log(tl.where(prob > 0, prob, 1.0))
+            p, log_p = _soft_target(tv, eps, C, LOG_TARGET, SMOOTH)
             p = tl.where(inb, p, 0.0)
             plogp += tl.sum(tl.where(p > 0, p * log_p, 0.0), 0)
             pzs = pzs + tl.where(sum_p > 0, shift * sum_p, 0.0) + tl.sum(p * zs, 0)
@@ -255,10 +257,7 @@ def _efe_online_kernel(
         hard = tl.load(mask_ptr + row) != 0
     else:
         hard = tl.exp(z_y - lse) < tau
-    hard = hard & valid
-    w = easy_weight + (1.0 - easy_weight) * hard.to(tl.float32)
-    w = tl.where(y_in, w, float("nan"))
-    loss_row = tl.where(valid, w * (risk + beta * entropy), 0.0)
+    hard, w, loss_row = _weighted_loss(hard, valid, y_in, risk, entropy, easy_weight, beta)
     correct = valid & (arg_z == y)
 
     if WRITE_LOSS:
@@ -279,12 +278,7 @@ def _efe_online_kernel(
             q = tl.exp(log_q)
             if SOFT:
                 tv = tl.load(t_row + offs, mask=offs < c_end, other=0.0).to(tl.float32)
-                if LOG_TARGET:
-                    p = tl.exp(tv)
-                else:
-                    p = tv
-                if SMOOTH:
-                    p = (1.0 - eps) * p + eps / C
+                p, _ = _soft_target(tv, eps, C, LOG_TARGET, SMOOTH)
             else:
                 p = tl.where(offs == y, 1.0 - eps + eps / C, eps / C)
             g = (sum_p * q - p) - beta * q * (log_q + entropy)
