@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 
 import numpy as np
@@ -204,6 +205,16 @@ def test_dataset_hints_come_from_the_prompt_not_the_target():
     batch = collate([ds[i] for i in range(len(ds))])
     assert batch.hints.votes.shape == (len(ds), CANVAS, CANVAS, NUM_COLOURS)
     assert batch.hints.shape.shape == (len(ds), 2)
+
+    query, answer = task.test[0]
+    other = (answer + 1) % NUM_COLOURS, np.zeros((answer.shape[0] + 1, 1), dtype=answer.dtype)
+    for new_answer in other:
+        changed = ArcDataset([dataclasses.replace(task, test=((query, new_answer),))], split="val")[
+            0
+        ]
+        assert not torch.equal(changed.target, sample.target)
+        for got, want in zip(changed.hints, sample.hints, strict=True):
+            torch.testing.assert_close(got, want)
 
 
 # --- the agent -------------------------------------------------------------------------------
