@@ -1,6 +1,7 @@
 """Settings shared by the test suite (tests/) and the benchmarks (bench/).
 
-* Compiler caches (torch.compile, Triton) stay inside the checkout, not in system folders.
+* Temp files and compiler caches (torch.compile, Triton) stay inside the checkout (``.cache/``),
+  not in system folders, unless ``TMPDIR`` / the cache variables say otherwise.
 * Without CUDA, Triton runs in its interpreter. Triton reads ``TRITON_INTERPRET`` once, when it
   is first imported, and transformers imports it indirectly before any Triton test module is
   collected: so it is set here, before anything else.
@@ -11,12 +12,16 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 _CACHE = Path(__file__).resolve().parent / ".cache"
+(_CACHE / "tmp").mkdir(parents=True, exist_ok=True)
+os.environ.setdefault("TMPDIR", str(_CACHE / "tmp"))
+tempfile.tempdir = os.environ["TMPDIR"]  # also if something asked tempfile before this ran
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(_CACHE / "inductor"))
 os.environ.setdefault("TRITON_CACHE_DIR", str(_CACHE / "triton"))
 if not torch.cuda.is_available():
