@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from qwenrl.data import ArcDataset, ArcTask, collate
+from qwenrl.data import ArcDataset, ArcTask, Sample, collate
 from qwenrl.data.grids import Pair
 from qwenrl.loss import EFELoss
 from qwenrl.models import QwenRLModels
@@ -38,7 +38,7 @@ class TTTConfig:
     steps: int = 0
     lr: float = 3e-4
     batch_size: int = 8
-    num_colour_perms: int = 10  # augmentations drawn from 8 × num_colour_perms
+    num_colour_perms: int = 2  # augmentations drawn from 8 × num_colour_perms
     tau: float = 0.3  # the EFE loss's hard-cell threshold (the trainer's late τ)
     easy_weight: float = 0.5
     seed: int = 0
@@ -103,11 +103,17 @@ def adapt_to_task(
     optimizer = torch.optim.AdamW([*params, offset], lr=cfg.lr, weight_decay=0.0)
     criterion = EFELoss(tau=cfg.tau, easy_weight=cfg.easy_weight)
     rng = np.random.default_rng([cfg.seed, 3, task_seed])
+    # A task has n · 8 · num_colour_perms samples; each is built, and its prompt encoded,
+    # once (Qwen is frozen here), however often it is drawn.
+    samples: dict[int, Sample] = {}
     embeddings: dict[int, torch.Tensor] = {}  # prompt key → frozen embedding [dim]
     with torch.enable_grad():
         for _ in range(cfg.steps):
-            batch = collate([ds[int(i)] for i in rng.integers(len(ds), size=cfg.batch_size)])
-            batch = batch.to(device)
+            drawn = [int(i) for i in rng.integers(len(ds), size=cfg.batch_size)]
+            for i in drawn:
+                if i not in samples:
+                    samples[i] = ds[i]
+            batch = collate([samples[i] for i in drawn]).to(device)
             missing = [i for i, k in enumerate(batch.keys.tolist()) if k not in embeddings]
             if missing:
                 with torch.no_grad():
