@@ -36,7 +36,7 @@ class TTTConfig:
     """Test-time training settings (``steps = 0``: none)."""
 
     steps: int = 0
-    lr: float = 3e-4
+    lr: float = 1e-3
     batch_size: int = 8
     num_colour_perms: int = 2  # augmentations drawn from 8 × num_colour_perms
     tau: float = 0.3  # the EFE loss's hard-cell threshold (the trainer's late τ)
