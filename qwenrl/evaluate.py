@@ -4,83 +4,88 @@
     python -m qwenrl.evaluate runs/default --tasks 100 --vote_transforms 8
     python -m qwenrl.evaluate runs/default --tasks 100 --vote_transforms 8 --ttt_steps 32
 
-For each task: test-time training on its demonstration pairs (:mod:`qwenrl.ttt`, with
-``--ttt_steps``), then each test query predicted under ``--vote_transforms`` augmentations and
-voted into two attempts (:mod:`qwenrl.voting`). Only then is the test output read, to score:
+For each task: test-time training on its demonstration pairs (``--ttt_steps``, :mod:`qwenrl.ttt`),
+then each test query predicted under ``--vote_transforms`` augmentations and voted into two
+attempts (:mod:`qwenrl.voting`); only then is the test output read, to score
+(:func:`evaluate_tasks`, which the trainer's validation uses too):
 
 * ``exact_match``: ARC's pass@2, one of the two attempts equals the output exactly;
-* ``cell_accuracy``: the target grid's cells predicted right by the per-cell argmax on the task
-  as it is under the likeliest action (the trainer's validation metric, here after test-time
-  training);
+* ``cell_accuracy``: the target grid's cells right in the per-cell argmax on the task as it is
+  under the likeliest action (the trainer's validation metric; after test-time training, the
+  tuned models');
 * ``attempt_cell_accuracy``: the target grid's cells the first attempt gets right (cells it
   does not cover count as wrong).
 
-The summary (and one row per task) is written atomically to ``--out``, by default
-``RUN_DIR/eval/<checkpoint>-v<K>-ttt<S>-n<N>.json``, and printed as one JSON line.
+Options left out take the run's own (its ``--vote_transforms``, ``--ttt_*``, seed, loss). The
+summary and one row per task are written atomically to ``--out``, by default
+``RUN_DIR/eval/<checkpoint>-v<K>-ttt<S>-n<N>.json``, and the summary is printed as one JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from tqdm import tqdm
 
-from qwenrl.data import OUTSIDE, ArcTask, exact_match, grid_to_canvas, load_tasks
+from qwenrl.data import OUTSIDE, exact_match, grid_to_canvas, load_tasks
 from qwenrl.models import ModelConfig, QwenRLModels
-from qwenrl.ttt import TTTConfig, adapt_to_task
-from qwenrl.voting import predict
+from qwenrl.ttt import TTTConfig
+
+if TYPE_CHECKING:
+    from qwenrl.data import ArcTask
+    from qwenrl.train import TrainConfig
 
 
 @dataclass
-class EvalTotals:
-    """Running counts over the queries scored so far (named, never positional)."""
+class TaskTotals:
+    """Sums over the test queries scored by :func:`evaluate_tasks`, and one row per task."""
 
     tasks: int = 0
     queries: int = 0
-    exact: int = 0
-    cells: int = 0  # target cells
-    cells_correct: int = 0  # ... right in the per-cell argmax
-    attempt_cells_correct: int = 0  # ... right in the first attempt
-    rows: list[dict[str, Any]] = field(default_factory=list)
+    exact: int = 0  # queries solved by one of the two attempts
+    target_cells: int = 0  # cells inside the target grids
+    correct_cells: int = 0  # ... right in the per-cell argmax on the task as it is
+    attempt_cells: int = 0  # ... right in the first attempt (cells it does not cover: wrong)
+    rows: list[dict[str, Any]] = field(default_factory=list)  # task_id, solved per query
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> dict[str, float | int]:
         return {
             "tasks": self.tasks,
             "queries": self.queries,
             "exact": self.exact,
             "exact_match": self.exact / max(self.queries, 1),
-            "cell_accuracy": self.cells_correct / max(self.cells, 1),
-            "attempt_cell_accuracy": self.attempt_cells_correct / max(self.cells, 1),
+            "cell_accuracy": self.correct_cells / max(self.target_cells, 1),
+            "attempt_cell_accuracy": self.attempt_cells / max(self.target_cells, 1),
         }
 
 
 def score_query(
-    totals: EvalTotals, attempts: Sequence[np.ndarray], canvas: torch.Tensor, target: np.ndarray
+    totals: TaskTotals, attempts: Sequence[np.ndarray], canvas: torch.Tensor, target: np.ndarray
 ) -> bool:
-    """Add one query to ``totals``: attempts (≤ 2 grids), per-cell argmax canvas [900] and the
-    target grid [h, w]; returns whether it is solved (pass@2)."""
+    """Adds one query to ``totals``: at most two attempted grids, the per-cell argmax canvas
+    [900] and the target grid [h, w]. Returns whether it is solved (pass@2)."""
     solved = exact_match(list(attempts), target)
-    tgt = grid_to_canvas(target, OUTSIDE).view(-1)
-    counted = tgt != OUTSIDE
-    first = grid_to_canvas(attempts[0], OUTSIDE).view(-1) if len(attempts) else None
+    tgt = grid_to_canvas(target, OUTSIDE).reshape(-1)
+    inside = tgt != OUTSIDE
     totals.queries += 1
     totals.exact += int(solved)
-    totals.cells += int(counted.sum())
-    totals.cells_correct += int(((canvas.view(-1).cpu() == tgt) & counted).sum())
-    if first is not None:
-        totals.attempt_cells_correct += int(((first == tgt) & counted).sum())
+    totals.target_cells += int(inside.sum())
+    totals.correct_cells += int(((canvas.reshape(-1).cpu() == tgt) & inside).sum())
+    if len(attempts):
+        first = grid_to_canvas(attempts[0], OUTSIDE).reshape(-1)
+        totals.attempt_cells += int(((first == tgt) & inside).sum())
     return solved
 
 
@@ -91,79 +96,108 @@ def evaluate_tasks(
     vote_transforms: int = 1,
     ttt: TTTConfig | None = None,
     aug_seed: int = 0,
-    autocast: Any = contextlib.nullcontext,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     progress: bool = True,
-) -> EvalTotals:
-    """Test-time train (optional), predict with voting, then score every test query of ``tasks``.
+) -> TaskTotals:
+    """Test-time training (``ttt``, optional), then every test query predicted with voting over
+    ``vote_transforms`` augmentations, then scored (module docstring). Restores the models'
+    train/eval mode; a progress bar over the tasks goes to stderr when ``progress``."""
+    from qwenrl.ttt import adapt_to_task
+    from qwenrl.voting import predict
 
-    ``models`` should be in eval mode. ``autocast``: a factory of the context to predict in
-    (e.g. the trainer's bf16 autocast). A progress bar over tasks goes to stderr.
-    """
     ttt = ttt or TTTConfig()
-    totals = EvalTotals()
+    was_training = models.training
+    models.eval()
+    totals = TaskTotals()
     bar = tqdm(tasks, desc="Evaluating", unit="task", disable=not progress, file=sys.stderr)
-    for index, task in enumerate(bar):
-        with autocast():
-            tuned, offset = adapt_to_task(models, task.train, ttt, task_seed=index)
-        solved = []
-        for query_input, _ in task.test:
+    try:
+        for index, task in enumerate(bar):
             with autocast():
-                pred = predict(
-                    tuned,
-                    task.train,
-                    query_input,
-                    vote_transforms=vote_transforms,
-                    aug_seed=aug_seed,
-                    prompt_offset=offset,
-                )
-            solved.append(pred)
-        # The test outputs are read here, after every prediction of the task is made.
-        row = {"task_id": task.id, "solved": []}
-        for pred, (_, target) in zip(solved, task.test, strict=True):
-            row["solved"].append(score_query(totals, pred.attempts, pred.canvas, target))
-        totals.tasks += 1
-        totals.rows.append(row)
-        bar.set_postfix(exact=f"{totals.exact}/{totals.queries}")
-    bar.close()
+                tuned, offset = adapt_to_task(models, task.train, ttt, task_seed=index)
+                preds = [
+                    predict(
+                        tuned,
+                        task.train,
+                        query_input,
+                        vote_transforms=vote_transforms,
+                        aug_seed=aug_seed,
+                        prompt_offset=offset,
+                    )
+                    for query_input, _ in task.test
+                ]
+            # The task's test outputs are read here, once all its predictions are made.
+            solved = [
+                score_query(totals, p.attempts, p.canvas, target)
+                for p, (_, target) in zip(preds, task.test, strict=True)
+            ]
+            totals.tasks += 1
+            totals.rows.append({"task_id": task.id, "solved": solved})
+            bar.set_postfix(exact=f"{totals.exact}/{totals.queries}")
+    finally:
+        bar.close()
+        models.train(was_training)
     return totals
 
 
-# --- a saved run -------------------------------------------------------------------------------
+# --- a saved run ---------------------------------------------------------------------------
 
 
 def find_checkpoint(path: str | Path) -> Path:
-    """A checkpoint dir itself, or the newest complete ``checkpoint-*`` in a run dir."""
+    """A checkpoint directory itself, or the newest complete ``checkpoint-*`` of a run."""
+    from qwenrl.train import latest_checkpoint
+
     path = Path(path)
-    if (path / "model.safetensors").is_file() and (path / "state.pt").is_file():
-        return path
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such run directory")
-    done = sorted(p for p in path.glob("checkpoint-*") if (p / "state.pt").is_file())
-    if not done:
+    if (path / "state.pt").is_file():
+        return path
+    found = latest_checkpoint(path)
+    if found is None:
         raise FileNotFoundError(f"{path}: no complete checkpoint-* in this run directory")
-    return done[-1]
+    return found
 
 
-def model_config_from_run(run: dict[str, Any]) -> ModelConfig:
-    """The :class:`ModelConfig` a run with this saved training config built."""
-    return ModelConfig(
-        dim=run["dim"],
-        agent_layers=run["agent_layers"],
-        dropout=run["dropout"],
-        prompt_dropout=run["prompt_dropout"],
-        reward_scale=run["reward_scale"],
-        qwen_path=run["qwen"],
-        max_length=run["qwen_max_length"],
-    )
+def run_config(values: dict[str, Any]) -> TrainConfig:
+    """A :class:`~qwenrl.train.TrainConfig` from saved or given values, checked as the trainer
+    checks its flags; ``ValueError`` names an unknown option or a bad value."""
+    from qwenrl.train import TrainConfig, check_config
+
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown option(s) {', '.join(unknown)}")
+    cfg = TrainConfig(**values)
+    problem = check_config(cfg)
+    if problem:
+        raise ValueError(problem)
+    return cfg
 
 
-def load_run(checkpoint: Path, device: str) -> tuple[QwenRLModels, dict[str, Any], int]:
-    """Models (eval mode, on ``device``), the run's training config and the checkpoint's step."""
+def load_run(
+    checkpoint: Path, overrides: dict[str, Any] | None = None
+) -> tuple[QwenRLModels, TrainConfig, int]:
+    """The models (eval mode, on the config's device), the run's config with ``overrides``
+    (``ValueError`` names a bad one) and the checkpoint's step."""
+    from safetensors.torch import load_file
+
     state = torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=True)
-    run = state["config"]
-    models = QwenRLModels(model_config_from_run(run))
+    values = {**state["config"], **(overrides or {})}
+    if values.get("amp") == "fp16" and not str(values.get("device", "cpu")).startswith("cuda"):
+        values["amp"] = "off"  # fp16 autocast is a CUDA-only path
+    cfg = run_config(values)
+    models = QwenRLModels(
+        ModelConfig(
+            dim=cfg.dim,
+            agent_layers=cfg.agent_layers,
+            dropout=cfg.dropout,
+            prompt_dropout=cfg.prompt_dropout,
+            reward_scale=cfg.reward_scale,
+            qwen_path=cfg.qwen,
+            max_length=cfg.qwen_max_length,
+        )
+    )
     models.load_state_dict(load_file(str(checkpoint / "model.safetensors")))
-    return models.to(device).eval(), run, int(state["step"])
+    return models.to(cfg.device).eval(), cfg, int(state["step"])
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
@@ -173,86 +207,83 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)  # the file appears complete or not at all
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m qwenrl.evaluate",
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("run", help="a run directory (its newest checkpoint) or a checkpoint dir")
+    parser.add_argument("run", help="a run directory (its newest checkpoint) or a checkpoint")
     parser.add_argument(
-        "--tasks", type=int, default=0, help="the first N evaluation tasks (0 = all)"
+        "--tasks", type=int, default=0, help="the first N evaluation tasks (0: all)"
     )
-    parser.add_argument(
-        "--vote_transforms", type=int, default=1, help="augmentations voted over (1 = none)"
-    )
-    parser.add_argument(
-        "--ttt_steps", type=int, default=0, help="test-time training steps per task (0 = none)"
-    )
-    parser.add_argument("--ttt_lr", type=float, default=TTTConfig.lr, help="test-time training lr")
-    parser.add_argument(
-        "--ttt_batch_size", type=int, default=TTTConfig.batch_size, help="test-time batch size"
-    )
-    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: the run's)")
-    parser.add_argument("--out", default=None, help="result JSON (default: RUN_DIR/eval/...)")
+    from qwenrl.train import HELP as run_help
+
+    for name, kind in (
+        ("vote_transforms", int),
+        ("ttt_steps", int),
+        ("ttt_lr", float),
+        ("ttt_batch_size", int),
+    ):
+        parser.add_argument(
+            f"--{name}", type=kind, default=None, help=f"{run_help[name]}; default: the run's value"
+        )
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N; default: the run's")
+    parser.add_argument("--out", default=None, help="result JSON; default: RUN_DIR/eval/...")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
-    if args.tasks < 0 or args.vote_transforms < 1 or args.ttt_steps < 0:
-        parser.error("--tasks and --ttt_steps must be >= 0 and --vote_transforms >= 1")
-    if args.ttt_batch_size < 1 or not args.ttt_lr > 0:
-        parser.error("--ttt_batch_size must be >= 1 and --ttt_lr > 0")
-    if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error(f"--device {args.device} was asked for but CUDA is not available here")
-    return args
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
+    from qwenrl.train import ttt_config
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.tasks < 0:
+        parser.error(f"--tasks must be >= 0, got {args.tasks}")
+    overrides = {
+        k: getattr(args, k)
+        for k in ("vote_transforms", "ttt_steps", "ttt_lr", "ttt_batch_size", "device")
+        if getattr(args, k) is not None
+    }
+    try:  # this command's options first, with the trainer's bounds, then the run's config
+        run_config(overrides)
         checkpoint = find_checkpoint(args.run)
-        state_device = args.device or "cpu"
-        models, run, step = load_run(checkpoint, state_device)
-        _, eval_tasks = load_tasks(run["data"])
-    except (FileNotFoundError, ValueError, KeyError) as exc:
+        models, cfg, step = load_run(checkpoint, overrides)
+    except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except (ValueError, KeyError) as exc:
+        parser.error(str(exc))
+    _, eval_tasks = load_tasks(cfg.data)
     tasks = eval_tasks[: args.tasks] if args.tasks else eval_tasks
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(run.get("amp", "off"))
-    device_type = torch.device(state_device).type
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+    device_type = torch.device(cfg.device).type
 
-    def autocast():
+    def autocast() -> Any:
         return torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
-    ttt = TTTConfig(
-        steps=args.ttt_steps,
-        lr=args.ttt_lr,
-        batch_size=args.ttt_batch_size,
-        tau=run["tau_end"],
-        easy_weight=run["easy_weight"],
-        seed=run["seed"],
-    )
     start = time.perf_counter()
     totals = evaluate_tasks(
         models,
         tasks,
-        vote_transforms=args.vote_transforms,
-        ttt=ttt,
-        aug_seed=run["seed"],
+        vote_transforms=cfg.vote_transforms,
+        ttt=ttt_config(cfg),
+        aug_seed=cfg.seed,
         autocast=autocast,
         progress=not args.quiet,
     )
     summary = {
         "checkpoint": str(checkpoint),
         "step": step,
-        "vote_transforms": args.vote_transforms,
-        "ttt_steps": args.ttt_steps,
-        "ttt_lr": args.ttt_lr,
-        "ttt_batch_size": args.ttt_batch_size,
-        "device": state_device,
+        "device": cfg.device,
+        "vote_transforms": cfg.vote_transforms,
+        "ttt_steps": cfg.ttt_steps,
+        "ttt_lr": cfg.ttt_lr,
+        "ttt_batch_size": cfg.ttt_batch_size,
         **totals.summary(),
         "wall_s": round(time.perf_counter() - start, 2),
     }
-    name = f"{checkpoint.name}-v{args.vote_transforms}-ttt{args.ttt_steps}-n{len(tasks)}.json"
+    name = f"{checkpoint.name}-v{cfg.vote_transforms}-ttt{cfg.ttt_steps}-n{len(tasks)}.json"
     out = Path(args.out) if args.out else checkpoint.parent / "eval" / name
     _write_json_atomic(out, {**summary, "per_task": totals.rows})
     print(json.dumps(summary))

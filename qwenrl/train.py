@@ -49,8 +49,10 @@ from qwenrl.data import (
     decode_grid,
     exact_match,
 )
+from qwenrl.evaluate import evaluate_tasks
 from qwenrl.loss import EFELoss
 from qwenrl.models import ModelConfig, QwenRLModels
+from qwenrl.ttt import TTTConfig
 
 LOG_FORMAT = (
     "[Batch {step:>4d}] Reward: {reward:>7.4f} | Loss: {loss:>7.4f} | "
@@ -62,7 +64,7 @@ LOG_FORMAT = (
 class TrainConfig:
     """Every flag of ``python -m qwenrl.train``; the defaults are the embedded default run."""
 
-    epochs: int = 3
+    epochs: int = 2
     max_batches: int = 0  # per epoch; 0 = the whole epoch
     batch_size: int = 16
     agent_lr: float = 5e-4
@@ -75,6 +77,7 @@ class TrainConfig:
     data: str | None = None
     refresh_every: int = 10
     working_set: int = 0  # prompts per cache window; 0 = 4 × batch_size
+    eval_demos: bool = True
     reward_scale: float = 5.0
     grad_clip: float = 1.0
     warmup_steps: int = 20
@@ -86,6 +89,10 @@ class TrainConfig:
     loss_backend: str = "auto"
     val_tasks: int = 0
     val_batch_size: int = 16
+    vote_transforms: int = 1
+    ttt_steps: int = 0
+    ttt_lr: float = 1e-3
+    ttt_batch_size: int = 8
     log_every: int = 10
     out: str = "runs/default"
     resume: str | None = None  # a checkpoint dir, or "auto" = the newest one in --out
@@ -127,6 +134,13 @@ HELP = {
     "loss_backend": "EFE loss backend: auto, triton, cpu or reference",
     "val_tasks": "evaluation tasks used for validation each epoch (0 = all 400)",
     "val_batch_size": "validation batch size",
+    "eval_demos": "train also on the evaluation tasks' demonstration pairs, as leave-one-out "
+    "queries (their test pairs are never read)",
+    "vote_transforms": "augmentations (D8 × colour) whose predictions vote for validation's two "
+    "attempts (1 = the task as it is)",
+    "ttt_steps": "test-time training steps on each validation task's demonstrations (0 = none)",
+    "ttt_lr": "learning rate of test-time training (> 0)",
+    "ttt_batch_size": "samples per test-time training step",
     "log_every": "batches between log lines / metrics.jsonl records",
     "out": "run directory (metrics.jsonl, checkpoints, TensorBoard)",
     "resume": "resume from a checkpoint dir, or 'auto' for the newest one in --out",
@@ -154,7 +168,9 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     for f in dataclasses.fields(TrainConfig):
         flag = f"--{f.name}"
         if f.type == "bool":
-            parser.add_argument(flag, action="store_true", help=HELP[f.name])
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=f.default, help=HELP[f.name]
+            )
         elif f.name == "resume":
             parser.add_argument(flag, nargs="?", const="auto", default=None, help=HELP[f.name])
         else:
@@ -188,6 +204,14 @@ def check_config(cfg: TrainConfig) -> str | None:
     if cfg.loss_backend == "triton" and not cfg.device.startswith("cuda"):
         if os.environ.get("TRITON_INTERPRET") != "1":
             return "--loss_backend triton on the CPU needs TRITON_INTERPRET=1"
+    if cfg.vote_transforms < 1:
+        return f"--vote_transforms must be >= 1, got {cfg.vote_transforms}"
+    if cfg.ttt_steps < 0:
+        return f"--ttt_steps must be >= 0, got {cfg.ttt_steps}"
+    if cfg.ttt_batch_size < 1:
+        return f"--ttt_batch_size must be >= 1, got {cfg.ttt_batch_size}"
+    if cfg.ttt_lr <= 0:
+        return f"--ttt_lr must be > 0, got {cfg.ttt_lr}"
     if not 0.0 <= cfg.easy_weight <= 1.0:
         return "--easy_weight must be in [0, 1]"
     if cfg.qwen is not None and not Path(cfg.qwen).is_dir():
@@ -195,6 +219,18 @@ def check_config(cfg: TrainConfig) -> str | None:
     if cfg.data is not None and not Path(cfg.data).is_dir():
         return f"--data {cfg.data}: no such directory"
     return None
+
+
+def ttt_config(cfg: TrainConfig) -> TTTConfig:
+    """The test-time training settings of a run (the loss as in training's last epochs)."""
+    return TTTConfig(
+        steps=cfg.ttt_steps,
+        lr=cfg.ttt_lr,
+        batch_size=cfg.ttt_batch_size,
+        tau=cfg.tau_end,
+        easy_weight=cfg.easy_weight,
+        seed=cfg.seed,
+    )
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -308,6 +344,8 @@ class Trainer:
             else cfg.device
         )
         if self.device.type == "cuda":
+            if self.device.index is None:  # torch.cuda.set_device needs an index
+                self.device = torch.device("cuda", torch.cuda.current_device())
             torch.cuda.set_device(self.device)
         self.out = Path(cfg.out)
         if not cfg.resume and self.dist.is_main:
@@ -318,7 +356,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         self.train_set, self.val_set = build_datasets(
-            cfg.data, val_limit=cfg.val_tasks or None, aug_seed=cfg.seed
+            cfg.data, val_limit=cfg.val_tasks or None, aug_seed=cfg.seed, eval_demos=cfg.eval_demos
         )
         self.sampler = WorkingSetSampler(
             self.train_set,
@@ -657,6 +695,25 @@ class Trainer:
             sums[4] += float((pred == target).sum())
             hard += float(stats["mask_ratio"]) * float(stats["n_valid"])
             valid += float(stats["n_valid"])
+        voting = self.cfg.vote_transforms > 1 or self.cfg.ttt_steps > 0
+        if voting:
+            # Cells and exact matches task by task, after test-time training and voting
+            # (qwenrl/evaluate.py); this rank's tasks replace its samples' counts (both
+            # shards partition the queries).
+            tasks = ds.tasks
+            t_lo = len(tasks) * self.dist.rank // self.dist.world_size
+            t_hi = len(tasks) * (self.dist.rank + 1) // self.dist.world_size
+            voted = evaluate_tasks(
+                self.models,
+                tasks[t_lo:t_hi],
+                vote_transforms=self.cfg.vote_transforms,
+                ttt=ttt_config(self.cfg),
+                aug_seed=self.cfg.seed,
+                autocast=self._autocast,
+                progress=not self.quiet,
+            )
+            sums[0], sums[1], sums[2] = voted.correct_cells, voted.target_cells, voted.exact
+            self.models.eval()
         totals = torch.tensor([*sums.tolist(), hard, valid], dtype=torch.float64)
         if self.dist.enabled:
             dist.all_reduce(totals)
@@ -671,6 +728,11 @@ class Trainer:
             "mask_ratio": hard / max(valid, 1),
             "samples": int(samples),
         }
+        if voting:
+            summary |= {
+                "vote_transforms": self.cfg.vote_transforms,
+                "ttt_steps": self.cfg.ttt_steps,
+            }
         self._log(summary)
         if self.dist.is_main and shown:
             _write_json_atomic(
