@@ -408,9 +408,53 @@ void tile_rows(const Problem<scalar_t, grad_t, target_t>& pb, const Options& o, 
 
 // --- wide rows: one row at a time, SIMD along the row --------------------------------------
 
+// Max over c in [0, C) of load(c), the first c where it occurs, and whether a value was NaN or
+// +inf: kLanes columns at a time, each lane keeping its own max and the first column where it
+// occurred (a scalar argmax loop does not vectorise).
+struct LaneMax {
+  float max;
+  int64_t arg;
+  bool nonfinite;
+};
+template <typename Load>
+LaneMax lane_max(int64_t C, Load load) {
+  constexpr int64_t kLanes = 16;
+  alignas(64) float lane_m[kLanes], lane_arg[kLanes], lane_ok[kLanes];
+  for (int64_t l = 0; l < kLanes; ++l) lane_m[l] = -kInf, lane_arg[l] = 0.0f, lane_ok[l] = 1.0f;
+  const int64_t C_body = C / kLanes * kLanes;
+  for (int64_t c0 = 0; c0 < C_body; c0 += kLanes) {
+    const float cf = static_cast<float>(c0);  // exact: C < 2^24
+#pragma omp simd
+    for (int64_t l = 0; l < kLanes; ++l) {
+      const float v = load(c0 + l);
+      lane_ok[l] = (v == v && v != kInf) ? lane_ok[l] : 0.0f;
+      const bool more = v > lane_m[l];
+      lane_arg[l] = more ? cf + static_cast<float>(l) : lane_arg[l];
+      lane_m[l] = more ? v : lane_m[l];
+    }
+  }
+  for (int64_t c = C_body; c < C; ++c) {  // the tail: lane l takes column C_body + l
+    const int64_t l = c - C_body;
+    const float v = load(c);
+    lane_ok[l] = (v == v && v != kInf) ? lane_ok[l] : 0.0f;
+    if (v > lane_m[l]) lane_m[l] = v, lane_arg[l] = static_cast<float>(c);
+  }
+  LaneMax out{-kInf, C, false};
+  float arg_f = static_cast<float>(C);
+  for (int64_t l = 0; l < kLanes; ++l) {
+    out.nonfinite |= lane_ok[l] == 0.0f;
+    if (lane_m[l] > out.max || (lane_m[l] == out.max && lane_arg[l] < arg_f)) {
+      out.max = lane_m[l], arg_f = lane_arg[l];
+    }
+  }
+  out.arg = out.max == -kInf ? 0 : static_cast<int64_t>(arg_f);
+  return out;
+}
+
+
 template <typename scalar_t, typename grad_t, typename target_t>
 void wide_row(const Problem<scalar_t, grad_t, target_t>& pb, const Options& o, int64_t i,
-              float* e, float* p, float* plogp_c, Sums& part) {
+              float* e, float* p, Sums& part) {
   const int64_t C = pb.C;
   const scalar_t* z = pb.z + i * C;
   grad_t* g = pb.grad ? pb.grad + i * C : nullptr;
@@ -422,16 +466,17 @@ void wide_row(const Problem<scalar_t, grad_t, target_t>& pb, const Options& o, i
   double plogp = o.plogp_class;
   if (o.soft) {
     const target_t* t = pb.p + i * C;
-    float best = -kInf;
+    const bool log_target = o.log_target;
+    const float eps = o.eps;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) p[c] = soft_p(to_float(t[c]), log_target, eps, inv_c);
     double acc = 0.0, acc_plogp = 0.0;  // fp64: Σp over a 150k vocabulary must stay exact
+#pragma omp simd reduction(+ : acc, acc_plogp)
     for (int64_t c = 0; c < C; ++c) {
-      const float tc = to_float(t[c]);
-      p[c] = soft_p(tc, o.log_target, o.eps, inv_c);
-      plogp_c[c] = soft_plogp(p[c]);
       acc += p[c];
-      acc_plogp += plogp_c[c];
-      if (p[c] > best) best = p[c], y = c;
+      acc_plogp += soft_plogp(p[c]);
     }
+    y = lane_max(C, [p](int64_t c) { return p[c]; }).arg;
     sum_p = static_cast<float>(acc);
     plogp = acc_plogp;
   } else {
@@ -443,38 +488,11 @@ void wide_row(const Problem<scalar_t, grad_t, target_t>& pb, const Options& o, i
     }
   }
 
-  // Pass 1: max, argmax (first maximum) and the NaN / +inf check, kLanes columns at a time:
-  // each lane keeps its own max and the first column where it occurred.
-  constexpr int64_t kLanes = 16;
-  alignas(64) float lane_max[kLanes], lane_arg[kLanes], lane_ok[kLanes];
-  for (int64_t l = 0; l < kLanes; ++l) lane_max[l] = -kInf, lane_arg[l] = 0.0f, lane_ok[l] = 1.0f;
-  const int64_t C_body = C / kLanes * kLanes;
-  for (int64_t c0 = 0; c0 < C_body; c0 += kLanes) {
-    const float cf = static_cast<float>(c0);  // exact: C < 2^24
-#pragma omp simd
-    for (int64_t l = 0; l < kLanes; ++l) {
-      const float v = to_float(z[c0 + l]);
-      lane_ok[l] = (v == v && v != kInf) ? lane_ok[l] : 0.0f;
-      const bool more = v > lane_max[l];
-      lane_arg[l] = more ? cf + static_cast<float>(l) : lane_arg[l];
-      lane_max[l] = more ? v : lane_max[l];
-    }
-  }
-  for (int64_t c = C_body; c < C; ++c) {  // the tail, into lane 0 after the body's lanes
-    const int64_t l = c - C_body;
-    const float v = to_float(z[c]);
-    lane_ok[l] = (v == v && v != kInf) ? lane_ok[l] : 0.0f;
-    if (v > lane_max[l]) lane_max[l] = v, lane_arg[l] = static_cast<float>(c);
-  }
-  float m = -kInf, arg_f = static_cast<float>(C);
-  bool nonfinite = false;
-  for (int64_t l = 0; l < kLanes; ++l) {
-    nonfinite |= lane_ok[l] == 0.0f;
-    if (lane_max[l] > m || (lane_max[l] == m && lane_arg[l] < arg_f)) {
-      m = lane_max[l], arg_f = lane_arg[l];
-    }
-  }
-  const int64_t arg = static_cast<int64_t>(arg_f);
+  // Pass 1: max, argmax (first maximum) and the NaN / +inf check.
+  const LaneMax zmax = lane_max(C, [z](int64_t c) { return to_float(z[c]); });
+  const float m = zmax.max;
+  const int64_t arg = zmax.arg;
+  const bool nonfinite = zmax.nonfinite;
   if (nonfinite || m == -kInf || !(y >= 0 && y < C)) {  // m = -inf: every class masked
     part.loss += nan, part.risk += nan, part.entropy += nan;
     if (pb.loss_rows) pb.loss_rows[i] = nan;
@@ -503,8 +521,11 @@ void wide_row(const Problem<scalar_t, grad_t, target_t>& pb, const Options& o, i
   const float x_y = to_float(z[y]) - m;  // read before pass 3 may overwrite z (in place)
   if (o.soft) {
     double p_x = 0.0;
-    for (int64_t c = 0; c < C; ++c)
-      if (p[c] != 0.0f) p_x += p[c] * (to_float(z[c]) - m);  // 0·log 0 = 0
+#pragma omp simd reduction(+ : p_x)
+    for (int64_t c = 0; c < C; ++c) {
+      const float pc = p[c];
+      p_x += pc != 0.0f ? pc * (to_float(z[c]) - m) : 0.0f;  // 0·log 0 = 0
+    }
     risk = static_cast<float>(plogp - p_x + static_cast<double>(log_s) * sum_p);
   } else {
     float sum_x = 0.0f;
@@ -571,9 +592,9 @@ Sums run_rows(const Problem<scalar_t, grad_t, target_t>& pb, const Options& o) {
   } else {
     const int64_t grain = std::max<int64_t>(1, 16384 / C);
     at::parallel_for(0, pb.N, grain, [&](int64_t begin, int64_t end) {
-      std::vector<float> e(C), p(o.soft ? C : 0), plogp(o.soft ? C : 0);
+      std::vector<float> e(C), p(o.soft ? C : 0);
       Sums part;
-      for (int64_t i = begin; i < end; ++i) wide_row(pb, o, i, e.data(), p.data(), plogp.data(), part);
+      for (int64_t i = begin; i < end; ++i) wide_row(pb, o, i, e.data(), p.data(), part);
       std::lock_guard<std::mutex> lock(merge);
       total.add(part);
     });
