@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 
-from qwenrl import train as train_mod
 from qwenrl.train import (
     NonFiniteLossError,
     TrainConfig,
@@ -21,6 +20,7 @@ from qwenrl.train import (
     latest_checkpoint,
     parse_args,
 )
+from qwenrl.train import checkpoint as checkpoint_mod
 
 SEED_LOG_LINE = re.compile(
     r"^\[Batch +\d+\] Reward: +-?\d+\.\d{4} \| Loss: +-?\d+\.\d{4} \| "
@@ -72,23 +72,60 @@ def tiny_config(out: Path, data: Path, **overrides) -> TrainConfig:
     return cfg
 
 
-def test_step_order_and_qwen_gradients(tmp_path, arc_dir):
+def install_trace(trainer: Trainer, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Records the phases of a step through wrappers the test installs (nothing in the
+    trainer's hot path): qwen, loss, backward, unscale, qwen_grad, clip, scaler.step,
+    scaler.update, rl_update."""
+    from qwenrl.train import trainer as trainer_mod
+
+    trace: list[str] = []
+
+    def wrap(obj, name, label):
+        real = getattr(obj, name)
+
+        def recorded(*args, **kwargs):
+            trace.append(label)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(obj, name, recorded)
+
+    wrap(trainer.models.encoder, "forward", "qwen")
+    wrap(trainer.criterion, "forward", "loss")
+    wrap(trainer.scaler, "unscale_", "unscale")
+    wrap(trainer_mod, "grad_norm", "qwen_grad")
+    wrap(trainer_mod.nn.utils, "clip_grad_norm_", "clip")
+    wrap(trainer.scaler, "step", "scaler.step")
+    wrap(trainer.scaler, "update", "scaler.update")
+    wrap(trainer.models.policy, "update", "rl_update")
+    real_scale = trainer.scaler.scale
+
+    def scale(loss):
+        scaled = real_scale(loss)
+        scaled.register_hook(lambda g: trace.append("backward"))  # backward reached the loss
+        return scaled
+
+    monkeypatch.setattr(trainer.scaler, "scale", scale)
+    return trace
+
+
+def test_step_order_and_qwen_gradients(tmp_path, arc_dir, monkeypatch):
     trainer = Trainer(tiny_config(tmp_path / "run", arc_dir), quiet=True)
+    trace = install_trace(trainer, monkeypatch)
     qwen_steps, cached_steps = 0, 0
     for step in range(6):
-        trainer.trace = []
+        trace.clear()
         metrics = trainer.train_step(trainer.batch_at(step))
-        trace = trainer.trace
-        # RL update strictly after scaler.step, which is after backward (seed fix 3)
-        assert trace[-3:] == ["backward", "scaler.step", "rl_update"], trace
-        assert trace.index("loss") < trace.index("backward")
+        # The RL update strictly after scaler.step, which is after backward; the Qwen grad
+        # norm read after unscaling and before clipping.
+        after_forward = ["loss", "backward", "unscale", "qwen_grad", "clip", "scaler.step"]
+        after_forward += ["scaler.update", "rl_update"]
         if metrics["qwen_ran"]:
             qwen_steps += 1
-            assert "qwen" in trace and trace.index("qwen") < trace.index("loss")
-            assert metrics["qwen_grad"] > 0  # seed fix 2: gradients reach Qwen
+            assert trace == ["qwen", *after_forward], trace
+            assert metrics["qwen_grad"] > 0  # gradients reach Qwen
         else:
             cached_steps += 1
-            assert "qwen" not in trace
+            assert trace == after_forward, trace
             assert metrics["qwen_grad"] == 0.0  # Qwen did not run: cached embeddings
     assert qwen_steps >= 2 and cached_steps >= 1
     trainer.close()
@@ -156,7 +193,7 @@ def test_interrupted_save_leaves_the_previous_checkpoint(tmp_path, arc_dir, monk
     def crash(*args, **kwargs):
         raise KeyboardInterrupt  # as if the process died while writing state.pt
 
-    monkeypatch.setattr(train_mod.torch, "save", crash)
+    monkeypatch.setattr(checkpoint_mod.torch, "save", crash)
     with pytest.raises(KeyboardInterrupt):
         trainer.save_checkpoint()
     monkeypatch.undo()
@@ -170,8 +207,8 @@ def test_interrupted_save_leaves_the_previous_checkpoint(tmp_path, arc_dir, monk
 
 SIGKILL_WORKER = r"""
 import json, sys, time
-from qwenrl import train as T
-trainer = T.Trainer(T.TrainConfig(**json.loads(sys.argv[1])), quiet=True)
+from qwenrl.train import Trainer, TrainConfig, checkpoint as T
+trainer = Trainer(TrainConfig(**json.loads(sys.argv[1])), quiet=True)
 trainer.train_step(trainer.batch_at(0))
 trainer.save_checkpoint()
 trainer.train_step(trainer.batch_at(1))
@@ -228,7 +265,7 @@ def test_frozen_qwen_raises_the_red_flag(tmp_path, arc_dir):
     trainer = Trainer(tiny_config(tmp_path / "run", arc_dir, refresh_every=0), quiet=True)
     trainer.flags.qwen_window = 3
     for p in trainer.models.encoder.qwen.parameters():
-        p.requires_grad_(False)  # the seed's bug: Qwen gets no gradient
+        p.requires_grad_(False)  # Qwen gets no gradient
     with pytest.warns(RuntimeWarning, match="Qwen_grad has been 0"):
         for step in range(3):
             metrics = trainer.train_step(trainer.batch_at(step))
