@@ -13,12 +13,15 @@ import numpy as np
 import pytest
 import torch
 
+import qwenrl
 from qwenrl.train import (
     NonFiniteLossError,
     TrainConfig,
     Trainer,
     latest_checkpoint,
+    lr_factor,
     parse_args,
+    tau_for_epoch,
 )
 from qwenrl.train import checkpoint as checkpoint_mod
 
@@ -345,8 +348,9 @@ for step in range(5):
     mine = parts[rank] if world > 1 else parts[0] + parts[1]
     losses.append(trainer.train_step(collate([trainer.train_set[j] for j in mine]))["loss"])
 params = torch.cat([p.detach().flatten() for p in trainer.main_params])
-if rank == 0:
-    torch.save({"losses": losses, "params": params}, sys.argv[2])
+rl = torch.cat([p.detach().flatten() for p in trainer.models.rl_parameters()])
+out = {"losses": losses, "params": params, "rl": rl, "baseline": policy.baseline.clone()}
+torch.save(out, sys.argv[2] + f".{rank}")
 trainer.close()
 print("DONE", flush=True)
 """
@@ -400,9 +404,20 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path, arc_dir):
     opts = dict(refresh_every=3, rl_lr=0.0, prompt_dropout=0.0)
     _launch(1, tiny_config(tmp_path / "one", arc_dir, batch_size=4, **opts), tmp_path / "one.pt")
     _launch(2, tiny_config(tmp_path / "two", arc_dir, batch_size=2, **opts), tmp_path / "two.pt")
-    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    one, two = torch.load(tmp_path / "one.pt.0"), torch.load(tmp_path / "two.pt.0")
     assert two["losses"] == pytest.approx(one["losses"], rel=1e-4, abs=1e-5)
     torch.testing.assert_close(two["params"], one["params"], rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_ddp_ranks_keep_one_rl_head(tmp_path, arc_dir):
+    """With the RL head training, each rank sees other data, yet both hold the same head: its
+    gradients (and the baseline's mean reward) are averaged over the ranks."""
+    opts = dict(refresh_every=3, rl_lr=1e-2, prompt_dropout=0.0)
+    _launch(2, tiny_config(tmp_path / "two", arc_dir, batch_size=2, **opts), tmp_path / "two.pt")
+    a, b = torch.load(tmp_path / "two.pt.0"), torch.load(tmp_path / "two.pt.1")
+    torch.testing.assert_close(a["rl"], b["rl"], rtol=0, atol=0)
+    torch.testing.assert_close(a["baseline"], b["baseline"], rtol=0, atol=0)
 
 
 def test_bf16_autocast_step(tmp_path, arc_dir):
@@ -412,3 +427,179 @@ def test_bf16_autocast_step(tmp_path, arc_dir):
         assert np.isfinite(metrics["loss"]) and metrics["loss"] > 0
     assert trainer.qwen_params[0].dtype == torch.float32  # master weights stay fp32
     trainer.close()
+
+
+# --- resume keeps everything -------------------------------------------------------------
+
+
+def _state(trainer: Trainer) -> dict:
+    """What must match between an uninterrupted run and a resumed one."""
+    trainer.read_metrics()
+    return {
+        "weights": {k: v.clone() for k, v in trainer.models.state_dict().items()},
+        "rl_optimizer": trainer.rl_optimizer.state_dict()["state"],
+        "flags": trainer.flags.state_dict(),
+        "cache": trainer.cache.stats.to_dict(),
+        "lr": (trainer.lr("qwen"), trainer.lr("agent")),
+    }
+
+
+def test_resume_mid_cache_window_restores_every_part(tmp_path, arc_dir):
+    """Saved at step 4, inside the cache window [3, 6): the resumed run reads step 3's
+    embeddings from the restored cache, samples actions from the restored RNG, steps the
+    restored RL optimizer and keeps the red-flag history."""
+    cfg = dict(refresh_every=3, rl_lr=1e-2)
+    straight = Trainer(tiny_config(tmp_path / "a", arc_dir, **cfg), quiet=True)
+    metrics_a = [straight.train_step(straight.batch_at(s)) for s in range(7)]
+    losses_a = [m["loss"] for m in metrics_a]
+    end_a = _state(straight)
+    straight.close()
+
+    first = Trainer(tiny_config(tmp_path / "b", arc_dir, **cfg), quiet=True)
+    for s in range(4):
+        first.train_step(first.batch_at(s))
+    path = first.save_checkpoint()
+    first.close()
+    resumed = Trainer(tiny_config(tmp_path / "b", arc_dir, resume=str(path), **cfg), quiet=True)
+    metrics = [resumed.train_step(resumed.batch_at(s)) for s in range(4, 7)]
+    assert [m["qwen_ran"] for m in metrics] == [m["qwen_ran"] for m in metrics_a[4:]]
+    losses_b = [m["loss"] for m in metrics]
+    end_b = _state(resumed)
+    resumed.close()
+    assert losses_b == pytest.approx(losses_a[4:], rel=1e-5, abs=1e-6)
+    for k, v in end_a["weights"].items():
+        torch.testing.assert_close(end_b["weights"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+    for i, st in end_a["rl_optimizer"].items():
+        torch.testing.assert_close(end_b["rl_optimizer"][i]["exp_avg_sq"], st["exp_avg_sq"])
+    assert end_b["flags"]["losses"] == pytest.approx(end_a["flags"]["losses"], rel=1e-5)
+    assert {k: v for k, v in end_b["flags"].items() if k != "losses"} == {
+        k: v for k, v in end_a["flags"].items() if k != "losses"
+    }
+    assert end_b["cache"] == end_a["cache"]
+    assert end_b["lr"] == pytest.approx(end_a["lr"])
+
+
+def test_resumed_training_loop_logs_what_the_uninterrupted_one_logs(tmp_path, arc_dir):
+    """Through train(): resuming in epoch 1 (τ = 0.3) gives the same log records and
+    validation as the run that never stopped."""
+    straight = Trainer(tiny_config(tmp_path / "a", arc_dir, save_every=3), quiet=True)
+    summary_a = straight.train()
+    straight.close()
+    cut = Trainer(tiny_config(tmp_path / "b", arc_dir, save_every=3, epochs=2), quiet=True)
+    for s in range(6):
+        cut.train_step(cut.batch_at(s))
+        if s == 3:
+            cut.criterion.tau = cut.tau_at(1)  # what train() sets at the epoch boundary
+    cut.save_checkpoint()
+    cut.close()
+    resumed = Trainer(tiny_config(tmp_path / "b", arc_dir, resume="auto"), quiet=True)
+    assert resumed.step == 6 and resumed.criterion.tau == 0.3
+    summary_b = resumed.train()
+    resumed.close()
+
+    def records(run: str) -> list[dict]:
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        out = [json.loads(line) for line in lines]
+        return [{k: v for k, v in r.items() if k != "steps_per_s"} for r in out if r["step"] >= 6]
+
+    a, b = records("a"), records("b")
+    assert [r["step"] for r in b] == [r["step"] for r in a] and len(a) >= 3
+    for ra, rb in zip(a, b):
+        assert rb == pytest.approx(ra, rel=1e-5, abs=1e-6)
+    assert summary_b == pytest.approx(summary_a, rel=1e-5, abs=1e-6)
+
+
+# --- wiring: each option reaches what it sets ---------------------------------------------
+
+
+def test_learning_rates_reach_their_groups(tmp_path, arc_dir):
+    cfg = tiny_config(tmp_path / "run", arc_dir, agent_lr=3e-3, qwen_lr=7e-5, warmup_steps=4)
+    trainer = Trainer(cfg, quiet=True)
+    groups = {g["name"]: g for g in trainer.optimizer.param_groups}
+    qwen_ids = {id(p) for p in trainer.models.encoder.qwen.parameters()}
+    assert {id(p) for p in groups["qwen"]["params"]} == qwen_ids
+    assert not qwen_ids & {id(p) for p in groups["agent"]["params"]}
+    assert trainer.lr("qwen") == pytest.approx(7e-5 * lr_factor(0, 4, trainer.total_steps))
+    assert trainer.lr("agent") == pytest.approx(3e-3 * lr_factor(0, 4, trainer.total_steps))
+    assert trainer.rl_optimizer.param_groups[0]["lr"] == cfg.rl_lr
+    for s in range(3):
+        trainer.train_step(trainer.batch_at(s))
+    assert trainer.lr("qwen") == pytest.approx(7e-5 * lr_factor(3, 4, trainer.total_steps))
+    trainer.close()
+
+
+def test_loss_flags_reach_the_criterion(tmp_path, arc_dir):
+    argv = ["--easy_weight", "0.9", "--entropy_weight", "0.2", "--loss_backend", "reference"]
+    argv += ["--tau_start", "0.45"]
+    parsed = parse_args(argv)
+    cfg = tiny_config(tmp_path / "run", arc_dir)
+    for k in ("easy_weight", "entropy_weight", "loss_backend", "tau_start"):
+        setattr(cfg, k, getattr(parsed, k))
+    trainer = Trainer(cfg, quiet=True)
+    logits, target = torch.randn(2, 900, 12), torch.randint(0, 12, (2, 900))
+    expected = qwenrl.efe_loss(
+        logits, target, tau=0.45, easy_weight=0.9, entropy_weight=0.2, backend="reference"
+    )
+    torch.testing.assert_close(trainer.criterion(logits, target), expected)
+    assert trainer.criterion.tau == 0.45
+    trainer.close()
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
+def test_qwen_grad_is_read_before_clipping_and_clipping_applies(tmp_path, arc_dir, monkeypatch):
+    trainer = Trainer(tiny_config(tmp_path / "run", arc_dir, grad_clip=1e-6), quiet=True)
+    norms = []
+    real_step = trainer.optimizer.step
+
+    def step(*args, **kwargs):  # the gradient the optimizer sees
+        grads = [p.grad.norm() for p in trainer.main_params if p.grad is not None]
+        norms.append(float(torch.stack(grads).norm()))
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(trainer.optimizer, "step", step)
+    metrics = trainer.train_step(trainer.batch_at(0))
+    assert metrics["qwen_ran"] and metrics["qwen_grad"] > 1e-4  # the unclipped norm
+    assert norms[0] <= 1e-6 * 1.01
+    trainer.close()
+
+
+def test_validation_restores_train_mode(tmp_path, arc_dir):
+    trainer = Trainer(tiny_config(tmp_path / "run", arc_dir), quiet=True)
+    summary = trainer.validate(0)
+    assert all(m.training for m in trainer.models.modules())
+    assert summary["samples"] == len(trainer.val_set)
+    assert (tmp_path / "run" / "val_grids.json").is_file()
+    trainer.close()
+
+
+def test_metrics_are_read_once_per_log_step(tmp_path, arc_dir):
+    trainer = Trainer(tiny_config(tmp_path / "run", arc_dir, log_every=3), quiet=True)
+    metrics = [trainer.train_step(trainer.batch_at(s)) for s in range(5)]
+    # step 0 and step 3 are log steps: everything up to them is read, step 4 is pending
+    assert [m._read is not None for m in metrics] == [True, True, True, True, False]
+    assert len(trainer.flags.losses) == 4  # the red flags saw every read step, in order
+    assert trainer.flags.losses[-1] == metrics[3]["loss"]
+    trainer.close()
+
+
+def test_run_writes_its_config_and_the_file_reproduces_it(tmp_path, arc_dir):
+    cfg = tiny_config(tmp_path / "run", arc_dir, agent_lr=1e-3)
+    Trainer(cfg, quiet=True).close()
+    saved = tmp_path / "run" / "config.yaml"
+    assert parse_args(["--config", str(saved)]) == cfg
+
+
+@pytest.mark.parametrize(
+    ("step", "factor"), [(0, 0.25), (3, 1.0), (4, 1.0), (54, 0.55), (104, 0.1), (500, 0.1)]
+)
+def test_lr_schedule_warmup_cosine_and_floor(step, factor):
+    assert lr_factor(step, warmup=4, total=104) == pytest.approx(factor)
+
+
+def test_lr_schedule_decays_monotonically():
+    values = [lr_factor(s, warmup=5, total=60) for s in range(5, 70)]
+    assert all(a >= b for a, b in zip(values, values[1:])) and values[-1] == pytest.approx(0.1)
+
+
+def test_tau_curriculum_switches_at_tau_epoch():
+    assert [tau_for_epoch(e, 0.6, 0.3, 2) for e in range(4)] == [0.6, 0.6, 0.3, 0.3]
