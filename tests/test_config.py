@@ -55,6 +55,26 @@ def test_config_file_then_flags_override(tmp_path, suffix):
     assert (cfg.epochs, cfg.tensorboard, cfg.agent_lr) == (2, False, 1e-5)
 
 
+def test_file_values_are_typed_like_the_fields(tmp_path):
+    path = tmp_path / "c.yml"  # .yml is YAML too
+    path.write_text("grad_clip: 2\nqwen: null\ndata: null\n")
+    cfg = parse_args(["--config", str(path)])
+    assert cfg.grad_clip == 2.0 and isinstance(cfg.grad_clip, float)  # ints widen to floats
+    with pytest.raises(ConfigError, match="'qwen' must be str or null, got 3"):
+        config_from_dict({"qwen": 3})
+    with pytest.raises(ConfigError, match="^config: 'epochs' must be int, got True"):
+        config_from_dict({"epochs": True})  # a bool is not an int here
+    with pytest.raises(ConfigError, match="^run.json: unknown option\\(s\\) 'a', 'b'$"):
+        config_from_dict({"b": 1, "a": 2}, where="run.json")
+
+
+def test_json_config_is_parsed_as_json(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text("epochs: 2\n")  # YAML, not JSON
+    with pytest.raises(ConfigError, match="cannot be parsed"):
+        load_config_file(path)
+
+
 def test_yaml_scientific_notation_without_a_dot_is_a_float(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("qwen_lr: 1e-5\nepochs: 2\n")  # YAML 1.1 reads 1e-5 as a string
@@ -110,6 +130,10 @@ def test_check_config_accepts_the_defaults_and_bounds():
     check_config(TrainConfig(refresh_every=-1, easy_weight=1.0, max_batches=0))
     with pytest.raises(ConfigError, match="refresh_every"):
         check_config(TrainConfig(refresh_every=-2))
+
+
+def test_the_recipes_are_there():
+    assert {"cpu_default.yaml", "qwen3_gpu.yaml"} <= {r.name for r in RECIPES}
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)

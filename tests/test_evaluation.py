@@ -73,6 +73,8 @@ def test_totals_add_reduce_and_survive_empty_shards():
     total = a + b
     assert total == ValTotals(3, 4, 903, 1, 2, 4, 16)
     assert ValTotals.from_tensor(total.to_tensor()) == total
+    big = ValTotals(correct_cells=2.0**25 + 1, target_cells=2.0**25 + 3)  # beyond fp32's integers
+    assert ValTotals.from_tensor(big.to_tensor()) == big
     empty = ValTotals().summary()
     assert empty["cell_accuracy"] == 0.0 and empty["samples"] == 0
 
@@ -89,5 +91,7 @@ def test_val_grids_schema_names_what_is_missing():
     assert check_val_grids({"samples": [sample]}) == [sample]
     with pytest.raises(ValueError, match="sample 1 is malformed.*hard"):
         check_val_grids({"samples": [sample, {k: [[0]] for k in GRID_KEYS[:3]}]})
-    with pytest.raises(ValueError, match="'samples' list"):
+    with pytest.raises(ValueError, match="^expected an object with a 'samples' list$"):
         check_val_grids({"step": 3})
+    with pytest.raises(ValueError, match="'samples' list"):
+        check_val_grids([sample])

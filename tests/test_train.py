@@ -603,3 +603,66 @@ def test_lr_schedule_decays_monotonically():
 
 def test_tau_curriculum_switches_at_tau_epoch():
     assert [tau_for_epoch(e, 0.6, 0.3, 2) for e in range(4)] == [0.6, 0.6, 0.3, 0.3]
+
+
+def test_under_ddp_rl_gradients_go_through_the_cross_rank_mean(tmp_path, arc_dir, monkeypatch):
+    """In-process view of the rule the DDP tests check end to end: with more than one rank,
+    train_step averages the step metrics and every RL-head gradient over the ranks."""
+    from qwenrl.train import trainer as trainer_mod
+    from qwenrl.train.distributed import DistInfo
+
+    trainer = Trainer(tiny_config(tmp_path / "run", arc_dir), quiet=True)
+    averaged: list[torch.Tensor] = []
+    monkeypatch.setattr(trainer, "dist", DistInfo(rank=0, world_size=2))
+    monkeypatch.setattr(trainer_mod.D, "agree_any", lambda flag, info, device: flag)
+    monkeypatch.setattr(trainer_mod.D, "all_reduce_mean", lambda t, info: averaged.append(t) or t)
+    trainer.train_step(trainer.batch_at(0))
+    rl_grads = [p.grad for p in trainer.models.rl_parameters()]
+    assert rl_grads and all(any(g is t for t in averaged) for g in rl_grads)
+    assert any(t.shape == (len(trainer_mod.METRIC_NAMES),) for t in averaged)  # the metrics
+    trainer.close()
+
+
+# --- main(): exit statuses ------------------------------------------------------------------
+
+
+def _tiny_argv(out: Path, data: Path) -> list[str]:
+    argv = ["--data", str(data), "--out", str(out), "--epochs", "1", "--max_batches", "2"]
+    argv += ["--batch_size", "2", "--working_set", "4", "--refresh_every", "3", "--dim", "32"]
+    return argv + ["--agent_layers", "1", "--qwen_max_length", "128", "--val_tasks", "2"]
+
+
+def test_main_trains_and_prints_the_validation_summary(tmp_path, arc_dir, capsys):
+    from qwenrl.train import main
+
+    assert main(_tiny_argv(tmp_path / "run", arc_dir)) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    summary = json.loads(last)
+    assert summary["epoch"] == 0 and summary["samples"] == 2 and "kind" not in summary
+    assert latest_checkpoint(tmp_path / "run").name == f"checkpoint-{2:08d}"
+
+
+def test_main_exit_statuses(tmp_path, arc_dir, capsys, monkeypatch):
+    from qwenrl.train import cli
+
+    bad = tmp_path / "bad"
+    _write_tasks(bad, 3, seed=0)
+    (bad / "task001.json").write_text("{not json")
+    assert cli.main(_tiny_argv(tmp_path / "o1", bad)) == 2
+    assert "task001.json" in capsys.readouterr().err
+
+    def interrupted(self):
+        self.train_step(self.batch_at(0))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli.Trainer, "train", interrupted)
+    assert cli.main(_tiny_argv(tmp_path / "o2", arc_dir)) == 130
+    err = capsys.readouterr().err
+    assert "--resume" in err and latest_checkpoint(tmp_path / "o2").name == f"checkpoint-{1:08d}"
+
+    def diverged(self):
+        raise NonFiniteLossError("5 non-finite losses in a row")
+
+    monkeypatch.setattr(cli.Trainer, "train", diverged)
+    assert cli.main(_tiny_argv(tmp_path / "o3", arc_dir)) == 1
+    assert "error: 5 non-finite losses" in capsys.readouterr().err
