@@ -6,8 +6,9 @@ several of them the way torchrun does (gloo on the CPU, one free port).
 SPEC: ``config`` (TrainConfig fields), ``steps`` (train until this global step), ``batches``
 ("own": each rank's ``batch_at(step)``; "split": the two-rank split of
 ``tests/test_train.py``'s DDP test, one process taking both halves), ``greedy`` (RL actions
-without sampling), ``save_at`` (steps after which to save a checkpoint), ``timed`` (steps whose
-wall time is measured after the others) and ``result`` (each rank writes ``<result>.<rank>``).
+without sampling), ``save_at`` (steps after which to save a checkpoint), ``validate`` (run a
+validation at the end), ``timed`` (steps whose wall time is measured after the others) and
+``result`` (each rank writes ``<result>.<rank>``).
 """
 
 from __future__ import annotations
@@ -55,13 +56,19 @@ def run(spec: dict[str, Any]) -> None:
         mine = parts[rank] if world > 1 else parts[0] + parts[1]
         return collate([trainer.train_set[j] for j in mine])
 
+    def full_params() -> torch.Tensor:
+        # Full values of the sharded parameters: a collective, in one order on every rank.
+        return torch.cat([D.full_value(p.detach()).flatten() for p in trainer.main_params])
+
     losses, saved = [], {}
     while trainer.step < spec["steps"]:
         losses.append(trainer.train_step(batch(trainer.step)))
         if trainer.step in spec.get("save_at", []):
-            saved[trainer.step] = str(trainer.save_checkpoint())
+            saved[trainer.step] = (str(trainer.save_checkpoint()), full_params())
     result["losses"] = [m["loss"] for m in losses]
     result["saved"] = saved
+    if spec.get("validate"):
+        result["val"] = trainer.validate(0)
     timed = spec.get("timed", 0)
     if timed:
         batches = [batch(trainer.step + i) for i in range(timed)]
@@ -74,8 +81,8 @@ def run(spec: dict[str, Any]) -> None:
         import resource
 
         result["max_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    # Full values of the sharded parameters: a collective, in the same order on every rank.
-    result["params"] = torch.cat([D.full_value(p.detach()).flatten() for p in trainer.main_params])
+    result["params"] = full_params()
+    result["master_dtypes"] = {str(D.local_tensor(p).dtype) for p in trainer.main_params}
     result["rl"] = torch.cat([p.detach().flatten() for p in trainer.models.rl_parameters()])
     result["baseline"] = policy.baseline.clone()
     result["memory"] = D.rank_memory(trainer.models, [trainer.optimizer, trainer.rl_optimizer])
