@@ -85,6 +85,8 @@ def run(spec: dict[str, Any]) -> None:
     result["master_dtypes"] = {str(D.local_tensor(p).dtype) for p in trainer.main_params}
     result["rl"] = torch.cat([p.detach().flatten() for p in trainer.models.rl_parameters()])
     result["baseline"] = policy.baseline.clone()
+    result["cache"] = trainer.cache.stats.to_dict()
+    result["qwen_ran"] = [m["qwen_ran"] for m in losses]
     result["memory"] = D.rank_memory(trainer.models, [trainer.optimizer, trainer.rl_optimizer])
     result["sharded"] = [D.is_sharded(p) for p in trainer.main_params]
     torch.save(result, f"{spec['result']}.{rank}")

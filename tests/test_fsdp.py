@@ -117,8 +117,12 @@ def test_fsdp_ranks_hold_only_their_shards(fsdp, ddp, one):
 def resumed(work) -> tuple[list[dict], list[dict]]:
     """An FSDP run in bf16 with the RL head training and prompt dropout on, saved at step 4
     (inside the cache window [3, 6)) and run on to step 6; and a run resumed from that
-    checkpoint in new processes."""
-    cfg = config(work, "resume", fsdp=True, amp="bf16", rl_lr=1e-2, prompt_dropout=0.3)
+    checkpoint in new processes. Learning rates high enough that one step changes Qwen's
+    output in bf16: a cached embedding differs from a recomputed one."""
+    cfg = config(
+        work, "resume", fsdp=True, amp="bf16", rl_lr=1e-2, prompt_dropout=0.3, qwen_lr=1e-2,
+        agent_lr=1e-2, warmup_steps=1,
+    )  # fmt: skip
     full = launch(2, {"config": cfg, "steps": 6, "save_at": [4]}, work / "w-full")
     path, _ = full[0]["saved"][4]
     resumed = launch(2, {"config": {**cfg, "resume": path}, "steps": 6}, work / "w-resumed")
@@ -133,6 +137,7 @@ def test_fsdp_resume_continues_exactly(resumed):
     for rank in (0, 1):
         assert again[rank]["start"] == 4
         assert again[rank]["losses"] == full[rank]["losses"][4:]
+        assert again[rank]["cache"] == full[rank]["cache"]  # hits and misses: its own cache
         torch.testing.assert_close(again[rank]["params"], full[rank]["params"], rtol=0, atol=0)
         torch.testing.assert_close(again[rank]["rl"], full[rank]["rl"], rtol=0, atol=0)
         torch.testing.assert_close(again[rank]["baseline"], full[rank]["baseline"])
