@@ -11,7 +11,7 @@ ARGS   ?=
 # (temp files and compiler caches stay inside the checkout: conftest.py).
 TEST_ENV := QWENRL_REQUIRE_EXT=1
 
-.PHONY: setup ext train test bench lint format clean
+.PHONY: setup ext train test bench gpu-check lint format clean
 
 $(PY):
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -38,6 +38,10 @@ test: setup
 
 bench: setup
 	$(TEST_ENV) $(PY) -m pytest bench/ --benchmark-only $(ARGS)
+
+# On a CUDA machine: Triton tests on the GPU, GPU benchmarks, a one-minute GPU training run.
+gpu-check: setup
+	PY=$(PY) bash bench/gpu_check.sh
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

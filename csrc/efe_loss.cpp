@@ -1,35 +1,61 @@
-// Fused expected-free-energy loss on the CPU (DESIGN.md §2): loss, stats and gradient in one
-// pass over the rows. The calling convention is shared with the Triton kernel and documented in
-// qwenrl/loss/efe.py; qwenrl/loss/reference.py is the spec.
+// Fused expected-free-energy loss on the CPU: loss, stats and gradient in one pass over the
+// rows. The math is docs/loss.md (and qwenrl/loss/reference.py); the calling convention, shared
+// with the Triton kernels, is documented in qwenrl/loss/dispatch.py.
 //
-// Per row (all math in fp32, sums in fp64):
-//   pass 1  max, argmax and a non-finite check over z            (reads z)
-//   pass 2  e = exp(z - m) into a per-thread row buffer, S = Σe,   (reads z)
-//           U = Σ e·(z - m)  ->  lse = m + log S,  H(q) = log S - U/S
-//   pass 3  gradient  w·s·[(q·Σp - p) - β·q⊙(log q + H)]           (writes grad)
-// For the ARC shape (C = 12) a row is 48 bytes, so the re-reads hit L1; for an LLM vocabulary
-// the row buffer (C floats) stays in L2. No [N, C] temporary is allocated besides `grad`.
+// Two layouts of the same math:
+//  * narrow rows (C <= kTileMaxC, e.g. ARC's C = 12): kTileRows rows at a time, transposed into
+//    a [C][kTileRows] tile so that every step (max, exp, sums, log, gradient) is one SIMD lane
+//    per row. A row of 12 floats is too short for SIMD along the row, and a libm log per row
+//    would cost more than the rest of the row.
+//  * wide rows (LLM vocabularies): one row at a time, SIMD along the row:
+//      pass 1  max, argmax and the non-finite check                 (reads z)
+//      pass 2  e = exp(z - m) into a per-thread row buffer, S = Σe,  (reads z)
+//              U = Σ e·(z - m)  ->  lse = m + log S,  H(q) = log S - U/S
+//      pass 3  gradient  w·s·[(q·Σp - p) - β·q⊙(log q + H)]          (writes grad)
+//    The row buffer (C floats) stays in L2; no [N, C] temporary is allocated besides `grad`.
+//
+// A -inf logit is a masked class: q = 0 and 0·log 0 = 0, so the loss and the gradient stay
+// finite (as in F.cross_entropy) unless that class is the target. NaN or +inf logits, a row of
+// only -inf, or an out-of-range target that was not validated give a NaN row.
 
 #include <ATen/Parallel.h>
+#include <immintrin.h>
 #include <torch/extension.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <mutex>
+#include <string>
+#include <type_traits>
 #include <vector>
+
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 
 namespace {
 
-constexpr int64_t kReductionNone = 0;
-constexpr int64_t kReductionMean = 1;
+constexpr int kTileRows = 16;       // one AVX-512 register of fp32 per row-vector
+constexpr int64_t kTileMaxC = 32;   // widest row the tile layout handles
+constexpr float kExpFloor = -87.3f; // exp(-87.3) ~ 1e-38: below it q is 0 for every purpose
+constexpr float kInf = std::numeric_limits<float>::infinity();
 
-// exp(x) for x <= 0, in a form the compiler vectorises (no libm call): 2^n · P(r) with the
-// Cephes single-precision polynomial; below -87.3 it returns ~1e-38 (q is effectively 0).
-inline float exp_nonpositive(float x) {
-  x = std::max(x, -87.3f);
+enum class Reduction { kNone, kMean, kSum };
+
+Reduction parse_reduction(const std::string& name) {
+  if (name == "none") return Reduction::kNone;
+  if (name == "mean") return Reduction::kMean;
+  TORCH_CHECK_VALUE(name == "sum", "efe_forward: reduction must be none, mean or sum, got ", name);
+  return Reduction::kSum;
+}
+
+// exp(x) for x in [-87.3, 88.7] in a form the compiler vectorises (no libm call): 2^n · P(r)
+// with the Cephes single-precision polynomial. Callers clamp x.
+__attribute__((always_inline)) inline float fast_exp(float x) {
   const float n = std::floor(x * 1.44269504088896341f + 0.5f);
   const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
@@ -45,228 +71,560 @@ inline float exp_nonpositive(float x) {
   return p * scale;
 }
 
+// log(x) for a normal positive x, vectorisable (Cephes logf: x = 2^k·m, m in [√½, √2)).
+__attribute__((always_inline)) inline float fast_log(float x) {
+  int32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  float k = static_cast<float>(((bits >> 23) & 0xff) - 126);
+  bits = (bits & 0x007fffff) | 0x3f000000;  // mantissa in [0.5, 1)
+  float m;
+  std::memcpy(&m, &bits, sizeof(m));
+  const bool small = m < 0.70710678f;
+  k = small ? k - 1.0f : k;
+  m = (small ? m + m : m) - 1.0f;
+  const float z = m * m;
+  float y = 7.0376836292e-2f;
+  y = y * m - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z - 2.12194440e-4f * k - 0.5f * z;
+  return m + y + 0.693359375f * k;
+}
+
 inline float to_float(float v) { return v; }
 inline float to_float(c10::BFloat16 v) { return static_cast<float>(v); }
 inline float to_float(c10::Half v) { return static_cast<float>(v); }
 
+// The options of the call, with the per-call constants hoisted out of the row loops.
 struct Options {
-  bool soft;
-  bool log_target;
-  float tau;
-  float easy_weight;
-  float beta;
-  float eps;
+  bool soft, log_target;
+  float tau, easy_weight, beta, eps;
   int64_t ignore_index;
-  int64_t reduction;
+  Reduction reduction;
+  // class targets: p = hi on the target class, lo elsewhere; Σ p log p of that row.
+  float hi, lo, plogp_class;
+
+  void hoist(int64_t C) {
+    const double c = static_cast<double>(C), e = eps;
+    const double h = 1.0 - e + e / c, l = e / c;
+    hi = static_cast<float>(h);
+    lo = static_cast<float>(l);
+    double plogp = h > 0 ? h * std::log(h) : 0.0;
+    if (l > 0) plogp += (c - 1.0) * l * std::log(l);
+    plogp_class = static_cast<float>(plogp);
+  }
 };
 
-// Per-chunk partial sums, merged under a mutex once per chunk.
+// Soft target value as stored -> p after log_target and smoothing, and p·log p (0·log 0 = 0).
+// p of one soft-target value as stored (after log_target and smoothing), and p·log p.
+// Branch-free (both forms are computed, one is selected) so that loops calling them vectorise.
+inline float soft_p(float t, bool log_target, float eps, float inv_c) {
+  const float ex = fast_exp(std::min(std::max(t, kExpFloor), 88.7f));
+  const float prob = log_target ? (t > kExpFloor ? ex : 0.0f) : t;
+  return prob * (1.0f - eps) + eps * inv_c;
+}
+inline float soft_plogp(float p) {
+  // Below the smallest normal float p·log p is < 1e-36: 0 (fast_log needs a normal input).
+  constexpr float kMinNormal = std::numeric_limits<float>::min();
+  return p >= kMinNormal ? p * fast_log(std::max(p, kMinNormal)) : 0.0f;
+}
+
+// Per-thread partial sums, merged under a mutex once per chunk.
 struct Sums {
   double loss = 0, n_hard = 0, n_correct = 0, risk = 0, entropy = 0;
+  void add(const Sums& o) {
+    loss += o.loss, n_hard += o.n_hard, n_correct += o.n_correct, risk += o.risk,
+        entropy += o.entropy;
+  }
 };
 
-// Copies row `i` of a soft target into `out` as fp32 probabilities p (after log_target and
-// label smoothing) and `logp` (log p, 0·log 0 handled by the caller through p == 0).
-template <typename target_t>
-void load_soft_row(const target_t* row, int64_t C, const Options& o, float* p, float* logp) {
-  const float keep = 1.0f - o.eps, floor_p = o.eps / static_cast<float>(C);
-  for (int64_t c = 0; c < C; ++c) {
-    const float t = to_float(row[c]);
-    if (o.log_target && o.eps == 0.0f) {
-      p[c] = std::exp(t);
-      logp[c] = t;
+template <typename scalar_t, typename grad_t, typename target_t>
+struct Problem {
+  const scalar_t* z;          // [N, C] logits
+  const int64_t* y;           // [N] class targets (class mode)
+  const target_t* p;          // [N, C] soft targets (soft mode)
+  const bool* mask;           // [N] hard mask, or null
+  grad_t* grad;               // [N, C] gradient out, or null
+  float* loss_rows;           // [N] per-row loss ('none'), or null
+  int64_t N, C;
+  float row_scale;            // 1/N_valid for 'mean', else 1
+};
+
+// --- 16 x 16 transposes between a tile's rows and its [C][kTileRows] layout -----------------
+
+#ifdef __AVX512F__
+constexpr bool kHasTranspose16 = true;
+
+// In place: v[i] holds row i of a 16 x 16 block on entry, column i on exit (unpack within
+// 128-bit lanes, then exchange the lanes).
+inline void transpose16(__m512 v[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
+    const __m512d c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
+    v[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    v[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    v[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    v[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+  for (int k = 0; k < 4; ++k) {
+    const __m512 ab_lo = _mm512_shuffle_f32x4(v[k], v[4 + k], 0x44);
+    const __m512 ab_hi = _mm512_shuffle_f32x4(v[k], v[4 + k], 0xEE);
+    const __m512 cd_lo = _mm512_shuffle_f32x4(v[8 + k], v[12 + k], 0x44);
+    const __m512 cd_hi = _mm512_shuffle_f32x4(v[8 + k], v[12 + k], 0xEE);
+    t[k] = _mm512_shuffle_f32x4(ab_lo, cd_lo, 0x88);
+    t[4 + k] = _mm512_shuffle_f32x4(ab_lo, cd_lo, 0xDD);
+    t[8 + k] = _mm512_shuffle_f32x4(ab_hi, cd_hi, 0x88);
+    t[12 + k] = _mm512_shuffle_f32x4(ab_hi, cd_hi, 0xDD);
+  }
+  for (int i = 0; i < 16; ++i) v[i] = t[i];
+}
+
+// rows [rows][C] (row-major, C <= kTileMaxC) -> x[c][r]; rows past `rows` read as 0.
+inline void transpose_in(const float* src, int32_t C, int rows, float (*x)[kTileRows]) {
+  for (int32_t c0 = 0; c0 < C; c0 += 16) {
+    const __mmask16 cols = static_cast<__mmask16>((1u << std::min(16, C - c0)) - 1u);
+    __m512 v[16];
+    for (int r = 0; r < 16; ++r)
+      v[r] = r < rows ? _mm512_maskz_loadu_ps(cols, src + r * C + c0) : _mm512_setzero_ps();
+    transpose16(v);
+    for (int32_t c = c0; c < std::min(C, c0 + 16); ++c) _mm512_store_ps(x[c], v[c - c0]);
+  }
+}
+
+// x[c][r] -> rows [rows][C] (row-major); nothing is written past `rows`.
+inline void transpose_out(float (*x)[kTileRows], int32_t C, int rows, float* dst) {
+  for (int32_t c0 = 0; c0 < C; c0 += 16) {
+    const int32_t width = std::min(16, C - c0);
+    const __mmask16 cols = static_cast<__mmask16>((1u << width) - 1u);
+    __m512 v[16];
+    for (int c = 0; c < 16; ++c) v[c] = c < width ? _mm512_load_ps(x[c0 + c]) : _mm512_setzero_ps();
+    transpose16(v);
+    for (int r = 0; r < rows; ++r) _mm512_mask_storeu_ps(dst + r * C + c0, cols, v[r]);
+  }
+}
+#else
+constexpr bool kHasTranspose16 = false;
+inline void transpose_in(const float*, int32_t, int, float (*)[kTileRows]) {}
+inline void transpose_out(float (*)[kTileRows], int32_t, int, float*) {}
+#endif
+
+// --- narrow rows: kTileRows rows per step, one SIMD lane per row ---------------------------
+
+template <typename scalar_t, typename grad_t, typename target_t>
+void tile_rows(const Problem<scalar_t, grad_t, target_t>& pb, const Options& o, int64_t i0,
+               Sums& part) {
+  constexpr int R = kTileRows;
+  const int64_t C = pb.C;
+  const int rows = static_cast<int>(std::min<int64_t>(R, pb.N - i0));
+  const float inv_c = 1.0f / static_cast<float>(C);
+
+  alignas(64) float x[kTileMaxC][R];  // logits, then z - m clamped at kExpFloor
+  alignas(64) float e[kTileMaxC][R];  // exp(z - m), later the gradient
+  alignas(64) float pt[kTileMaxC][R];  // soft targets: p
+  alignas(64) float m[R], S[R], U[R], x_y[R], e_y[R], sum_x[R], plogp[R], sum_p[R], p_x[R];
+  alignas(64) int32_t arg[R], yy[R];
+  bool valid[R], bad[R];
+
+  for (int r = 0; r < R; ++r) {
+    const int64_t i = i0 + r;
+    const bool in = r < rows;
+    int64_t y = 0;
+    valid[r] = in;
+    if (!o.soft && in) {
+      y = pb.y[i];
+      valid[r] = y != o.ignore_index;
+      bad[r] = valid[r] && (y < 0 || y >= C);  // unvalidated out-of-range target: NaN row
+      if (!valid[r] || bad[r]) y = 0;
     } else {
-      const float prob = (o.log_target ? std::exp(t) : t) * keep + floor_p;
-      p[c] = prob;
-      logp[c] = prob > 0.0f ? std::log(prob) : 0.0f;
+      bad[r] = false;
     }
+    yy[r] = static_cast<int32_t>(y);
   }
-}
+  // Transpose the tile's rows (one contiguous block) in.
+  const scalar_t* zb = pb.z + i0 * C;
+  const int32_t Ci = static_cast<int32_t>(C);
+  if constexpr (kHasTranspose16 && std::is_same_v<scalar_t, float>) {
+    transpose_in(zb, Ci, rows, x);
+  } else {
+    for (int32_t c = 0; c < Ci; ++c)
+      for (int32_t r = 0; r < R; ++r) x[c][r] = r < rows ? to_float(zb[r * Ci + c]) : 0.0f;
+  }
 
-template <typename scalar_t, typename target_t>
-void efe_rows(const scalar_t* z_all, const void* target_raw, const bool* mask, scalar_t* grad_all,
-              float* loss_rows, int64_t N, int64_t C, float row_scale, const Options& o,
-              Sums& total) {
-  std::mutex merge;
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1));
-  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> e(C), p, logp;
-    if (o.soft) {
-      p.resize(C);
-      logp.resize(C);
-    }
-    const float nan = std::numeric_limits<float>::quiet_NaN();
-    const float Cf = static_cast<float>(C);
-    Sums part;
-    for (int64_t i = begin; i < end; ++i) {
-      const scalar_t* z = z_all + i * C;
-      scalar_t* g = grad_all ? grad_all + i * C : nullptr;
-
-      // Target of this row: class index y (or argmax P) and validity.
-      int64_t y = 0;
-      float sum_p = 1.0f;
-      if (o.soft) {
-        load_soft_row(static_cast<const target_t*>(target_raw) + i * C, C, o, p.data(),
-                      logp.data());
-        float best = -std::numeric_limits<float>::infinity();
-        double acc = 0.0;  // fp64: Σp over a 150k vocabulary must stay exact to ~1e-7
-        for (int64_t c = 0; c < C; ++c) {
-          acc += p[c];
-          if (p[c] > best) best = p[c], y = c;
-        }
-        sum_p = static_cast<float>(acc);
-      } else {
-        y = static_cast<const int64_t*>(target_raw)[i];
-        if (y == o.ignore_index) {
-          if (loss_rows) loss_rows[i] = 0.0f;
-          if (g) std::fill(g, g + C, scalar_t(0));
-          continue;
-        }
-      }
-      const bool y_ok = y >= 0 && y < C;
-
-      // Pass 1: max, argmax, non-finite check (z - z is NaN for ±inf and NaN).
-      float m = -std::numeric_limits<float>::infinity();
-      int64_t arg = 0;
-      float bad = 0.0f;
-      for (int64_t c = 0; c < C; ++c) {
-        const float v = to_float(z[c]);
-        bad += v - v;
-        if (v > m) m = v, arg = c;
-      }
-      if (bad != 0.0f || !y_ok) {  // NaN/Inf logits or an unchecked bad target: NaN row
-        part.loss += nan;
-        part.risk += nan;
-        part.entropy += nan;
-        if (loss_rows) loss_rows[i] = nan;
-        if (g) std::fill(g, g + C, scalar_t(nan));
-        continue;
-      }
-
-      // Pass 2: exponentials into the row buffer, S = Σe, U = Σ e·(z - m).
-      float S = 0.0f, U = 0.0f;
-#pragma omp simd reduction(+ : S, U)
-      for (int64_t c = 0; c < C; ++c) {
-        const float x = std::max(to_float(z[c]) - m, -87.3f);
-        const float ex = exp_nonpositive(x);
-        e[c] = ex;
-        S += ex;
-        U += ex * x;
-      }
-      const float log_s = std::log(S);
-      const float inv_s = 1.0f / S;
-      const float H = log_s - U * inv_s;  // H(q) = log S - Σ q·(z - m)
-
-      // risk = Σ p log p - Σ p log q,  log q_c = (z_c - m) - log S.
-      float risk;
-      const float x_y = to_float(z[y]) - m;  // read before pass 3 may overwrite z (in place)
-      if (o.soft) {
-        double plogp = 0.0, p_x = 0.0;
-        for (int64_t c = 0; c < C; ++c) {
-          if (p[c] > 0.0f) plogp += p[c] * logp[c];
-          p_x += p[c] * (to_float(z[c]) - m);
-        }
-        risk = static_cast<float>(plogp - p_x + static_cast<double>(log_s) * sum_p);
-      } else {
-        const float hi = 1.0f - o.eps + o.eps / Cf, lo = o.eps / Cf;
-        float plogp = hi * std::log(hi);
-        if (lo > 0.0f) plogp += (Cf - 1.0f) * lo * std::log(lo);
-        float sum_x = 0.0f;
-        if (o.eps > 0.0f) {
-#pragma omp simd reduction(+ : sum_x)
-          for (int64_t c = 0; c < C; ++c) sum_x += to_float(z[c]) - m;
-        }
-        risk = plogp - ((1.0f - o.eps) * x_y + lo * sum_x) + log_s;
-      }
-
-      const float q_y = e[y] * inv_s;
-      const bool hard = mask ? mask[i] : (q_y < o.tau);
-      const float w = o.easy_weight + (1.0f - o.easy_weight) * (hard ? 1.0f : 0.0f);
-      const float row_loss = w * (risk + o.beta * H);
-      if (loss_rows) loss_rows[i] = row_loss;
-      part.loss += row_loss;
-      part.n_hard += hard;
-      part.n_correct += (arg == y);
-      part.risk += risk;
-      part.entropy += H;
-
-      // Pass 3: the gradient of the (reduced) loss w.r.t. this row's logits.
-      if (g) {
-        const float s = w * row_scale;
-        const float qs = inv_s * sum_p;
-        if (o.soft) {
-          for (int64_t c = 0; c < C; ++c) {
-            const float q = e[c] * inv_s;
-            float d = e[c] * qs - p[c];
-            if (o.beta != 0.0f) d -= o.beta * q * ((to_float(z[c]) - m) - log_s + H);
-            g[c] = scalar_t(s * d);
-          }
-        } else {
-          const float lo = o.eps / Cf;
+  // Max and the NaN / +inf check, then the argmax (first maximum) in a pass of its own: float
+  // selects only, so that each loop is one SIMD lane per row.
+  alignas(64) float ok[R], argf[R];
+  for (int r = 0; r < R; ++r) m[r] = -kInf, ok[r] = 1.0f;
+  for (int64_t c = 0; c < C; ++c) {
 #pragma omp simd
-          for (int64_t c = 0; c < C; ++c) {
-            const float q = e[c] * inv_s;
-            float d = q - lo;
-            if (o.beta != 0.0f) d -= o.beta * q * ((to_float(z[c]) - m) - log_s + H);
-            g[c] = scalar_t(s * d);
-          }
-          const float q = e[y] * inv_s;
-          float d = q - lo - (1.0f - o.eps);
-          if (o.beta != 0.0f) d -= o.beta * q * (x_y - log_s + H);
-          g[y] = scalar_t(s * d);
-        }
+    for (int r = 0; r < R; ++r) {
+      const float v = x[c][r];
+      ok[r] = (v == v && v != kInf) ? ok[r] : 0.0f;
+      m[r] = v > m[r] ? v : m[r];
+    }
+  }
+  for (int r = 0; r < R; ++r) argf[r] = 0.0f;
+  for (int64_t c = C - 1; c >= 0; --c) {
+    const float cf = static_cast<float>(c);
+#pragma omp simd
+    for (int r = 0; r < R; ++r) argf[r] = x[c][r] == m[r] ? cf : argf[r];
+  }
+  for (int r = 0; r < R; ++r) {
+    arg[r] = static_cast<int32_t>(argf[r]);
+    bad[r] = bad[r] | (ok[r] == 0.0f) | (m[r] == -kInf);  // m = -inf: every class masked
+    if (bad[r]) m[r] = 0.0f;
+    x_y[r] = x[yy[r]][r] - m[r];  // -inf when the target class is masked: infinite risk
+  }
+
+  if (o.soft) {
+    const bool log_target = o.log_target;
+    const float eps = o.eps;
+    alignas(64) float best[R], yf[R], tt[kTileMaxC][R];
+    for (int r = 0; r < R; ++r) plogp[r] = 0.0f, sum_p[r] = 0.0f, best[r] = -kInf, yf[r] = 0.0f;
+    const target_t* tb = pb.p + i0 * C;  // transposed in like the logits
+    for (int32_t c = 0; c < Ci; ++c)
+      for (int32_t r = 0; r < R; ++r) tt[c][r] = r < rows ? to_float(tb[r * Ci + c]) : 0.0f;
+    for (int64_t c = 0; c < C; ++c) {
+#pragma omp simd
+      for (int r = 0; r < R; ++r) pt[c][r] = soft_p(tt[c][r], log_target, eps, inv_c);
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      const float cf = static_cast<float>(c);
+#pragma omp simd
+      for (int r = 0; r < R; ++r) {
+        const float p = pt[c][r];
+        plogp[r] += soft_plogp(p);
+        sum_p[r] += p;
+        yf[r] = p > best[r] ? cf : yf[r];
+        best[r] = p > best[r] ? p : best[r];
       }
     }
-    std::lock_guard<std::mutex> lock(merge);
-    total.loss += part.loss;
-    total.n_hard += part.n_hard;
-    total.n_correct += part.n_correct;
-    total.risk += part.risk;
-    total.entropy += part.entropy;
-  });
+    for (int r = 0; r < R; ++r) yy[r] = static_cast<int32_t>(yf[r]);
+  }
+
+  // Exponentials and the sums behind log S, H(q) and the risk.
+  for (int r = 0; r < R; ++r) S[r] = 0.0f, U[r] = 0.0f, sum_x[r] = 0.0f, p_x[r] = 0.0f;
+  for (int64_t c = 0; c < C; ++c) {
+#pragma omp simd
+    for (int r = 0; r < R; ++r) {
+      const float raw = x[c][r] - m[r];
+      const float xc = std::max(raw, kExpFloor);
+      const float ex_c = fast_exp(xc);  // computed unconditionally: a conditional call blocks SIMD
+      const float ex = raw > kExpFloor ? ex_c : 0.0f;  // exactly 0 for a masked class
+      e[c][r] = ex;
+      S[r] += ex;
+      U[r] += ex * xc;
+      sum_x[r] += raw;
+      if (o.soft) p_x[r] += pt[c][r] != 0.0f ? pt[c][r] * raw : 0.0f;  // 0·log 0 = 0
+      x[c][r] = xc;
+    }
+  }
+
+  alignas(64) float log_s[R], inv_s[R], H[R], risk[R], coef[R];
+#pragma omp simd
+  for (int r = 0; r < R; ++r) {
+    log_s[r] = fast_log(S[r]);
+    inv_s[r] = 1.0f / S[r];
+    H[r] = log_s[r] - U[r] * inv_s[r];
+  }
+  for (int r = 0; r < R; ++r) {
+    e_y[r] = e[yy[r]][r];
+    if (o.soft) {
+      risk[r] = plogp[r] - p_x[r] + log_s[r] * sum_p[r];
+    } else {
+      const float cross = (o.eps > 0.0f) ? o.lo * sum_x[r] : 0.0f;
+      risk[r] = o.plogp_class - ((1.0f - o.eps) * x_y[r] + cross) + log_s[r];
+    }
+  }
+
+  // Row weights, losses and stats: one lane per row; the tile's sums reach `part` once.
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  alignas(64) float maskf[R], valid_f[R], live_f[R];
+  alignas(64) float loss_r[R], hard_r[R], correct_r[R], risk_r[R], ent_r[R];
+  for (int r = 0; r < R; ++r) {
+    maskf[r] = pb.mask && r < rows ? static_cast<float>(pb.mask[i0 + r]) : 0.0f;
+    valid_f[r] = valid[r] ? 1.0f : 0.0f;
+    live_f[r] = valid[r] && !bad[r] ? 1.0f : 0.0f;  // valid and computable
+    correct_r[r] = static_cast<float>(valid[r] && !bad[r] && arg[r] == yy[r]);
+  }
+  const bool has_mask = pb.mask != nullptr;
+  const float tau = o.tau, easy_weight = o.easy_weight, beta = o.beta, row_scale = pb.row_scale;
+#pragma omp simd
+  for (int r = 0; r < R; ++r) {
+    const float q_y = e_y[r] * inv_s[r];
+    const bool hard = has_mask ? maskf[r] != 0.0f : q_y < tau;
+    const float w = hard ? 1.0f : easy_weight;
+    const float row_loss = w * (risk[r] + beta * H[r]);
+    const bool live = live_f[r] != 0.0f;
+    const float dead = valid_f[r] != 0.0f ? nan : 0.0f;  // NaN row, or an ignored row's 0
+    loss_r[r] = live ? row_loss : dead;
+    risk_r[r] = live ? risk[r] : dead;
+    ent_r[r] = live ? H[r] : dead;
+    hard_r[r] = live && hard ? 1.0f : 0.0f;
+    coef[r] = live ? w * row_scale : dead;
+  }
+  float t_loss = 0.0f, t_hard = 0.0f, t_correct = 0.0f, t_risk = 0.0f, t_ent = 0.0f;
+  for (int r = 0; r < R; ++r) {
+    t_loss += loss_r[r], t_hard += hard_r[r], t_correct += correct_r[r];
+    t_risk += risk_r[r], t_ent += ent_r[r];
+  }
+  part.loss += t_loss, part.n_hard += t_hard, part.n_correct += t_correct;
+  part.risk += t_risk, part.entropy += t_ent;
+  if (pb.loss_rows) std::copy(loss_r, loss_r + rows, pb.loss_rows + i0);
+  if (!pb.grad) return;
+
+  // Gradient (into e; 0 on ignored rows whatever their logits), then written back row-major.
+  for (int64_t c = 0; c < C; ++c) {
+#pragma omp simd
+    for (int r = 0; r < R; ++r) {
+      const float q = e[c][r] * inv_s[r];
+      float d;
+      if (o.soft) {
+        d = q * sum_p[r] - pt[c][r];
+      } else {
+        d = q - (c == yy[r] ? o.hi : o.lo);
+      }
+      if (o.beta != 0.0f) d -= o.beta * q * (x[c][r] - log_s[r] + H[r]);
+      e[c][r] = valid_f[r] != 0.0f ? coef[r] * d : 0.0f;
+    }
+  }
+  grad_t* gb = pb.grad + i0 * C;
+  if constexpr (kHasTranspose16 && std::is_same_v<grad_t, float>) {
+    transpose_out(e, Ci, rows, gb);
+  } else {
+    for (int32_t r = 0; r < rows; ++r)
+      for (int32_t c = 0; c < Ci; ++c) gb[r * Ci + c] = static_cast<grad_t>(e[c][r]);
+  }
 }
 
-template <typename scalar_t>
-void dispatch_target(const at::Tensor& z, const at::Tensor& target, const bool* mask,
-                     scalar_t* grad, float* loss_rows, float row_scale, const Options& o,
-                     Sums& total) {
-  const int64_t N = z.size(0), C = z.size(1);
-  const scalar_t* zp = z.data_ptr<scalar_t>();
-  if (!o.soft || target.scalar_type() == at::kFloat) {
-    efe_rows<scalar_t, float>(zp, target.data_ptr(), mask, grad, loss_rows, N, C, row_scale, o,
-                              total);
-  } else {  // soft target in the logits' own dtype
-    efe_rows<scalar_t, scalar_t>(zp, target.data_ptr(), mask, grad, loss_rows, N, C, row_scale,
-                                 o, total);
+// --- wide rows: one row at a time, SIMD along the row --------------------------------------
+
+template <typename scalar_t, typename grad_t, typename target_t>
+void wide_row(const Problem<scalar_t, grad_t, target_t>& pb, const Options& o, int64_t i,
+              float* e, float* p, float* plogp_c, Sums& part) {
+  const int64_t C = pb.C;
+  const scalar_t* z = pb.z + i * C;
+  grad_t* g = pb.grad ? pb.grad + i * C : nullptr;
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  const float inv_c = 1.0f / static_cast<float>(C);
+
+  int64_t y = 0;
+  float sum_p = 1.0f;
+  double plogp = o.plogp_class;
+  if (o.soft) {
+    const target_t* t = pb.p + i * C;
+    float best = -kInf;
+    double acc = 0.0, acc_plogp = 0.0;  // fp64: Σp over a 150k vocabulary must stay exact
+    for (int64_t c = 0; c < C; ++c) {
+      const float tc = to_float(t[c]);
+      p[c] = soft_p(tc, o.log_target, o.eps, inv_c);
+      plogp_c[c] = soft_plogp(p[c]);
+      acc += p[c];
+      acc_plogp += plogp_c[c];
+      if (p[c] > best) best = p[c], y = c;
+    }
+    sum_p = static_cast<float>(acc);
+    plogp = acc_plogp;
+  } else {
+    y = pb.y[i];
+    if (y == o.ignore_index) {
+      if (pb.loss_rows) pb.loss_rows[i] = 0.0f;
+      if (g) std::fill(g, g + C, grad_t(0));
+      return;
+    }
   }
+
+  // Pass 1: max, argmax (first maximum) and the NaN / +inf check, kLanes columns at a time:
+  // each lane keeps its own max and the first column where it occurred.
+  constexpr int64_t kLanes = 16;
+  alignas(64) float lane_max[kLanes], lane_arg[kLanes], lane_ok[kLanes];
+  for (int64_t l = 0; l < kLanes; ++l) lane_max[l] = -kInf, lane_arg[l] = 0.0f, lane_ok[l] = 1.0f;
+  const int64_t C_body = C / kLanes * kLanes;
+  for (int64_t c0 = 0; c0 < C_body; c0 += kLanes) {
+    const float cf = static_cast<float>(c0);  // exact: C < 2^24
+#pragma omp simd
+    for (int64_t l = 0; l < kLanes; ++l) {
+      const float v = to_float(z[c0 + l]);
+      lane_ok[l] = (v == v && v != kInf) ? lane_ok[l] : 0.0f;
+      const bool more = v > lane_max[l];
+      lane_arg[l] = more ? cf + static_cast<float>(l) : lane_arg[l];
+      lane_max[l] = more ? v : lane_max[l];
+    }
+  }
+  for (int64_t c = C_body; c < C; ++c) {  // the tail, into lane 0 after the body's lanes
+    const int64_t l = c - C_body;
+    const float v = to_float(z[c]);
+    lane_ok[l] = (v == v && v != kInf) ? lane_ok[l] : 0.0f;
+    if (v > lane_max[l]) lane_max[l] = v, lane_arg[l] = static_cast<float>(c);
+  }
+  float m = -kInf, arg_f = static_cast<float>(C);
+  bool nonfinite = false;
+  for (int64_t l = 0; l < kLanes; ++l) {
+    nonfinite |= lane_ok[l] == 0.0f;
+    if (lane_max[l] > m || (lane_max[l] == m && lane_arg[l] < arg_f)) {
+      m = lane_max[l], arg_f = lane_arg[l];
+    }
+  }
+  const int64_t arg = static_cast<int64_t>(arg_f);
+  if (nonfinite || m == -kInf || !(y >= 0 && y < C)) {  // m = -inf: every class masked
+    part.loss += nan, part.risk += nan, part.entropy += nan;
+    if (pb.loss_rows) pb.loss_rows[i] = nan;
+    if (g) std::fill(g, g + C, grad_t(nan));
+    return;
+  }
+
+  // Pass 2: exponentials into the row buffer, S = Σe, U = Σ e·(z - m).
+  float S = 0.0f, U = 0.0f;
+#pragma omp simd reduction(+ : S, U)
+  for (int64_t c = 0; c < C; ++c) {
+    const float raw = to_float(z[c]) - m;
+    const float xc = std::max(raw, kExpFloor);
+    const float ex_c = fast_exp(xc);  // computed unconditionally: a conditional call blocks SIMD
+      const float ex = raw > kExpFloor ? ex_c : 0.0f;  // exactly 0 for a masked class
+    e[c] = ex;
+    S += ex;
+    U += ex * xc;
+  }
+  const float log_s = std::log(S);
+  const float inv_s = 1.0f / S;
+  const float H = log_s - U * inv_s;
+
+  // risk = Σ p log p - Σ p log q,  log q_c = (z_c - m) - log S.
+  float risk;
+  const float x_y = to_float(z[y]) - m;  // read before pass 3 may overwrite z (in place)
+  if (o.soft) {
+    double p_x = 0.0;
+    for (int64_t c = 0; c < C; ++c)
+      if (p[c] != 0.0f) p_x += p[c] * (to_float(z[c]) - m);  // 0·log 0 = 0
+    risk = static_cast<float>(plogp - p_x + static_cast<double>(log_s) * sum_p);
+  } else {
+    float sum_x = 0.0f;
+    if (o.eps > 0.0f) {
+#pragma omp simd reduction(+ : sum_x)
+      for (int64_t c = 0; c < C; ++c) sum_x += to_float(z[c]) - m;
+    }
+    risk = o.plogp_class - ((1.0f - o.eps) * x_y + o.lo * sum_x) + log_s;
+  }
+
+  const float q_y = e[y] * inv_s;
+  const bool hard = pb.mask ? pb.mask[i] : (q_y < o.tau);
+  const float w = hard ? 1.0f : o.easy_weight;
+  const float row_loss = w * (risk + o.beta * H);
+  if (pb.loss_rows) pb.loss_rows[i] = row_loss;
+  part.loss += row_loss;
+  part.n_hard += hard;
+  part.n_correct += (arg == y);
+  part.risk += risk;
+  part.entropy += H;
+  if (!g) return;
+
+  // Pass 3: the gradient of the (reduced) loss w.r.t. this row's logits.
+  const float s = w * pb.row_scale;
+  const float beta = o.beta;
+  if (o.soft) {
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      const float q = e[c] * inv_s;
+      float d = q * sum_p - p[c];
+      if (beta != 0.0f) d -= beta * q * (std::max(to_float(z[c]) - m, kExpFloor) - log_s + H);
+      g[c] = static_cast<grad_t>(s * d);
+    }
+  } else {
+    const float lo = o.lo;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      const float q = e[c] * inv_s;
+      float d = q - lo;
+      if (beta != 0.0f) d -= beta * q * (std::max(to_float(z[c]) - m, kExpFloor) - log_s + H);
+      g[c] = static_cast<grad_t>(s * d);
+    }
+    const float q = e[y] * inv_s;
+    float d = q - o.hi;
+    if (beta != 0.0f) d -= beta * q * (std::max(x_y, kExpFloor) - log_s + H);
+    g[y] = static_cast<grad_t>(s * d);
+  }
+}
+
+template <typename scalar_t, typename grad_t, typename target_t>
+Sums run_rows(const Problem<scalar_t, grad_t, target_t>& pb, const Options& o) {
+  Sums total;
+  std::mutex merge;
+  const int64_t C = pb.C;
+  if (C <= kTileMaxC) {
+    const int64_t tiles = (pb.N + kTileRows - 1) / kTileRows;
+    const int64_t grain = std::max<int64_t>(1, 4096 / (kTileRows * C));
+    at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
+      Sums part;
+      for (int64_t t = begin; t < end; ++t) tile_rows(pb, o, t * kTileRows, part);
+      std::lock_guard<std::mutex> lock(merge);
+      total.add(part);
+    });
+  } else {
+    const int64_t grain = std::max<int64_t>(1, 16384 / C);
+    at::parallel_for(0, pb.N, grain, [&](int64_t begin, int64_t end) {
+      std::vector<float> e(C), p(o.soft ? C : 0), plogp(o.soft ? C : 0);
+      Sums part;
+      for (int64_t i = begin; i < end; ++i) wide_row(pb, o, i, e.data(), p.data(), plogp.data(), part);
+      std::lock_guard<std::mutex> lock(merge);
+      total.add(part);
+    });
+  }
+  return total;
+}
+
+// Class targets: N_valid, and (when validate) a ValueError for a target outside [0, C) that is
+// not ignore_index, raised before anything is written.
+int64_t count_valid(const at::Tensor& target, int64_t C, int64_t ignore_index, bool validate) {
+  const int64_t* y = target.data_ptr<int64_t>();
+  const int64_t N = target.numel();
+  int64_t n_valid = 0, first_bad = -1;
+  for (int64_t i = 0; i < N; ++i) {
+    const bool valid = y[i] != ignore_index;
+    n_valid += valid;
+    if (valid && (y[i] < 0 || y[i] >= C) && first_bad < 0) first_bad = i;
+  }
+  TORCH_CHECK_VALUE(!validate || first_bad < 0, "target value ",
+                    first_bad >= 0 ? y[first_bad] : 0, " is outside [0, ", C,
+                    ") and is not ignore_index=", ignore_index);
+  return n_valid;
 }
 
 }  // namespace
 
 // Returns (loss, sums): loss fp32 [N] for reduction 'none', else a 0-dim fp32 tensor; sums fp32
-// [5] = (n_hard, n_correct, Σ risk, Σ entropy, n_valid). Writes the gradient into `grad` if given.
-std::tuple<at::Tensor, at::Tensor> efe_forward(const at::Tensor& logits, const at::Tensor& target,
-                                               const c10::optional<at::Tensor>& hard_mask,
-                                               const c10::optional<at::Tensor>& grad, bool soft,
-                                               bool log_target, double tau, double easy_weight,
-                                               double entropy_weight, double label_smoothing,
-                                               int64_t ignore_index, int64_t reduction) {
+// [5] = (n_hard, n_correct, Σ risk, Σ entropy, n_valid). Writes the gradient into `grad` if
+// given: same shape as the logits, their dtype or float32.
+std::tuple<at::Tensor, at::Tensor> efe_forward(
+    const at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& hard_mask,
+    const c10::optional<at::Tensor>& grad, bool soft, bool log_target, double tau,
+    double easy_weight, double entropy_weight, double label_smoothing, int64_t ignore_index,
+    const std::string& reduction, bool validate) {
   TORCH_CHECK(logits.device().is_cpu(), "efe_forward: logits must be on the CPU");
   TORCH_CHECK(logits.dim() == 2, "efe_forward: logits must be [N, C], got ", logits.sizes());
   TORCH_CHECK(logits.is_contiguous(), "efe_forward: logits must be contiguous");
   const auto dtype = logits.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
               "efe_forward: logits must be float32, bfloat16 or float16, got ", dtype);
-  TORCH_CHECK(reduction >= 0 && reduction <= 2, "efe_forward: bad reduction ", reduction);
   const int64_t N = logits.size(0), C = logits.size(1);
   TORCH_CHECK(C >= 1, "efe_forward: need at least one class");
-  TORCH_CHECK(target.is_contiguous(), "efe_forward: target must be contiguous");
+  TORCH_CHECK(target.is_contiguous() && target.device().is_cpu(),
+              "efe_forward: target must be a contiguous CPU tensor");
   if (soft) {
     TORCH_CHECK(target.sizes() == logits.sizes(), "efe_forward: soft target shape ",
                 target.sizes(), " != logits shape ", logits.sizes());
     TORCH_CHECK(target.scalar_type() == at::kFloat || target.scalar_type() == dtype,
                 "efe_forward: soft target must be float32 or the logits' dtype");
   } else {
+    TORCH_CHECK(!log_target, "efe_forward: log_target needs a soft target");
     TORCH_CHECK(target.scalar_type() == at::kLong, "efe_forward: class target must be int64");
     TORCH_CHECK(target.dim() == 1 && target.size(0) == N, "efe_forward: target shape ",
                 target.sizes(), " != [", N, "]");
@@ -275,55 +633,100 @@ std::tuple<at::Tensor, at::Tensor> efe_forward(const at::Tensor& logits, const a
   if (hard_mask.has_value()) {
     const auto& hm = *hard_mask;
     TORCH_CHECK(hm.scalar_type() == at::kBool && hm.dim() == 1 && hm.size(0) == N &&
-                    hm.is_contiguous(),
-                "efe_forward: hard_mask must be a contiguous bool [N] tensor");
+                    hm.is_contiguous() && hm.device().is_cpu(),
+                "efe_forward: hard_mask must be a contiguous bool [N] CPU tensor");
     mask = hm.data_ptr<bool>();
   }
   if (grad.has_value()) {
-    TORCH_CHECK(grad->sizes() == logits.sizes() && grad->scalar_type() == dtype &&
-                    grad->is_contiguous() && grad->device().is_cpu(),
-                "efe_forward: grad must be a contiguous CPU tensor like logits");
+    TORCH_CHECK(grad->sizes() == logits.sizes() && grad->is_contiguous() &&
+                    grad->device().is_cpu() &&
+                    (grad->scalar_type() == dtype || grad->scalar_type() == at::kFloat),
+                "efe_forward: grad must be a contiguous CPU tensor shaped like the logits, in "
+                "their dtype or float32");
   }
 
-  Options o{soft,
-            log_target,
-            static_cast<float>(tau),
-            static_cast<float>(easy_weight),
-            static_cast<float>(entropy_weight),
-            static_cast<float>(label_smoothing),
-            ignore_index,
-            reduction};
-  const double n_valid =
-      soft ? static_cast<double>(N) : static_cast<double>((target != ignore_index).sum().item<int64_t>());
-  const float row_scale = reduction == kReductionMean ? 1.0f / std::max(n_valid, 1.0) : 1.0f;
+  Options o{soft, log_target, static_cast<float>(tau), static_cast<float>(easy_weight),
+            static_cast<float>(entropy_weight), static_cast<float>(label_smoothing),
+            ignore_index, parse_reduction(reduction)};
+  o.hoist(C);
+  const int64_t n_valid = soft ? N : count_valid(target, C, ignore_index, validate);
+  const double denom = static_cast<double>(std::max<int64_t>(n_valid, 1));
+  const float row_scale = o.reduction == Reduction::kMean ? static_cast<float>(1.0 / denom) : 1.0f;
 
   auto opts_f = logits.options().dtype(at::kFloat);
-  at::Tensor loss_rows = reduction == kReductionNone ? at::empty({N}, opts_f) : at::Tensor();
+  at::Tensor loss_rows = o.reduction == Reduction::kNone ? at::empty({N}, opts_f) : at::Tensor();
+  float* loss_ptr = loss_rows.defined() ? loss_rows.data_ptr<float>() : nullptr;
+  const bool* mask_ptr = mask;
   Sums total;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "efe_forward", [&] {
-    dispatch_target<scalar_t>(logits, target, mask,
-                              grad.has_value() ? grad->data_ptr<scalar_t>() : nullptr,
-                              loss_rows.defined() ? loss_rows.data_ptr<float>() : nullptr,
-                              row_scale, o, total);
+    using logits_t = scalar_t;
+    auto with_grad = [&](auto* grad_ptr) {
+      using grad_t = std::remove_pointer_t<decltype(grad_ptr)>;
+      auto with_target = [&](auto* soft_ptr) {
+        using target_t = std::remove_const_t<std::remove_pointer_t<decltype(soft_ptr)>>;
+        Problem<logits_t, grad_t, target_t> pb{
+            logits.data_ptr<logits_t>(), soft ? nullptr : target.data_ptr<int64_t>(), soft_ptr,
+            mask_ptr, grad_ptr, loss_ptr, N, C, row_scale};
+        total = run_rows(pb, o);
+      };
+      if (soft && target.scalar_type() != at::kFloat) {
+        with_target(target.data_ptr<logits_t>());
+      } else {
+        with_target(soft ? target.data_ptr<float>() : static_cast<float*>(nullptr));
+      }
+    };
+    if (!grad.has_value()) {
+      with_grad(static_cast<logits_t*>(nullptr));
+    } else if (grad->scalar_type() == dtype) {
+      with_grad(grad->data_ptr<logits_t>());
+    } else {
+      with_grad(grad->data_ptr<float>());
+    }
   });
 
   at::Tensor loss = loss_rows;
-  if (reduction != kReductionNone) {
-    const double value = reduction == kReductionMean ? total.loss / std::max(n_valid, 1.0) : total.loss;
-    loss = at::scalar_tensor(value, opts_f);
+  if (o.reduction != Reduction::kNone) {
+    loss = at::scalar_tensor(o.reduction == Reduction::kMean ? total.loss / denom : total.loss,
+                             opts_f);
   }
-  at::Tensor sums = at::tensor({static_cast<float>(total.n_hard), static_cast<float>(total.n_correct),
-                                static_cast<float>(total.risk), static_cast<float>(total.entropy),
-                                static_cast<float>(n_valid)},
-                               opts_f);
+  at::Tensor sums = at::tensor(
+      {static_cast<float>(total.n_hard), static_cast<float>(total.n_correct),
+       static_cast<float>(total.risk), static_cast<float>(total.entropy),
+       static_cast<float>(n_valid)},
+      opts_f);
   return {loss, sums};
 }
 
+// An uninitialised [sizes] buffer for a fused gradient. A fresh buffer of hundreds of MB (an LLM
+// vocabulary's logits) is page-faulted in 4 KiB at a time as the kernel first writes it, which
+// can cost more than the kernel; backed by transparent huge pages (2 MiB) it costs a fraction.
+at::Tensor empty_grad(at::IntArrayRef sizes, at::ScalarType dtype) {
+  const auto options = at::TensorOptions().dtype(dtype);
+  const size_t bytes = static_cast<size_t>(c10::multiply_integers(sizes)) * c10::elementSize(dtype);
+  constexpr size_t kHugePage = size_t{2} << 20;
+#ifdef __linux__
+  if (bytes >= 16 * kHugePage) {
+    const size_t rounded = (bytes + kHugePage - 1) / kHugePage * kHugePage;
+    void* ptr = nullptr;
+    TORCH_CHECK(posix_memalign(&ptr, kHugePage, rounded) == 0, "efe_loss: cannot allocate ",
+                rounded, " bytes for the gradient");
+    madvise(ptr, rounded, MADV_HUGEPAGE);  // advice only: without huge pages it still works
+    return at::from_blob(ptr, sizes, [](void* p) { std::free(p); }, options);
+  }
+#endif
+  return at::empty(sizes, options);
+}
+
 void init_efe_loss(pybind11::module_& m) {
-  m.def("efe_forward", &efe_forward, "Fused EFE loss: (loss, sums), gradient written into grad",
-        pybind11::arg("logits"), pybind11::arg("target"), pybind11::arg("hard_mask"),
-        pybind11::arg("grad"), pybind11::arg("soft"), pybind11::arg("log_target"),
-        pybind11::arg("tau"), pybind11::arg("easy_weight"), pybind11::arg("entropy_weight"),
-        pybind11::arg("label_smoothing"), pybind11::arg("ignore_index"),
-        pybind11::arg("reduction"));
+  namespace py = pybind11;
+  m.def("efe_forward", &efe_forward,
+        "Fused EFE loss: returns (loss, sums) and writes the gradient into grad (if given). "
+        "Options are keyword-only, named as qwenrl.loss.EFEOptions.",
+        py::arg("logits"), py::arg("target"), py::arg("hard_mask"), py::arg("grad"),
+        py::kw_only(), py::arg("soft"), py::arg("log_target"), py::arg("tau"),
+        py::arg("easy_weight"), py::arg("entropy_weight"), py::arg("label_smoothing"),
+        py::arg("ignore_index"), py::arg("reduction"), py::arg("validate"));
+  m.def("empty_grad", &empty_grad,
+        "Uninitialised buffer for a fused gradient (huge-page backed when large)",
+        py::arg("sizes"), py::arg("dtype"));
 }

@@ -1,4 +1,4 @@
-"""Fused Triton kernels for the expected-free-energy loss (DESIGN.md §2.4).
+"""Fused Triton kernels for the expected-free-energy loss (``docs/loss.md``).
 
 One launch computes, for every row, the loss, the stat sums and the gradient of the reduced
 loss w.r.t. the logits. Two kernels share the same math:
@@ -96,13 +96,14 @@ def _efe_tile_kernel(
     offs = rows.to(tl.int64)[:, None] * C + cols[None, :]
 
     z = tl.load(z_ptr + offs, mask=tile_in, other=0.0).to(tl.float32)
-    z = tl.where(col_in[None, :], z, float("-inf"))  # padding rows stay finite
+    z = tl.where(col_in[None, :], z, float("-inf"))  # padding columns: masked classes
     m = tl.max(z, 1)
-    e = tl.exp(z - m[:, None])  # 0 on padding columns
-    zs = tl.where(col_in[None, :], z - m[:, None], 0.0)
+    e = tl.exp(z - m[:, None])  # 0 on masked classes (a -inf logit) and padding
+    live = z > float("-inf")
+    zs = tl.where(live, z - m[:, None], 0.0)  # finite, so that 0·log 0 = 0 where q = 0
     s = tl.sum(e, 1)
     log_s = tl.log(s)
-    log_q = zs - log_s[:, None]
+    log_q = zs - log_s[:, None]  # log q where live; a finite stand-in where q = 0
     q = e / s[:, None]
     entropy = log_s - tl.sum(e * zs, 1) / s
     arg_z = tl.argmax(z, 1)
@@ -124,7 +125,9 @@ def _efe_tile_kernel(
         p = tl.where(col_in[None, :], p, 0.0)
         plogp = plogp_class
         sum_p = 1.0
-    risk = plogp - tl.sum(p * log_q, 1)
+    # p ≠ 0 on a class with q = 0 makes the risk infinite, as in cross-entropy.
+    p_log_q = tl.where(live, p * log_q, tl.where(p != 0, float("-inf"), 0.0))
+    risk = plogp - tl.sum(p_log_q, 1)
     risk = tl.where(y_in, risk, float("nan"))
 
     q_y = tl.sum(tl.where(cols[None, :] == y[:, None], q, 0.0), 1)
@@ -216,10 +219,14 @@ def _efe_online_kernel(
         blk_max = tl.max(z, 0)
         arg_z = tl.where(blk_max > m, c0 + tl.argmax(z, 0), arg_z)
         m_new = tl.maximum(m, blk_max)
-        shift = m - m_new  # -inf on the first block, where the guards below drop it
+        # While every class so far is masked (-inf), subtract 0, never -inf - (-inf).
+        m_sub = tl.where(m_new > float("-inf"), m_new, 0.0)
+        shift = m - m_sub  # -inf until the first unmasked class: the guards drop it
         alpha = tl.exp(shift)
-        e = tl.exp(z - m_new)
-        zs = tl.where(inb, z - m_new, 0.0)
+        e = tl.exp(z - m_sub)  # 0 on masked classes and padding
+        live = z > float("-inf")
+        zs_raw = tl.where(inb, z - m_sub, 0.0)  # -inf on masked classes
+        zs = tl.where(live, zs_raw, 0.0)  # finite, so that 0·log 0 = 0 where q = 0
         t = alpha * (t + tl.where(s > 0, shift * s, 0.0)) + tl.sum(e * zs, 0)
         s = alpha * s + tl.sum(e, 0)
         if SOFT:
@@ -227,7 +234,8 @@ def _efe_online_kernel(
             p, log_p = _soft_target(tv, eps, C, LOG_TARGET, SMOOTH)
             p = tl.where(inb, p, 0.0)
             plogp += tl.sum(tl.where(p > 0, p * log_p, 0.0), 0)
-            pzs = pzs + tl.where(sum_p > 0, shift * sum_p, 0.0) + tl.sum(p * zs, 0)
+            p_zs = tl.where(p != 0, p * zs_raw, 0.0)  # -inf where p ≠ 0 but q = 0
+            pzs = pzs + tl.where(sum_p > 0, shift * sum_p, 0.0) + tl.sum(p_zs, 0)
             sum_p += tl.sum(p, 0)
             blk_pmax = tl.max(p, 0)
             blk_parg = tl.argmax(p, 0)
@@ -236,7 +244,7 @@ def _efe_online_kernel(
             z_soft = tl.where(better, tl.sum(tl.where(cols == blk_parg, z, 0.0), 0), z_soft)
             p_best = tl.maximum(p_best, blk_pmax)
         elif SMOOTH:
-            sum_zs = sum_zs + tl.where(c0 > 0, shift * c0, 0.0) + tl.sum(zs, 0)
+            sum_zs = sum_zs + tl.where(c0 > 0, shift * c0, 0.0) + tl.sum(zs_raw, 0)
         m = m_new
 
     log_s = tl.log(s)
@@ -276,6 +284,7 @@ def _efe_online_kernel(
             z = tl.load(z_row + offs, mask=offs < c_end, other=0.0).to(tl.float32)
             log_q = z - lse
             q = tl.exp(log_q)
+            log_q = tl.where(z > float("-inf"), log_q, 0.0)  # q = 0 there: 0·log 0 = 0
             if SOFT:
                 tv = tl.load(t_row + offs, mask=offs < c_end, other=0.0).to(tl.float32)
                 p, _ = _soft_target(tv, eps, C, LOG_TARGET, SMOOTH)

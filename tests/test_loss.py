@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from loss_inputs import assert_within_twice_torch_error, make_inputs, seed_of
 
 import qwenrl
-from qwenrl.loss import efe as efe_module
-from qwenrl.loss import efe_loss, efe_loss_reference, stats_from_sums
+from qwenrl._ext import load_extension
+from qwenrl.loss import dispatch, efe_loss, efe_loss_reference, stats_from_sums
 
-HAS_EXT = efe_module._cpu_forward() is not None
+HAS_EXT = load_extension() is not None
 needs_ext = pytest.mark.skipif(not HAS_EXT, reason="qwenrl._C is not built")
 BACKENDS = [pytest.param("cpu", marks=needs_ext), "reference"]
 
@@ -50,7 +50,7 @@ OPTION_SETS = [
 
 
 @needs_ext
-@pytest.mark.parametrize("shape", [(41, 1271), (7, 3), (300, 12), (3, 32000)])
+@pytest.mark.parametrize("shape", [(41, 1271), (7, 3), (300, 12), (37, 29), (3, 32000)])
 @pytest.mark.parametrize("kind", ["class", "soft", "log"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("opt_index", range(len(OPTION_SETS)))
@@ -147,7 +147,7 @@ def test_low_precision_within_twice_torch_error(dtype, kind, reduction, shape):
     assert_within_twice_torch_error(z, t_low, loss, grad, truth_loss, truth_grad, **opts)
 
 
-# --- identities of DESIGN.md §2.1 ---------------------------------------------------------
+# --- identities (docs/loss.md) ------------------------------------------------------------
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -204,7 +204,7 @@ def test_reference_gradcheck():
 
 
 def test_reference_gradient_matches_closed_form():
-    """∂efe/∂z = (q − p) − β·q⊙(log q + H(q)), scaled by w_i (DESIGN.md §2.1)."""
+    """∂efe/∂z = (q − p) − β·q⊙(log q + H(q)), scaled by w_i."""
     z, t = make_inputs(20, 9, "class", seed=21, ignore_frac=0.0)
     beta, eps = 0.7, 0.05
     loss, stats, grad = run_reference64(
@@ -292,20 +292,44 @@ def test_module_form_and_stats_without_sync():
 
 
 def test_missing_backend_falls_back_with_one_warning(monkeypatch):
-    monkeypatch.setattr(efe_module, "_cpu_forward", lambda: None)
-    monkeypatch.setattr(efe_module, "_warned", set())
+    monkeypatch.setattr(dispatch, "_load", lambda name: "No module named 'qwenrl._C'")
+    monkeypatch.setattr(dispatch, "_warned", set())
     z, t = make_inputs(10, 12, "class", seed=14)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        a = efe_loss(z, t, backend="cpu")
-        b = efe_loss(z, t, backend="cpu")
+        a = efe_loss(z, t)
+        b = efe_loss(z, t)
     assert len([w for w in caught if "reference" in str(w.message)]) == 1
     torch.testing.assert_close(a, efe_loss_reference(z, t)[0])
     torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_named_backend_that_cannot_load_raises(monkeypatch, backend):
+    monkeypatch.setattr(dispatch, "_load", lambda name: f"No module named {name!r}")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    z, t = make_inputs(4, 12, "class", seed=15)
+    with pytest.raises(dispatch.BackendUnavailableError, match=backend):
+        efe_loss(z, t, backend=backend)
+
+
+def test_only_a_missing_module_counts_as_missing(monkeypatch):
+    """A backend that is installed but broken raises its own error instead of a fallback."""
+    import qwenrl._ext
+
+    dispatch._load.cache_clear()
+    monkeypatch.setattr(
+        qwenrl._ext, "require_extension", lambda what: (_ for _ in ()).throw(OSError("bad .so"))
+    )
+    try:
+        with pytest.raises(OSError, match="bad .so"):
+            efe_loss(*make_inputs(4, 12, "class", seed=16))
+    finally:
+        dispatch._load.cache_clear()
+
+
 def test_auto_backend_on_cpu_picks_the_cpp_kernel():
-    name, _ = efe_module.resolve_backend("auto", torch.device("cpu"))
+    name, _ = dispatch.resolve_backend("auto", torch.device("cpu"))
     assert name == ("cpu" if HAS_EXT else "reference")
 
 
@@ -353,3 +377,152 @@ def test_bad_options():
         efe_loss(torch.zeros(3, 12, dtype=torch.long), t)
     with pytest.raises(ValueError, match="log_target"):
         efe_loss(z, t, log_target=True)
+
+
+# --- masked classes, float16 under a loss scale, torch.compile, the module ----------------
+
+NEG_INF = float("-inf")
+
+
+def masked_inputs(n, c, seed):
+    """Logits with -inf on some classes (never all of a row, never the target)."""
+    z, t = make_inputs(n, c, "class", seed=seed, ignore_frac=0.1)
+    g = torch.Generator().manual_seed(seed)
+    masked = torch.rand(n, c, generator=g) < 0.3
+    masked[torch.arange(n), t.clamp(min=0)] = False
+    return z.masked_fill(masked, NEG_INF), t, masked
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("c", [12, 1271])
+def test_masked_classes_equal_cross_entropy(backend, c):
+    """-inf logits (vocabulary or action masks) are classes with q = 0: as in F.cross_entropy
+    the loss and gradient are finite."""
+    z, t, masked = masked_inputs(37, c, seed_of("mask", c))
+    loss, _, grad = run(z, t, backend, tau=0.0, easy_weight=1.0)
+    zz = z.clone().requires_grad_()
+    ce = F.cross_entropy(zz, t)
+    ce.backward()
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    torch.testing.assert_close(loss, ce.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, zz.grad, rtol=1e-5, atol=1e-7)
+    assert (grad[masked] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("c", [12, 1271])
+def test_masked_classes_with_every_option(backend, c):
+    """Entropy term, smoothing-free soft targets with p = 0 on the masked classes, hard-row
+    weights: finite, and equal to the float64 reference on the unmasked classes."""
+    z, t, masked = masked_inputs(29, c, seed_of("mask-all", c))
+    opts = {"entropy_weight": 0.4, "tau": 0.5}
+    loss, stats, grad = run(z, t, backend, **opts)
+    z64 = z.double().requires_grad_()
+    loss64, _ = efe_loss_reference(z64, t, **opts)
+    loss64.backward()
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    torch.testing.assert_close(loss.double(), loss64.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double(), z64.grad, rtol=1e-4, atol=1e-7)
+    p = torch.softmax(torch.randn(29, c), -1).masked_fill(masked, 0.0)
+    p = p / p.sum(-1, keepdim=True)
+    loss, _, grad = run(z, p, backend, entropy_weight=0.4)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_masked_target_class_and_all_masked_row(backend):
+    """Only what cross-entropy cannot score is not finite: a masked target class gives an
+    infinite loss, a row with every class masked a NaN."""
+    z, t = make_inputs(4, 12, "class", seed=17, ignore_frac=0.0)
+    z[1, t[1]] = NEG_INF
+    z[2] = NEG_INF
+    loss, _, _ = run(z, t, backend, tau=0.0, easy_weight=1.0, reduction="none")
+    ce = F.cross_entropy(z, t, reduction="none")
+    assert loss[1].item() == ce[1].item() == float("inf")
+    assert torch.isnan(loss[2]) and torch.isnan(ce[2])
+    torch.testing.assert_close(loss[[0, 3]], ce[[0, 3]])
+
+
+@needs_ext
+def test_float16_gradient_survives_a_loss_scale():
+    """float16 logits with a GradScaler's 2^16 scale: the loss is float32 (finite), and the
+    gradient errs no more than autocast + F.cross_entropy, measured against float64."""
+    n, c, scale = 28800, 12, 2.0**16
+    z, t = make_inputs(n, c, "class", seed=seed_of("fp16-scale"), dtype=torch.float16)
+    zz = z.clone().requires_grad_()
+    loss = efe_loss(zz, t, tau=0.0, easy_weight=1.0)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss * scale)
+    (loss * scale).backward()
+    z64 = z.double().requires_grad_()
+    (F.cross_entropy(z64, t) * scale).backward()
+    zb = z.clone().requires_grad_()  # what autocast runs: fp32 math, the gradient cast to fp16
+    (F.cross_entropy(zb.float(), t) * scale).backward()
+    ours = (zz.grad.double() - z64.grad).abs()
+    torch_err = (zb.grad.double() - z64.grad).abs()
+    assert ours.max() <= 2 * torch_err.max() + 1e-7
+    assert ours.median() <= 2 * torch_err.median() + 1e-7
+    assert (zz.grad != 0).sum() >= (zb.grad != 0).sum() * 0.999  # no flush to zero
+
+
+@needs_ext
+def test_compiles_fullgraph_with_default_options():
+    """The defaults (validate on the CPU) compile with fullgraph=True: the target check runs
+    inside the custom op, not as a data-dependent branch in the graph."""
+    z, t = make_inputs(64, 12, "class", seed=18, ignore_frac=0.3)
+    proj = torch.nn.Linear(12, 12)
+
+    def model(x, target):
+        return efe_loss(proj(x), target)
+
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    loss_c = compiled(z, t)
+    loss_c.backward()
+    grad_c = proj.weight.grad.clone()
+    proj.weight.grad = None
+    loss_e = model(z, t)
+    loss_e.backward()
+    torch.testing.assert_close(loss_c, loss_e)
+    torch.testing.assert_close(grad_c, proj.weight.grad)
+    bad = t.clone()
+    bad[5] = 12
+    with pytest.raises(Exception, match="outside"):
+        compiled(z, bad)
+
+
+def test_module_takes_explicit_options():
+    with pytest.raises(TypeError, match="eassy_weight"):
+        qwenrl.EFELoss(eassy_weight=0.3)
+    with pytest.raises(ValueError, match="reduction"):
+        qwenrl.EFELoss(reduction="avg")
+    with pytest.raises(ValueError, match="backend"):
+        qwenrl.EFELoss(backend="gpu")
+    crit = qwenrl.EFELoss(easy_weight=0.25, entropy_weight=0.3, backend="reference")
+    z, t = make_inputs(30, 12, "class", seed=19)
+    mask = torch.rand(30, generator=torch.Generator().manual_seed(19)) < 0.5
+    expected, _ = efe_loss_reference(z, t, easy_weight=0.25, entropy_weight=0.3, hard_mask=mask)
+    torch.testing.assert_close(crit(z, t, hard_mask=mask), expected)
+    torch.testing.assert_close(
+        crit.last_stats["mask_ratio"], (mask & (t != -100)).sum() / (t != -100).sum()
+    )
+
+
+@needs_ext
+def test_kernel_options_travel_by_name():
+    """The C++ binding takes the options as keywords named like EFEOptions' fields."""
+    z, t = make_inputs(5, 12, "class", seed=20)
+    ext = load_extension()
+    options = qwenrl.loss.EFEOptions(tau=0.9, easy_weight=0.1)
+    loss, _ = ext.efe_forward(z, t, None, None, **options.kernel_kwargs())
+    expected, _ = efe_loss_reference(z, t, tau=0.9, easy_weight=0.1)
+    torch.testing.assert_close(loss, expected)
+    with pytest.raises(TypeError):
+        ext.efe_forward(z, t, None, None, *options.kernel_kwargs().values())
+
+
+@needs_ext
+@pytest.mark.parametrize("grad_out", [1.0, 2.5])
+def test_upstream_gradient_of_one_and_not_one(grad_out):
+    z, t = make_inputs(50, 700, "class", seed=seed_of("go", grad_out))
+    loss, _, grad = run(z, t, "cpu", torch.tensor(grad_out))
+    _, _, grad64 = run_reference64(z, t, torch.tensor(grad_out))
+    torch.testing.assert_close(grad.double(), grad64, rtol=1e-4, atol=1e-8)

@@ -1,12 +1,23 @@
-"""The fused expected-free-energy loss (DESIGN.md §2)."""
+"""The fused expected-free-energy loss (``docs/loss.md``).
 
-from qwenrl.loss.efe import BACKENDS, EFEFunction, EFELoss, efe_loss, resolve_backend
+* :mod:`qwenrl.loss.efe`: the public API, :func:`efe_loss` and :class:`EFELoss`.
+* :mod:`qwenrl.loss.options`: :class:`EFEOptions`, the options of one call.
+* :mod:`qwenrl.loss.dispatch`: which backend runs and the calling convention they share.
+* :mod:`qwenrl.loss.compile`: the ``torch.compile`` custom op.
+* :mod:`qwenrl.loss.reference`: the math in plain PyTorch, the spec every kernel is tested on.
+"""
+
+from qwenrl.loss.dispatch import BACKENDS, BackendUnavailableError, resolve_backend
+from qwenrl.loss.efe import EFEFunction, EFELoss, efe_loss
+from qwenrl.loss.options import EFEOptions
 from qwenrl.loss.reference import efe_loss_reference, stats_from_sums
 
 __all__ = [
     "BACKENDS",
+    "BackendUnavailableError",
     "EFEFunction",
     "EFELoss",
+    "EFEOptions",
     "efe_loss",
     "efe_loss_reference",
     "resolve_backend",

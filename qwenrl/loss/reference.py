@@ -1,4 +1,4 @@
-"""The expected-free-energy loss in plain PyTorch: the spec (DESIGN.md §2.1) and the fallback.
+"""The expected-free-energy loss in plain PyTorch: the spec (``docs/loss.md``) and the fallback.
 
 Every fused kernel (C++ on CPU, Triton on GPU) is tested against this file. It works on
 flattened inputs: ``logits`` [N, C], ``target`` [N] class indices or [N, C] probabilities.
@@ -18,12 +18,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-REDUCTIONS = ("none", "mean", "sum")
+from qwenrl.loss.options import REDUCTIONS
+
 STAT_NAMES = ("mask_ratio", "accuracy", "risk", "entropy", "n_valid")
 
 
 def stats_from_sums(sums: Tensor) -> dict[str, Tensor]:
-    """Turns the per-call sums every backend produces into the §2.2 stats.
+    """Turns the per-call sums every backend produces into the loss's stats.
 
     ``sums`` is a float32 tensor [5]: (n_hard, n_correct, Σ risk, Σ entropy, n_valid). The
     divisions stay on the device (no host sync); with no valid rows every mean is 0.
@@ -77,8 +78,11 @@ def efe_loss_reference(
 
     log_q = torch.log_softmax(z, dim=-1)
     q = log_q.exp()
-    # Entropy via q·log q, with 0·log 0 = 0 where q underflows to exactly zero.
-    entropy = -torch.where(q > 0, q * log_q, torch.zeros_like(q)).sum(-1)
+    # 0·log 0 = 0: where q (or p below) is exactly zero, e.g. a class masked with a -inf
+    # logit, log q is -inf. It is replaced before the product, not after: 0·(-inf) would be a
+    # NaN in the forward, and in the backward even when masked out by a where.
+    log_q_finite = torch.where(q > 0, log_q, torch.zeros_like(log_q))
+    entropy = -(q * log_q_finite).sum(-1)
 
     if soft:
         tgt = target.to(z.dtype)
@@ -97,7 +101,8 @@ def efe_loss_reference(
         p.scatter_(1, y[:, None], 1.0 - eps + eps / c)
         log_p = torch.log(p)
     plogp = torch.where(p > 0, p * log_p, torch.zeros_like(p))
-    risk = (plogp - p * log_q).sum(-1)
+    # p ≠ 0 on a class with q = 0 gives an infinite risk, as cross-entropy does.
+    risk = (plogp - torch.where(p != 0, p * log_q, torch.zeros_like(p))).sum(-1)
 
     with torch.no_grad():
         q_y = q.gather(1, y[:, None]).squeeze(1)

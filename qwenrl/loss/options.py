@@ -1,0 +1,69 @@
+"""The options of one EFE loss call, as one typed object.
+
+Every backend (C++, Triton, reference) and the ``torch.compile`` custom op receive the same
+:class:`EFEOptions`, and pass its fields on *by name* (:meth:`EFEOptions.kernel_kwargs`), so a
+new option cannot silently land in another option's position.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+REDUCTIONS = ("none", "mean", "sum")
+
+
+@dataclass(frozen=True)
+class EFEOptions:
+    """What :func:`qwenrl.efe_loss` computes; see ``docs/loss.md`` for the math.
+
+    Attributes:
+        soft: the target is a [N, C] distribution (set from the target's dtype, not by users).
+        log_target: a soft target holds log-probabilities.
+        tau: a row is *hard* when q[y] < tau (a tie q[y] == tau is easy).
+        easy_weight: weight w_e of the rows that are not hard.
+        entropy_weight: β, the weight of the ambiguity term H(q).
+        label_smoothing: ε, mixed into the target as (1 - ε)·p + ε/C.
+        ignore_index: class-target rows with this value are skipped.
+        reduction: ``'none'`` | ``'mean'`` (over non-ignored rows) | ``'sum'``.
+        validate: check that class targets lie in [0, C) before the kernel runs.
+    """
+
+    soft: bool = False
+    log_target: bool = False
+    tau: float = 0.6
+    easy_weight: float = 0.5
+    entropy_weight: float = 0.0
+    label_smoothing: float = 0.0
+    ignore_index: int = -100
+    reduction: str = "mean"
+    validate: bool = True
+
+    def __post_init__(self) -> None:
+        if self.reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
+        if not 0.0 <= self.label_smoothing <= 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1], got {self.label_smoothing}")
+        if self.log_target and not self.soft:
+            raise ValueError("log_target=True needs a floating [..., C] target distribution")
+        # Normalise types once, so kernels and the custom op's schema see plain values.
+        for name, kind in (
+            ("soft", bool),
+            ("log_target", bool),
+            ("validate", bool),
+            ("tau", float),
+            ("easy_weight", float),
+            ("entropy_weight", float),
+            ("label_smoothing", float),
+            ("ignore_index", int),
+        ):
+            object.__setattr__(self, name, kind(getattr(self, name)))
+
+    def kernel_kwargs(self) -> dict[str, Any]:
+        """The fields as keyword arguments (the C++ binding, the Triton launcher and the custom
+        op all take these names)."""
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> EFEOptions:
+        return dataclasses.replace(self, **changes)
