@@ -116,10 +116,10 @@ class RefinementPolicy(nn.Module):
     def distribution(self, refined: torch.Tensor) -> Categorical:
         """π(· | refined) from refined prompts [B, dim]; always detached from the main graph.
 
-        The input is cast to the parameters' dtype: the refinement may come from an autocast
-        (bf16/fp16) region while the RL update runs outside it.
+        The input is cast to the action head's dtype: the refinement may come from an autocast
+        (bf16/fp16) region or from bf16 FSDP compute, while the head keeps fp32 parameters.
         """
-        x = refined.detach().to(self.steering.dtype)
+        x = refined.detach().to(self.head[1].weight.dtype)
         return Categorical(logits=self.head(x).float())
 
     @torch.no_grad()

@@ -8,7 +8,8 @@ Modules, in the order a step uses them (docs/trainer-layout.md has the map):
 * :mod:`~qwenrl.train.evaluation` — validation scores and the ``val_grids.json`` schema;
 * :mod:`~qwenrl.train.monitor` — console line, ``metrics.jsonl``, TensorBoard, red flags;
 * :mod:`~qwenrl.train.checkpoint` — atomic checkpoints, newest checkpoint, fsync helpers;
-* :mod:`~qwenrl.train.distributed` — torchrun group, averaging, teardown;
+* :mod:`~qwenrl.train.distributed` — torchrun group, averaging, teardown, FSDP2 sharding;
+* :mod:`~qwenrl.train.export` — a checkpoint's weights as one safetensors file;
 * :mod:`~qwenrl.train.cli` — :func:`main`.
 
 Names are imported on first use, so ``qwenrl.plot`` can read the ``val_grids.json`` schema

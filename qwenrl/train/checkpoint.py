@@ -6,6 +6,13 @@ into ``.tmp-checkpoint-*``, each file fsynced, then renamed into place and the p
 fsynced: a run killed at any moment leaves either the new checkpoint or none of it, and the
 previous one intact. Temp directories of a killed save are ignored by :func:`latest_checkpoint`
 and removed by the next save.
+
+Under FSDP (``--fsdp``) a checkpoint is *sharded*: ``torch.distributed.checkpoint`` (DCP) files
+(``.metadata`` and one ``__<rank>_0.distcp`` per rank) hold the weights and the main optimizer,
+each rank writing its own shards; ``state.pt`` holds the rest, as above, and ``rank-<r>.pt``
+each rank's own embedding cache and RNG states. Every rank writes into the same temp directory
+(a file system all ranks share), and rank 0 renames it into place only after every rank has
+finished. ``python -m qwenrl.train.export`` consolidates the weights into one safetensors file.
 """
 
 from __future__ import annotations
@@ -21,10 +28,13 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from qwenrl.train.distributed import DistInfo, barrier
+
 __all__ = [
     "Checkpointer",
     "fsync_dir",
     "fsync_file",
+    "is_sharded_checkpoint",
     "latest_checkpoint",
     "move_earlier_run",
     "write_json_atomic",
@@ -32,6 +42,16 @@ __all__ = [
 ]
 
 WEIGHTS, STATE = "model.safetensors", "state.pt"
+DCP_INDEX = ".metadata"  # written by torch.distributed.checkpoint once every shard is written
+
+
+def rank_state_name(rank: int) -> str:
+    return f"rank-{rank:05d}.pt"
+
+
+def is_sharded_checkpoint(path: str | Path) -> bool:
+    """True for a checkpoint written under FSDP (DCP shards instead of ``model.safetensors``)."""
+    return (Path(path) / DCP_INDEX).is_file()
 
 
 def fsync_file(path: Path) -> None:
@@ -113,11 +133,80 @@ class Checkpointer:
             shutil.rmtree(final)
         os.replace(tmp, final)  # the checkpoint appears complete or not at all
         fsync_dir(self.out)
+        self._prune()
+        return final
+
+    def save_sharded(
+        self,
+        step: int,
+        sharded: dict[str, Any],
+        state: dict[str, Any],
+        rank_state: dict[str, Any],
+        info: DistInfo,
+    ) -> Path:
+        """Writes a sharded ``checkpoint-<step>`` atomically; every rank must call it.
+
+        ``sharded``: the state dict DCP saves (FSDP's DTensors: each rank writes its shards);
+        ``state``: rank 0's ``state.pt``; ``rank_state``: this rank's ``rank-<r>.pt``. The temp
+        directory is renamed into place after a barrier that every rank reaches only once its
+        files are written and fsynced, so a save killed on any rank leaves the previous
+        checkpoint the newest complete one.
+        """
+        import torch.distributed.checkpoint as dcp
+
+        final = self.path(step)
+        tmp = self.out / f".tmp-checkpoint-{step:08d}"  # one name for all ranks (no pid)
+        if info.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        barrier(info)  # the temp directory exists and is empty before anyone writes
+        torch.save(rank_state, tmp / rank_state_name(info.rank))
+        fsync_file(tmp / rank_state_name(info.rank))
+        if info.is_main:
+            torch.save(state, tmp / STATE)
+            fsync_file(tmp / STATE)
+        # A collective: rank 0 writes DCP_INDEX after gathering every rank's write results.
+        dcp.save(sharded, storage_writer=dcp.FileSystemWriter(tmp, sync_files=True))
+        barrier(info)  # every rank's files are on disk
+        if info.is_main:
+            fsync_dir(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)  # the checkpoint appears complete or not at all
+            fsync_dir(self.out)
+            self._prune()
+        barrier(info)  # no rank goes on (or loads) before the rename
+        return final
+
+    def _prune(self) -> None:
         for old in sorted(self.out.glob("checkpoint-*"))[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
         for stale in self.out.glob(".tmp-checkpoint-*"):  # left by a run killed mid-save
             shutil.rmtree(stale, ignore_errors=True)
-        return final
+
+    @staticmethod
+    def load_sharded(
+        path: str | Path, sharded: dict[str, Any], rank: int
+    ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """Fills ``sharded`` (laid out as when saved, any number of ranks) in place from a
+        sharded checkpoint; returns (``state.pt``, this rank's ``rank-<r>.pt`` or None if the
+        checkpoint has none for this rank). A collective: every rank must call it."""
+        import torch.distributed.checkpoint as dcp
+
+        path = Path(path)
+        if not is_sharded_checkpoint(path) or not (path / STATE).is_file():
+            if (path / WEIGHTS).is_file():
+                raise ValueError(
+                    f"{path} is a single-process (non-FSDP) checkpoint: resume it without --fsdp"
+                )
+            raise FileNotFoundError(f"{path} is not a complete qwenrl checkpoint")
+        dcp.load(sharded, storage_reader=dcp.FileSystemReader(path))
+        state = torch.load(path / STATE, map_location="cpu", weights_only=True)
+        own = path / rank_state_name(rank)
+        rank_state = (
+            torch.load(own, map_location="cpu", weights_only=True) if own.is_file() else None
+        )
+        return state, rank_state
 
     def latest(self) -> Path | None:
         return latest_checkpoint(self.out)
@@ -128,6 +217,11 @@ class Checkpointer:
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """(weights on ``device``, state on the CPU) of a checkpoint directory."""
         path = Path(path)
+        if is_sharded_checkpoint(path):
+            raise ValueError(
+                f"{path} is a sharded (FSDP) checkpoint: resume it with --fsdp under torchrun, "
+                "or consolidate its weights with python -m qwenrl.train.export"
+            )
         if not (path / WEIGHTS).is_file() or not (path / STATE).is_file():
             raise FileNotFoundError(f"{path} is not a complete qwenrl checkpoint")
         weights = load_file(str(path / WEIGHTS), device=str(device))

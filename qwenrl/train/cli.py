@@ -5,6 +5,7 @@
     python -m qwenrl.train --epochs 10 --agent_lr 1e-5 --qwen_lr 5e-5 --device cuda --max_batches 500
     python -m qwenrl.train --resume                          # continue the newest checkpoint in --out
     torchrun --nproc_per_node=2 -m qwenrl.train              # DistributedDataParallel
+    torchrun --nproc_per_node=8 -m qwenrl.train --fsdp --amp bf16 --device cuda   # FSDP2
 
 Exit status: 0 done, 1 stopped on non-finite losses, 2 bad options or data, 130 interrupted
 (a checkpoint is saved first).

@@ -108,6 +108,11 @@ class TrainConfig:
         choices=("bf16", "fp16", "off"),
     )  # fmt: skip
     num_threads: int = _opt(0, "torch CPU threads (0 = torch's default)", min=0)
+    fsdp: bool = _opt(
+        False, "under torchrun: shard Qwen's layers, Qwen, the refiner and the agent over the "
+        "ranks (FSDP2; with --amp bf16: bf16 compute, fp32 gradient reduction); checkpoints "
+        "become sharded DCP directories (python -m qwenrl.train.export consolidates them)",
+    )  # fmt: skip
     # --- validation, logging, checkpoints ---
     val_tasks: int = _opt(0, "evaluation tasks used for validation each epoch (0 = all 400)", min=0)
     val_batch_size: int = _opt(16, "validation batch size", min=1)
@@ -211,6 +216,11 @@ def check_config(cfg: TrainConfig) -> None:
         raise ConfigError(f"--device must be cpu, cuda or cuda:N, got {cfg.device!r}")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {cfg.device} was asked for but CUDA is not available here")
+    if cfg.amp == "fp16" and cfg.fsdp:
+        raise ConfigError(
+            "--amp fp16 cannot be combined with --fsdp (there is no sharded GradScaler path); "
+            "use --amp bf16, FSDP's mixed-precision mode"
+        )
     if cfg.amp == "fp16" and not cfg.device.startswith("cuda"):
         raise ConfigError(
             "--amp fp16 needs a CUDA device (fp16 autocast on the CPU has no GradScaler path); "

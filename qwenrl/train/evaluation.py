@@ -176,11 +176,14 @@ def evaluate(
     batch_size: int,
     device: torch.device,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    min_batches: int = 0,
 ) -> tuple[ValTotals, list[dict]]:
     """Scores ``dataset[indices]`` in eval mode and restores the models' train/eval mode.
 
     Returns the totals (of this process's ``indices`` only) and the first batch's samples in
-    the ``val_grids.json`` form.
+    the ``val_grids.json`` form. With fewer than ``min_batches`` batches the models also run
+    on unscored filler batches (FSDP: each call of a sharded module is a collective, so every
+    rank makes as many calls as the rank with the most batches).
     """
     was_training = models.training
     models.eval()
@@ -195,6 +198,12 @@ def evaluate(
             totals = totals + score_batch(attempts, batch, criterion.last_stats)
             if not shown:
                 shown = grid_examples(batch, attempts[0], criterion.tau)
+        missing = min_batches - len(range(indices.start, indices.stop, batch_size))
+        if missing > 0:
+            filler = collate([dataset[indices.start if len(indices) else 0]]).to(device)
+            for _ in range(missing):
+                with autocast():
+                    predict_attempts(models, filler)
     finally:
         models.train(was_training)
     return totals, shown

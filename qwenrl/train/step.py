@@ -42,11 +42,16 @@ def tau_for_epoch(epoch: int, tau_start: float, tau_end: float, tau_epoch: int) 
 
 
 def grad_norm(params: list[nn.Parameter]) -> torch.Tensor:
-    """Global L2 norm (0-dim fp32 tensor, no host sync) of the gradients that exist; 0 if none."""
+    """Global L2 norm (0-dim fp32 tensor, no host sync) of the gradients that exist; 0 if none.
+
+    FSDP-sharded gradients (DTensors) give the norm of the full gradient: an all-reduce over
+    the ranks, so under FSDP every rank must call this on the same steps.
+    """
     grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
     if not grads:
         return torch.zeros((), device=params[0].device if params else "cpu")
-    return torch.linalg.vector_norm(torch.stack(grads))
+    norm = torch.linalg.vector_norm(torch.stack(grads))
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # DTensor → its value
 
 
 # Order of StepMetrics.values; ``loss`` first.
@@ -126,14 +131,17 @@ class StepForward(nn.Module):
         if input_ids is not None:
             fresh = self.models.encoder(input_ids, attention_mask).float()  # [U, dim]
             if anchor_only:
-                # Qwen runs here only so that every rank takes part in its gradient all-reduce
+                # Qwen runs here only so that every rank takes part in its gradient collectives
                 # on this step; 0·x adds a zero gradient and changes no value.
                 anchor, fresh = 0.0 * fresh.sum(), None
             else:
                 self.cache.write(plan, fresh, step)  # detached copy
         prompt = self.cache.gather(plan, fresh)  # [B, dim]: fresh rows differentiable
+        if anchor is not None:
+            # Into the refiner, as Qwen's output flows on the other ranks: under FSDP each rank's
+            # backward must reach the sharded modules in the same order (each one's gradient
+            # reduce-scatter is a collective).
+            prompt = prompt + anchor
         conditioned, refined_detached, action = self.models.condition(prompt)
         logits = self.models.agent(query, conditioned, hints)  # [B, 900, C]
-        if anchor is not None:
-            logits = logits + anchor
         return logits, refined_detached, action

@@ -44,6 +44,9 @@ from qwenrl.train.step import (
 
 __all__ = ["NonFiniteLossError", "Trainer"]
 
+# Parts of Trainer.state_dict that differ between ranks: under FSDP each rank saves its own.
+RANK_STATE = ("cache", "rng")
+
 
 class NonFiniteLossError(RuntimeError):
     """Raised after ``max_nonfinite`` consecutive non-finite losses (a checkpoint is saved)."""
@@ -79,6 +82,11 @@ class Trainer:
         """Process group, device, threads, run directory, seeds."""
         cfg = self.cfg
         self.dist = D.init_distributed(cfg.device)
+        if cfg.fsdp and not self.dist.enabled:
+            raise ValueError(
+                "--fsdp shards the models over the processes of torchrun: launch with "
+                "torchrun --nproc_per_node=N (N >= 2), or drop --fsdp for one process"
+            )
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         per_rank = cfg.device == "cuda" and self.dist.enabled
@@ -113,17 +121,23 @@ class Trainer:
 
     def _setup_model(self) -> None:
         """Models, the embedding cache (4 windows of prompts), the step's forward (DDP-wrapped
-        under torchrun)."""
+        under torchrun, or FSDP-sharded with --fsdp)."""
         cfg = self.cfg
         self.model_config = model_config(cfg)
-        self.models = QwenRLModels(self.model_config).to(self.device).train()
+        self.models = QwenRLModels(self.model_config).train()
+        if not cfg.fsdp:  # FSDP moves one shard at a time (D.shard_models)
+            self.models.to(self.device)
+        # Each rank caches the embeddings of its own prompts (the sampler gives ranks disjoint
+        # prompts); under FSDP too, since an embedding is [dim] whatever the sharding.
         capacity = max(4 * (cfg.working_set or 4 * cfg.batch_size), 2 * cfg.batch_size)
         self.cache = EmbeddingCache(
             capacity, cfg.dim, refresh_every=cfg.refresh_every, device=self.device
         )
         self.step_forward = StepForward(self.models, self.cache)
         self.forward: nn.Module = self.step_forward
-        if self.dist.enabled:
+        if cfg.fsdp:
+            D.shard_models(self.models, self.step_forward, self.device, bf16=cfg.amp == "bf16")
+        elif self.dist.enabled:
             # The RL head has its own optimizer and averages its gradients itself
             # (RefinementPolicy.update); Qwen is unused on cached steps.
             rl = {id(p) for p in self.models.rl_parameters()}
@@ -237,7 +251,9 @@ class Trainer:
             loss = self.criterion(logits, target)
         stats = self.criterion.last_stats
         # The skip must be decided before any optimizer moves: the one host sync of the step.
-        if not bool(torch.isfinite(loss.detach())):
+        # Ranks decide together: a rank that skipped the backward would leave the others
+        # waiting in its gradient collectives.
+        if D.agree_any(not bool(torch.isfinite(loss.detach())), self.dist, self.device):
             return self._skip_nonfinite(loss, bool(texts))
         self.flags.nonfinite_streak = 0
 
@@ -357,15 +373,28 @@ class Trainer:
 
     def validate(self, epoch: int) -> dict[str, Any]:
         """Scores the validation set (sharded over the ranks); logs and returns the summary."""
-        totals, shown = evaluate(
-            self.models,
-            self.criterion,
-            self.val_set,
-            self.dist.shard(len(self.val_set)),
-            batch_size=self.cfg.val_batch_size,
-            device=self.device,
-            autocast=self._autocast,
-        )
+        rounds = 0
+        if self.cfg.fsdp:
+            # Each call of a sharded module is a collective: every rank runs as many batches as
+            # the largest share needs. The steering vectors belong to the root, which gathers
+            # them only in its own forward: gather them for validation.
+            most = -(-len(self.val_set) // self.dist.world_size)
+            rounds = -(-most // self.cfg.val_batch_size)
+            self.forward.unshard()  # type: ignore[operator]
+        try:
+            totals, shown = evaluate(
+                self.models,
+                self.criterion,
+                self.val_set,
+                self.dist.shard(len(self.val_set)),
+                batch_size=self.cfg.val_batch_size,
+                device=self.device,
+                autocast=self._autocast,
+                min_batches=rounds,
+            )
+        finally:
+            if self.cfg.fsdp:
+                self.forward.reshard()  # type: ignore[operator]
         if self.dist.enabled:
             t = totals.to_tensor().to(self.device)  # NCCL reduces device tensors only
             torch.distributed.all_reduce(t)
@@ -399,22 +428,37 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores :meth:`state_dict`'s parts; under FSDP the optimizer comes from the shards
+        and the per-rank parts (``RANK_STATE``) may be absent (another number of ranks)."""
         self.step = int(state["step"])
         self.criterion.tau = state["tau"]
-        self.optimizer.load_state_dict(state["optimizer"])
+        if not self.cfg.fsdp:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.rl_optimizer.load_state_dict(state["rl_optimizer"])
         self.scaler.load_state_dict(state["scaler"])
-        self.cache.load_state_dict(state["cache"])
         self.flags.load_state_dict(state["flags"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if state["rng"]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        random.setstate((3, tuple(state["rng"]["python"]), None))
+        if "cache" not in state and not self.cfg.fsdp:
+            raise KeyError("checkpoint state has no embedding cache")
+        if "cache" in state:
+            self.cache.load_state_dict(state["cache"])
+            rng = state["rng"]
+            torch.set_rng_state(rng["torch"])
+            if rng["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+            random.setstate((3, tuple(rng["python"]), None))
 
     def save_checkpoint(self) -> Path:
-        """Writes ``checkpoint-<step>`` (rank 0, atomically) once every rank got here."""
+        """Writes ``checkpoint-<step>`` atomically once every rank got here: rank 0 alone, or
+        under FSDP every rank its shards (docs/distributed.md)."""
         self.read_metrics()  # the red flags' state must include every step taken
+        if self.cfg.fsdp:
+            state = self.state_dict()
+            state.pop("optimizer")  # sharded, with the weights
+            own = {k: state.pop(k) for k in RANK_STATE}
+            sharded = D.sharded_state_dict(self.models, self.optimizer)
+            state["world_size"] = self.dist.world_size
+            return self.checkpointer.save_sharded(self.step, sharded, state, own, self.dist)
         path = self.checkpointer.path(self.step)
         if self.dist.is_main:
             path = self.checkpointer.save(self.step, self.models.state_dict(), self.state_dict())
@@ -423,8 +467,22 @@ class Trainer:
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Restores everything :meth:`save_checkpoint` wrote."""
-        weights, state = Checkpointer.load(path, self.device)
-        self.models.load_state_dict(weights)
+        if self.cfg.fsdp:
+            sharded = D.sharded_state_dict(self.models, self.optimizer)
+            state, own = Checkpointer.load_sharded(path, sharded, self.dist.rank)
+            D.load_sharded_state_dict(self.models, self.optimizer, sharded)
+            if own is None or state["world_size"] != self.dist.world_size:
+                self.monitor.warn(
+                    f"{path} was saved by {state['world_size']} ranks, this run has "
+                    f"{self.dist.world_size}: weights and optimizer are resharded, but each "
+                    "rank starts with an empty embedding cache and fresh RNG states (the run "
+                    "continues, not exactly as it would have)"
+                )
+            else:
+                state.update(own)
+        else:
+            weights, state = Checkpointer.load(path, self.device)
+            self.models.load_state_dict(weights)
         self.load_state_dict(state)
         self.monitor.print(f"Resumed from {path} at step {self.step}")
 
