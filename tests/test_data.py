@@ -357,6 +357,34 @@ def test_sampler_ranks_get_disjoint_working_sets(small_ds: ArcDataset):
     assert not a & b
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_sampler_ranks_split_every_window_of_an_epoch(small_ds: ArcDataset, world: int):
+    """Not only the first window: over an epoch the ranks' working sets cover every prompt, and
+    a prompt is seen twice only where the epoch's last window wraps around; a rank's batches
+    come from its own working set."""
+    ranks = [
+        WorkingSetSampler(small_ds, 3, working_set=7, refresh_every=2, seed=3, rank=r,
+                          world_size=world)
+        for r in range(world)
+    ]  # fmt: skip
+    windows = ranks[0].windows_per_epoch
+    assert windows >= 3
+    wrapped = windows * world * 7 - small_ds.num_prompts  # slots past the end of the epoch
+    n_aug = small_ds.num_augmentations
+    prompt_of = {i: p for p in range(small_ds.num_prompts) for i in small_ds.prompt_items(p)}
+    for epoch in range(2):
+        seen: list[int] = []
+        for w in range(windows):
+            step = (epoch * windows + w) * ranks[0].window
+            sets = [{p for p, _ in r.working_set(step)} for r in ranks]
+            assert not set.intersection(*sets[:2]), f"ranks 0 and 1 share prompts at step {step}"
+            for r, keys in zip(ranks, sets):
+                seen += keys
+                assert {prompt_of[i // n_aug] for i in r.batch(step + 1)} <= keys
+        assert set(seen) == set(range(small_ds.num_prompts)), f"epoch {epoch}"
+        assert len(seen) - len(set(seen)) == wrapped, f"epoch {epoch}"
+
+
 def test_sampler_is_deterministic_and_resumes_exactly(small_ds: ArcDataset):
     def make(seed: int = 7) -> WorkingSetSampler:
         return WorkingSetSampler(small_ds, batch_size=5, working_set=12, refresh_every=4, seed=seed)
