@@ -236,3 +236,12 @@ def test_validation_takes_cells_and_exact_matches_from_the_voted_path(
     assert (summary["exact"], summary["cell_accuracy"]) == (4, pytest.approx(0.7))
     assert seen["n"] == 3 and seen["vote_transforms"] == 5 and seen["aug_seed"] == cfg.seed
     assert (seen["ttt"].steps, seen["ttt"].batch_size, seen["ttt"].tau) == (7, 3, cfg.tau_end)
+
+
+def test_voting_and_ttt_in_validation_are_refused_with_fsdp():
+    from qwenrl.train.config import ConfigError, check_config
+
+    check_config(TrainConfig(fsdp=True))
+    for flags in ({"vote_transforms": 2}, {"ttt_steps": 1}):
+        with pytest.raises(ConfigError, match="--fsdp"):
+            check_config(TrainConfig(fsdp=True, **flags))
