@@ -7,31 +7,36 @@ the ten-line version someone would train with, eager or under ``torch.compile``.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
-import torch.nn.functional as F
 
 
 def plain_efe(z, target, tau=0.6, easy_weight=0.5, entropy_weight=0.0, label_smoothing=0.0):
-    """The EFE loss as a user writes it in plain PyTorch (class or soft targets)."""
+    """The EFE loss as a user writes it in plain PyTorch: log_softmax, a gather of the target's
+    log-probability (class targets) or a sum against the distribution (soft targets),
+    hard-row weights, mean over the valid rows."""
     log_q = torch.log_softmax(z.float(), -1)
+    n_classes = z.shape[-1]
     if target.is_floating_point():
-        p = target
-        valid = torch.ones(z.shape[0], dtype=torch.bool, device=z.device)
-        y = p.argmax(-1)
+        p = (1 - label_smoothing) * target + label_smoothing / n_classes
+        risk = (torch.xlogy(p, p) - p * log_q).sum(-1)
+        valid = torch.ones_like(risk, dtype=torch.bool)
+        y = target.argmax(-1)
     else:
         valid = target != -100
         y = torch.where(valid, target, 0)
-        p = F.one_hot(y, z.shape[-1]).float()
-    if label_smoothing:
-        p = (1 - label_smoothing) * p + label_smoothing / z.shape[-1]
-    risk = (torch.xlogy(p, p) - p * log_q).sum(-1)
-    loss_rows = risk
+        risk = -log_q.gather(1, y[:, None]).squeeze(1)
+        if label_smoothing:
+            eps, hi = label_smoothing, 1 - label_smoothing + label_smoothing / n_classes
+            lo = eps / n_classes
+            plogp = hi * math.log(hi) + (n_classes - 1) * lo * math.log(lo)
+            risk = plogp + (1 - eps) * risk - lo * log_q.sum(-1)
     if entropy_weight:
-        loss_rows = loss_rows - entropy_weight * (log_q.exp() * log_q).sum(-1)
+        risk = risk - entropy_weight * (log_q.exp() * log_q).sum(-1)
     hard = log_q.gather(1, y[:, None]).squeeze(1).detach().exp() < tau
     w = easy_weight + (1 - easy_weight) * hard.float()
-    return (w * loss_rows * valid).sum() / valid.sum().clamp(min=1)
+    return (w * risk * valid).sum() / valid.sum().clamp(min=1)
 
 
 _compiled: dict[tuple, object] = {}
