@@ -79,3 +79,9 @@ def test_tau_is_settable_and_used():
     assert crit.tau == 0.05
     crit(logits, target)
     assert crit.last_stats["mask_ratio"].item() < high
+
+
+def test_repr_lists_the_options():
+    parts = repr(qwenrl.EFELoss(tau=0.3, easy_weight=0.7)).split(", ")
+    assert any(p.endswith("tau=0.3") for p in parts) and "easy_weight=0.7" in " ".join(parts)
+    assert any(p.startswith("easy_weight=0.7") for p in parts)

@@ -87,3 +87,20 @@ def test_monitor_writes_records_on_the_main_rank_only(tmp_path, capsys):
     assert capsys.readouterr().out.strip() == LOG_FORMAT.format(**record)
     main.observe([_step(qwen_grad=0)] * 2)
     assert main.flags.qwen_zero_streak == 2
+
+
+def test_tensorboard_gets_every_number_but_step_and_epoch(tmp_path):
+    calls = []
+
+    class Writer:
+        def add_scalar(self, tag, value, step):
+            calls.append((tag, value, step))
+
+    monitor = Monitor(tmp_path, is_main=True, quiet=True, tensorboard=False)
+    monitor._tb = Writer()  # what SummaryWriter would be
+    monitor.log({"kind": "val", "step": 12, "epoch": 1, "cell_accuracy": 0.5, "exact_match": 0.0,
+                 "exact": 0, "canvas_accuracy": 0.9, "mask_ratio": 0.1, "samples": 4, "note": "x"})  # fmt: skip
+    assert sorted(calls) == sorted(
+        [(f"val/{k}", v, 12) for k, v in [("cell_accuracy", 0.5), ("exact_match", 0.0),
+         ("exact", 0), ("canvas_accuracy", 0.9), ("mask_ratio", 0.1), ("samples", 4)]]
+    )  # fmt: skip
