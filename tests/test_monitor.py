@@ -28,6 +28,7 @@ def test_qwen_grad_flag_counts_only_steps_where_qwen_ran():
     for _ in range(3):
         flags.update(_step(qwen_grad=0))
     assert len(warned) == 1 and "Qwen_grad has been 0 on 3" in warned[0]
+    assert "not reaching Qwen" in warned[0] and "missing from the optimizer" in warned[0]
     flags.update(_step(qwen_grad=0))
     assert len(warned) == 1  # once per run
 
@@ -57,8 +58,9 @@ def test_loss_flag_compares_the_two_halves_of_its_window(losses, flat):
     assert not warned  # the window is not full yet
     flags.update(_step(loss=losses[3]))
     assert bool(warned) == flat
+    assert ("loss_flat" in flags.raised) == flat
     if flat:
-        assert "loss is flat or rising" in warned[0]
+        assert "loss is flat or rising" in warned[0] and "check the learning rates" in warned[0]
 
 
 def test_red_flag_state_round_trips():

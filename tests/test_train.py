@@ -256,7 +256,8 @@ def test_nonfinite_loss_is_skipped_then_stops_with_a_checkpoint(tmp_path, arc_di
     real = trainer.criterion.forward
     monkeypatch.setattr(trainer.criterion, "forward", lambda *a, **k: real(*a, **k) * float("nan"))
     with pytest.warns(RuntimeWarning, match="non-finite loss"):
-        assert trainer.train_step(trainer.batch_at(1)).get("skipped")
+        skipped = trainer.train_step(trainer.batch_at(1))
+        assert skipped.get("skipped") and isinstance(skipped["qwen_ran"], bool)
         assert trainer.train_step(trainer.batch_at(2)).get("skipped")
         with pytest.raises(NonFiniteLossError, match="saved.*try --amp off"):
             trainer.train_step(trainer.batch_at(3))
@@ -700,3 +701,20 @@ def test_logged_speed_is_steps_per_second(tmp_path, arc_dir, monkeypatch):
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
     speeds = [r["steps_per_s"] for r in records if r["kind"] == "train"]
     assert speeds == [1.0, 2.0]  # 1 step in the first clock tick, then 2 steps per tick
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
+def test_grad_clip_zero_means_no_clipping(tmp_path, arc_dir, monkeypatch):
+    trainer = Trainer(tiny_config(tmp_path / "run", arc_dir, grad_clip=0.0), quiet=True)
+    norms = []
+    real_step = trainer.optimizer.step
+
+    def step(*args, **kwargs):
+        grads = [p.grad.norm() for p in trainer.main_params if p.grad is not None]
+        norms.append(float(torch.stack(grads).norm()))
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(trainer.optimizer, "step", step)
+    trainer.train_step(trainer.batch_at(0))
+    assert norms[0] > 1e-3
+    trainer.close()
