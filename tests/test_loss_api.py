@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -79,3 +81,31 @@ def test_tau_is_settable_and_used():
     assert crit.tau == 0.05
     crit(logits, target)
     assert crit.last_stats["mask_ratio"].item() < high
+
+
+def test_repr_lists_the_options():
+    parts = repr(qwenrl.EFELoss(tau=0.3, easy_weight=0.7)).split(", ")
+    assert any(p.endswith("tau=0.3") for p in parts) and "easy_weight=0.7" in " ".join(parts)
+    assert any(p.startswith("easy_weight=0.7") for p in parts)
+
+
+def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
+    logits, target = _inputs(n=8, c=4)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="backend='triton' on CPU tensors needs the Triton"):
+        qwenrl.efe_loss(logits, target, backend="triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an available kernel runs without a fallback warning
+        loss = qwenrl.efe_loss(logits, target, backend="triton")
+    torch.testing.assert_close(loss, qwenrl.efe_loss(logits, target, backend="reference"))
+
+
+def test_logits_shapes_at_the_edges():
+    one_class = torch.randn(5, 1)
+    loss = qwenrl.efe_loss(one_class, torch.zeros(5, dtype=torch.long), backend="reference")
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)  # q = 1 for the only class
+    with pytest.raises(ValueError, match=r"shape \[\.\.\., C\] with C >= 1"):
+        qwenrl.efe_loss(torch.tensor(1.0), torch.tensor(0))
+    with pytest.raises(TypeError, match="logits and target must be torch.Tensors"):
+        qwenrl.efe_loss(torch.zeros(2, 3), [0, 1])

@@ -328,6 +328,8 @@ def test_reinforce_loss_is_the_formula():
     expected = -(advantage * dist.log_prob(action)).mean() - 0.05 * dist.entropy().mean()
     torch.testing.assert_close(loss, expected)
     torch.testing.assert_close(stats["advantage"], advantage.mean())
+    torch.testing.assert_close(stats["reward"], reward.mean())
+    torch.testing.assert_close(stats["scaled_reward"], 2.0 * reward.mean())
     # Before the first update the baseline is the batch's own mean scaled reward.
     policy.baseline_ready.fill_(False)
     loss, stats = policy.reinforce_loss(x, action, reward)

@@ -28,6 +28,7 @@ def test_qwen_grad_flag_counts_only_steps_where_qwen_ran():
     for _ in range(3):
         flags.update(_step(qwen_grad=0))
     assert len(warned) == 1 and "Qwen_grad has been 0 on 3" in warned[0]
+    assert "not reaching Qwen" in warned[0] and "missing from the optimizer" in warned[0]
     flags.update(_step(qwen_grad=0))
     assert len(warned) == 1  # once per run
 
@@ -57,8 +58,9 @@ def test_loss_flag_compares_the_two_halves_of_its_window(losses, flat):
     assert not warned  # the window is not full yet
     flags.update(_step(loss=losses[3]))
     assert bool(warned) == flat
+    assert ("loss_flat" in flags.raised) == flat
     if flat:
-        assert "loss is flat or rising" in warned[0]
+        assert "loss is flat or rising" in warned[0] and "check the learning rates" in warned[0]
 
 
 def test_red_flag_state_round_trips():
@@ -87,3 +89,20 @@ def test_monitor_writes_records_on_the_main_rank_only(tmp_path, capsys):
     assert capsys.readouterr().out.strip() == LOG_FORMAT.format(**record)
     main.observe([_step(qwen_grad=0)] * 2)
     assert main.flags.qwen_zero_streak == 2
+
+
+def test_tensorboard_gets_every_number_but_step_and_epoch(tmp_path):
+    calls = []
+
+    class Writer:
+        def add_scalar(self, tag, value, step):
+            calls.append((tag, value, step))
+
+    monitor = Monitor(tmp_path, is_main=True, quiet=True, tensorboard=False)
+    monitor._tb = Writer()  # what SummaryWriter would be
+    monitor.log({"kind": "val", "step": 12, "epoch": 1, "cell_accuracy": 0.5, "exact_match": 0.0,
+                 "exact": 0, "canvas_accuracy": 0.9, "mask_ratio": 0.1, "samples": 4, "note": "x"})  # fmt: skip
+    assert sorted(calls) == sorted(
+        [(f"val/{k}", v, 12) for k, v in [("cell_accuracy", 0.5), ("exact_match", 0.0),
+         ("exact", 0), ("canvas_accuracy", 0.9), ("mask_ratio", 0.1), ("samples", 4)]]
+    )  # fmt: skip

@@ -24,6 +24,7 @@ from qwenrl.train import (
     tau_for_epoch,
 )
 from qwenrl.train import checkpoint as checkpoint_mod
+from qwenrl.train.evaluation import check_val_grids
 
 SEED_LOG_LINE = re.compile(
     r"^\[Batch +\d+\] Reward: +-?\d+\.\d{4} \| Loss: +-?\d+\.\d{4} \| "
@@ -255,9 +256,10 @@ def test_nonfinite_loss_is_skipped_then_stops_with_a_checkpoint(tmp_path, arc_di
     real = trainer.criterion.forward
     monkeypatch.setattr(trainer.criterion, "forward", lambda *a, **k: real(*a, **k) * float("nan"))
     with pytest.warns(RuntimeWarning, match="non-finite loss"):
-        assert trainer.train_step(trainer.batch_at(1)).get("skipped")
+        skipped = trainer.train_step(trainer.batch_at(1))
+        assert skipped.get("skipped") and isinstance(skipped["qwen_ran"], bool)
         assert trainer.train_step(trainer.batch_at(2)).get("skipped")
-        with pytest.raises(NonFiniteLossError, match="saved"):
+        with pytest.raises(NonFiniteLossError, match="saved.*try --amp off"):
             trainer.train_step(trainer.batch_at(3))
     assert all(torch.equal(a, p.detach()) for a, p in zip(params, trainer.main_params))
     assert latest_checkpoint(tmp_path / "run") is not None
@@ -565,10 +567,13 @@ def test_qwen_grad_is_read_before_clipping_and_clipping_applies(tmp_path, arc_di
 
 def test_validation_restores_train_mode(tmp_path, arc_dir):
     trainer = Trainer(tiny_config(tmp_path / "run", arc_dir), quiet=True)
-    summary = trainer.validate(0)
+    trainer.step = 7
+    summary = trainer.validate(1)
     assert all(m.training for m in trainer.models.modules())
     assert summary["samples"] == len(trainer.val_set)
-    assert (tmp_path / "run" / "val_grids.json").is_file()
+    grids = json.loads((tmp_path / "run" / "val_grids.json").read_text())
+    assert (grids["step"], grids["epoch"], grids["tau"]) == (7, 1, trainer.criterion.tau)
+    assert len(check_val_grids(grids)) == len(trainer.val_set)  # tiny set: all in one batch
     trainer.close()
 
 
@@ -620,6 +625,10 @@ def test_under_ddp_rl_gradients_go_through_the_cross_rank_mean(tmp_path, arc_dir
     rl_grads = [p.grad for p in trainer.models.rl_parameters()]
     assert rl_grads and all(any(g is t for t in averaged) for g in rl_grads)
     assert any(t.shape == (len(trainer_mod.METRIC_NAMES),) for t in averaged)  # the metrics
+    # Validation: each rank scores its shard, the totals are summed over the ranks.
+    monkeypatch.setattr(trainer_mod.torch.distributed, "all_reduce", lambda t: t.mul_(2))
+    summary = trainer.validate(0)
+    assert summary["samples"] == 2 * len(trainer.dist.shard(len(trainer.val_set)))
     trainer.close()
 
 
@@ -666,3 +675,46 @@ def test_main_exit_statuses(tmp_path, arc_dir, capsys, monkeypatch):
     monkeypatch.setattr(cli.Trainer, "train", diverged)
     assert cli.main(_tiny_argv(tmp_path / "o3", arc_dir)) == 1
     assert "error: 5 non-finite losses" in capsys.readouterr().err
+
+
+def test_checkpoint_cadence_and_saved_config(tmp_path, arc_dir):
+    """--save_every 3 over two epochs of 4 steps: every third step, and each epoch's end."""
+    cfg = tiny_config(tmp_path / "run", arc_dir, save_every=3, keep_checkpoints=10)
+    trainer = Trainer(cfg, quiet=True)
+    trainer.train()
+    trainer.close()
+    saved = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "run").glob("checkpoint-*"))
+    assert saved == [3, 4, 6, 8]
+    state = torch.load(latest_checkpoint(tmp_path / "run") / "state.pt", weights_only=True)
+    assert state["config"] == cfg.to_dict() and state["step"] == 8
+
+
+def test_logged_speed_is_steps_per_second(tmp_path, arc_dir, monkeypatch):
+    from qwenrl.train import trainer as trainer_mod
+
+    clock = iter(range(1000))
+    monkeypatch.setattr(trainer_mod.time, "perf_counter", lambda: float(next(clock)))
+    cfg = tiny_config(tmp_path / "run", arc_dir, epochs=1, log_every=2)
+    trainer = Trainer(cfg, quiet=True)
+    trainer.train()
+    trainer.close()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    speeds = [r["steps_per_s"] for r in records if r["kind"] == "train"]
+    assert speeds == [1.0, 2.0]  # 1 step in the first clock tick, then 2 steps per tick
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
+def test_grad_clip_zero_means_no_clipping(tmp_path, arc_dir, monkeypatch):
+    trainer = Trainer(tiny_config(tmp_path / "run", arc_dir, grad_clip=0.0), quiet=True)
+    norms = []
+    real_step = trainer.optimizer.step
+
+    def step(*args, **kwargs):
+        grads = [p.grad.norm() for p in trainer.main_params if p.grad is not None]
+        norms.append(float(torch.stack(grads).norm()))
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(trainer.optimizer, "step", step)
+    trainer.train_step(trainer.batch_at(0))
+    assert norms[0] > 1e-3
+    trainer.close()

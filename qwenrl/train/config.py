@@ -300,24 +300,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for name, f in FIELDS.items():
         flag, kind = f"--{name}", _base_type(name)
+        text = f.metadata["help"].replace("%", "%%")  # argparse %-formats help texts
         if kind is bool:
             parser.add_argument(
                 flag,
                 action=argparse.BooleanOptionalAction,
                 default=f.default,
-                help=f.metadata["help"],
+                help=text,
             )
         elif name == "resume":
-            parser.add_argument(
-                flag, nargs="?", const="auto", default=None, help=f.metadata["help"]
-            )
+            parser.add_argument(flag, nargs="?", const="auto", default=None, help=text)
         else:
             parser.add_argument(
                 flag,
                 type=kind,
                 default=f.default,
                 choices=f.metadata.get("choices"),
-                help=f.metadata["help"],
+                help=text,
             )
     return parser
 
