@@ -358,3 +358,60 @@ def test_compiles_fullgraph(reduction):
     bad[5] = 50
     with pytest.raises(Exception, match="outside"):
         compiled(h, bad)
+
+
+# --- DistributedDataParallel ---------------------------------------------------------------
+
+
+class _Head(torch.nn.Module):
+    """A projection and an LM head whose loss is linear_efe_loss (what DDP wraps)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = torch.nn.Linear(8, 8)
+        self.head = torch.nn.Linear(8, 40)
+
+    def forward(self, x, target):
+        return qwenrl.linear_efe_loss(
+            torch.tanh(self.proj(x)), self.head.weight, target, bias=self.head.bias,
+            chunk_size=5, entropy_weight=0.2,
+        )  # fmt: skip
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = DistributedDataParallel(_Head())
+        x, t = _ddp_batch()
+        rows = slice(rank * 16, (rank + 1) * 16)
+        model(x[rows], t[rows]).backward()
+        grads = {n: p.grad for n, p in model.module.named_parameters()}
+        torch.save(grads, f"{out_dir}/grads{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _ddp_batch():
+    g = torch.Generator().manual_seed(7)
+    return torch.randn(32, 8, generator=g), torch.randint(0, 40, (32,), generator=g)
+
+
+@needs_ext
+def test_ddp_gradients_equal_the_average_of_the_ranks(tmp_path):
+    """Two gloo ranks, each with half the batch: DDP's averaged gradients equal one process
+    computing the mean of the two halves' losses."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    model = _Head()
+    x, t = _ddp_batch()
+    ((model(x[:16], t[:16]) + model(x[16:], t[16:])) / 2).backward()
+    for rank in (0, 1):
+        grads = torch.load(tmp_path / f"grads{rank}.pt")
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-6)
