@@ -87,6 +87,7 @@ def chunked_forward(
     chunk_size: int,
     needs: tuple[bool, bool, bool],
     row_weight: Tensor | None = None,
+    drop_ignored: bool | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """The chunk loop behind :func:`linear_efe_loss` (flattened inputs, options checked).
 
@@ -97,6 +98,8 @@ def chunked_forward(
         needs: which of (hidden, weight, bias) get a gradient.
         row_weight: [N] upstream gradient of a ``'none'`` loss: the gradients are then those
             of Σ_i row_weight_i · loss_i (the ``'none'`` backward).
+        drop_ignored: take rows with ``ignore_index`` out before the matmuls; default: on the
+            CPU only (on CUDA it would sync the host).
 
     Returns:
         (loss fp32 [N] or [], sums fp32 [5], grad_hidden [N, D], grad_weight [V, D],
@@ -127,9 +130,11 @@ def chunked_forward(
     # Rows that count. On the CPU, rows with ignore_index are dropped here (a cheap nonzero);
     # on CUDA that is a host sync, so they stay and the kernel gives them zero gradient.
     rows: Tensor | None = None
+    if drop_ignored is None:
+        drop_ignored = device.type == "cpu"
     if options.soft:
         n_valid: Tensor | float = float(n)
-    elif device.type == "cpu":
+    elif drop_ignored:
         keep = target != options.ignore_index
         n_keep = int(keep.sum())
         n_valid = float(n_keep)
