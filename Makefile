@@ -11,7 +11,9 @@ ARGS   ?=
 # (temp files and compiler caches stay inside the checkout: conftest.py).
 TEST_ENV := QWENRL_REQUIRE_EXT=1
 
-.PHONY: setup ext train test bench lint format clean check-install
+MUTMUT_PIN ?= mutmut==3.8.1
+
+.PHONY: setup ext train test bench gpu-check lint format mutate clean check-install
 
 $(PY):
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -66,6 +68,22 @@ print("installed qwenrl", qwenrl.__version__, "loss", loss.item(), "extension", 
 endef
 export CHECK_INSTALL
 
+# On a CUDA machine: Triton tests on the GPU, GPU benchmarks, a one-minute GPU training run.
+gpu-check: setup
+	PY=$(PY) bash bench/gpu_check.sh
+
+# Mutation testing of the trainer, the RL policy and the loss API (scope and test selection:
+# [tool.mutmut] in pyproject.toml). Not part of `make test`; about 30-40 minutes on 2 cores.
+# Afterwards: `.venv/bin/mutmut results` lists the survivors, `.venv/bin/mutmut show NAME`
+# shows one.
+mutate: setup
+	$(PY) -m pip install -q "$(MUTMUT_PIN)"
+	rm -rf mutants
+	OMP_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children 2 | tr '\r' '\n' | tail -n 3
+	$(VENV)/bin/mutmut export-cicd-stats
+	$(PY) -c "import json; s = json.load(open('mutants/mutmut-cicd-stats.json')); \
+	  n = s['total']; print(f\"killed {s['killed']} of {n} mutants: {s['killed'] / max(n, 1):.1%}\"); print(s)"
+
 lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
@@ -75,4 +93,4 @@ format: $(STAMP)
 	$(PY) -m ruff format .
 
 clean:
-	rm -rf build *.egg-info qwenrl/_C*.so
+	rm -rf build *.egg-info qwenrl/_C*.so mutants

@@ -13,6 +13,7 @@ import pytest
 
 _ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(_ROOT / "tests"))
+sys.path.insert(0, str(_ROOT / "bench"))
 # Compiler caches and the extension requirement: the repository's root conftest.py.
 
 _rows: dict[str, list[tuple[str, float, dict]]] = {}

@@ -1,17 +1,31 @@
 """Training throughput with the prompt-embedding cache on (refresh every 10 steps) vs off.
 
 Run: pytest bench/test_train_bench.py --benchmark-only
-The default configuration of ``python -m qwenrl.train`` (tiny Qwen, batch 16, CPU); each round
-times two full cache windows (20 optimiser steps) so both settings do the same work per round.
+
+Two prompt encoders, each its own group (cache off is the baseline):
+* ``tiny``: the default configuration of ``python -m qwenrl.train`` (a 2-layer, width-64
+  random Qwen3), where Qwen is only about half of an uncached step;
+* ``qwen_8x384``: a larger random Qwen3 saved with ``save_pretrained`` and loaded through
+  ``--qwen`` (8 layers, width 384), whose forward dominates the step as a real Qwen's does.
+Each round times two full cache windows (20 optimiser steps), so both settings do the same
+work per round; data loading is not timed.
 """
 
 from __future__ import annotations
 
 import pytest
 
+from qwenrl.models import QwenPromptEncoder
+from qwenrl.models.encoder import TinyQwenConfig
 from qwenrl.train import TrainConfig, Trainer
 
 STEPS = 20
+ENCODERS = {
+    "tiny": None,
+    "qwen_8x384": TinyQwenConfig(
+        hidden_size=384, num_layers=8, num_heads=6, num_kv_heads=2, intermediate_size=1024
+    ),
+}
 
 
 @pytest.fixture(scope="module")
@@ -19,10 +33,25 @@ def out_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("train_bench")
 
 
+def _qwen_path(out_dir, encoder: str) -> str | None:
+    size = ENCODERS[encoder]
+    if size is None:
+        return None
+    path = out_dir / encoder
+    if not path.exists():
+        QwenPromptEncoder(128, tiny=size).save_pretrained(path)
+    return str(path)
+
+
 # Baseline first (cache off): the ratio of the cached run is taken against it.
+@pytest.mark.parametrize("encoder", list(ENCODERS))
 @pytest.mark.parametrize("refresh_every", [0, 10])
-def test_train_steps_per_second(benchmark, record, out_dir, refresh_every):
-    cfg = TrainConfig(refresh_every=refresh_every, out=str(out_dir / f"r{refresh_every}"))
+def test_train_steps_per_second(benchmark, record, out_dir, encoder, refresh_every):
+    cfg = TrainConfig(
+        refresh_every=refresh_every,
+        qwen=_qwen_path(out_dir, encoder),
+        out=str(out_dir / f"{encoder}-r{refresh_every}"),
+    )
     trainer = Trainer(cfg, quiet=True)
     batches = [trainer.batch_at(s) for s in range(STEPS)]  # data loading is not timed
     state = {"round": 0}
@@ -36,7 +65,7 @@ def test_train_steps_per_second(benchmark, record, out_dir, refresh_every):
     benchmark.pedantic(run_window, rounds=3, warmup_rounds=1, iterations=1)
     seconds = benchmark.stats.stats.median
     record(
-        "train steps (default config, batch 16)",
+        f"train steps (batch 16, encoder {encoder})",
         f"refresh_every={refresh_every}",
         steps_per_s=STEPS / seconds,
         cache_hit_rate=trainer.cache.stats.hit_rate,

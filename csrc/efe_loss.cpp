@@ -19,17 +19,23 @@
 // only -inf, or an out-of-range target that was not validated give a NaN row.
 
 #include <ATen/Parallel.h>
+#include <immintrin.h>
 #include <torch/extension.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <mutex>
 #include <string>
 #include <type_traits>
 #include <vector>
+
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 
 namespace {
 
@@ -49,7 +55,7 @@ Reduction parse_reduction(const std::string& name) {
 
 // exp(x) for x in [-87.3, 88.7] in a form the compiler vectorises (no libm call): 2^n · P(r)
 // with the Cephes single-precision polynomial. Callers clamp x.
-inline float fast_exp(float x) {
+__attribute__((always_inline)) inline float fast_exp(float x) {
   const float n = std::floor(x * 1.44269504088896341f + 0.5f);
   const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
@@ -66,7 +72,7 @@ inline float fast_exp(float x) {
 }
 
 // log(x) for a normal positive x, vectorisable (Cephes logf: x = 2^k·m, m in [√½, √2)).
-inline float fast_log(float x) {
+__attribute__((always_inline)) inline float fast_log(float x) {
   int32_t bits;
   std::memcpy(&bits, &x, sizeof(bits));
   float k = static_cast<float>(((bits >> 23) & 0xff) - 126);
@@ -149,6 +155,69 @@ struct Problem {
   float row_scale;            // 1/N_valid for 'mean', else 1
 };
 
+// --- 16 x 16 transposes between a tile's rows and its [C][kTileRows] layout -----------------
+
+#ifdef __AVX512F__
+constexpr bool kHasTranspose16 = true;
+
+// In place: v[i] holds row i of a 16 x 16 block on entry, column i on exit (unpack within
+// 128-bit lanes, then exchange the lanes).
+inline void transpose16(__m512 v[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
+    const __m512d c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
+    v[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    v[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    v[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    v[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+  for (int k = 0; k < 4; ++k) {
+    const __m512 ab_lo = _mm512_shuffle_f32x4(v[k], v[4 + k], 0x44);
+    const __m512 ab_hi = _mm512_shuffle_f32x4(v[k], v[4 + k], 0xEE);
+    const __m512 cd_lo = _mm512_shuffle_f32x4(v[8 + k], v[12 + k], 0x44);
+    const __m512 cd_hi = _mm512_shuffle_f32x4(v[8 + k], v[12 + k], 0xEE);
+    t[k] = _mm512_shuffle_f32x4(ab_lo, cd_lo, 0x88);
+    t[4 + k] = _mm512_shuffle_f32x4(ab_lo, cd_lo, 0xDD);
+    t[8 + k] = _mm512_shuffle_f32x4(ab_hi, cd_hi, 0x88);
+    t[12 + k] = _mm512_shuffle_f32x4(ab_hi, cd_hi, 0xDD);
+  }
+  for (int i = 0; i < 16; ++i) v[i] = t[i];
+}
+
+// rows [rows][C] (row-major, C <= kTileMaxC) -> x[c][r]; rows past `rows` read as 0.
+inline void transpose_in(const float* src, int32_t C, int rows, float (*x)[kTileRows]) {
+  for (int32_t c0 = 0; c0 < C; c0 += 16) {
+    const __mmask16 cols = static_cast<__mmask16>((1u << std::min(16, C - c0)) - 1u);
+    __m512 v[16];
+    for (int r = 0; r < 16; ++r)
+      v[r] = r < rows ? _mm512_maskz_loadu_ps(cols, src + r * C + c0) : _mm512_setzero_ps();
+    transpose16(v);
+    for (int32_t c = c0; c < std::min(C, c0 + 16); ++c) _mm512_store_ps(x[c], v[c - c0]);
+  }
+}
+
+// x[c][r] -> rows [rows][C] (row-major); nothing is written past `rows`.
+inline void transpose_out(float (*x)[kTileRows], int32_t C, int rows, float* dst) {
+  for (int32_t c0 = 0; c0 < C; c0 += 16) {
+    const int32_t width = std::min(16, C - c0);
+    const __mmask16 cols = static_cast<__mmask16>((1u << width) - 1u);
+    __m512 v[16];
+    for (int c = 0; c < 16; ++c) v[c] = c < width ? _mm512_load_ps(x[c0 + c]) : _mm512_setzero_ps();
+    transpose16(v);
+    for (int r = 0; r < rows; ++r) _mm512_mask_storeu_ps(dst + r * C + c0, cols, v[r]);
+  }
+}
+#else
+constexpr bool kHasTranspose16 = false;
+inline void transpose_in(const float*, int32_t, int, float (*)[kTileRows]) {}
+inline void transpose_out(float (*)[kTileRows], int32_t, int, float*) {}
+#endif
+
 // --- narrow rows: kTileRows rows per step, one SIMD lane per row ---------------------------
 
 template <typename scalar_t, typename grad_t, typename target_t>
@@ -181,14 +250,11 @@ void tile_rows(const Problem<scalar_t, grad_t, target_t>& pb, const Options& o, 
     }
     yy[r] = static_cast<int32_t>(y);
   }
-  // The tile's rows are one contiguous block: transpose it in (a gather per class).
+  // Transpose the tile's rows (one contiguous block) in.
   const scalar_t* zb = pb.z + i0 * C;
   const int32_t Ci = static_cast<int32_t>(C);
-  if (rows == R) {
-    for (int32_t c = 0; c < Ci; ++c) {
-#pragma omp simd
-      for (int32_t r = 0; r < R; ++r) x[c][r] = to_float(zb[r * Ci + c]);
-    }
+  if constexpr (kHasTranspose16 && std::is_same_v<scalar_t, float>) {
+    transpose_in(zb, Ci, rows, x);
   } else {
     for (int32_t c = 0; c < Ci; ++c)
       for (int32_t r = 0; r < R; ++r) x[c][r] = r < rows ? to_float(zb[r * Ci + c]) : 0.0f;
@@ -252,7 +318,8 @@ void tile_rows(const Problem<scalar_t, grad_t, target_t>& pb, const Options& o, 
     for (int r = 0; r < R; ++r) {
       const float raw = x[c][r] - m[r];
       const float xc = std::max(raw, kExpFloor);
-      const float ex = raw > kExpFloor ? fast_exp(xc) : 0.0f;  // exactly 0 for a masked class
+      const float ex_c = fast_exp(xc);  // computed unconditionally: a conditional call blocks SIMD
+      const float ex = raw > kExpFloor ? ex_c : 0.0f;  // exactly 0 for a masked class
       e[c][r] = ex;
       S[r] += ex;
       U[r] += ex * xc;
@@ -331,11 +398,8 @@ void tile_rows(const Problem<scalar_t, grad_t, target_t>& pb, const Options& o, 
     }
   }
   grad_t* gb = pb.grad + i0 * C;
-  if (rows == R) {
-    for (int32_t c = 0; c < Ci; ++c) {
-#pragma omp simd
-      for (int32_t r = 0; r < R; ++r) gb[r * Ci + c] = static_cast<grad_t>(e[c][r]);
-    }
+  if constexpr (kHasTranspose16 && std::is_same_v<grad_t, float>) {
+    transpose_out(e, Ci, rows, gb);
   } else {
     for (int32_t r = 0; r < rows; ++r)
       for (int32_t c = 0; c < Ci; ++c) gb[r * Ci + c] = static_cast<grad_t>(e[c][r]);
@@ -344,9 +408,53 @@ void tile_rows(const Problem<scalar_t, grad_t, target_t>& pb, const Options& o, 
 
 // --- wide rows: one row at a time, SIMD along the row --------------------------------------
 
+// Max over c in [0, C) of load(c), the first c where it occurs, and whether a value was NaN or
+// +inf: kLanes columns at a time, each lane keeping its own max and the first column where it
+// occurred (a scalar argmax loop does not vectorise).
+struct LaneMax {
+  float max;
+  int64_t arg;
+  bool nonfinite;
+};
+template <typename Load>
+LaneMax lane_max(int64_t C, Load load) {
+  constexpr int64_t kLanes = 16;
+  alignas(64) float lane_m[kLanes], lane_arg[kLanes], lane_ok[kLanes];
+  for (int64_t l = 0; l < kLanes; ++l) lane_m[l] = -kInf, lane_arg[l] = 0.0f, lane_ok[l] = 1.0f;
+  const int64_t C_body = C / kLanes * kLanes;
+  for (int64_t c0 = 0; c0 < C_body; c0 += kLanes) {
+    const float cf = static_cast<float>(c0);  // exact: C < 2^24
+#pragma omp simd
+    for (int64_t l = 0; l < kLanes; ++l) {
+      const float v = load(c0 + l);
+      lane_ok[l] = (v == v && v != kInf) ? lane_ok[l] : 0.0f;
+      const bool more = v > lane_m[l];
+      lane_arg[l] = more ? cf + static_cast<float>(l) : lane_arg[l];
+      lane_m[l] = more ? v : lane_m[l];
+    }
+  }
+  for (int64_t c = C_body; c < C; ++c) {  // the tail: lane l takes column C_body + l
+    const int64_t l = c - C_body;
+    const float v = load(c);
+    lane_ok[l] = (v == v && v != kInf) ? lane_ok[l] : 0.0f;
+    if (v > lane_m[l]) lane_m[l] = v, lane_arg[l] = static_cast<float>(c);
+  }
+  LaneMax out{-kInf, C, false};
+  float arg_f = static_cast<float>(C);
+  for (int64_t l = 0; l < kLanes; ++l) {
+    out.nonfinite |= lane_ok[l] == 0.0f;
+    if (lane_m[l] > out.max || (lane_m[l] == out.max && lane_arg[l] < arg_f)) {
+      out.max = lane_m[l], arg_f = lane_arg[l];
+    }
+  }
+  out.arg = out.max == -kInf ? 0 : static_cast<int64_t>(arg_f);
+  return out;
+}
+
+
 template <typename scalar_t, typename grad_t, typename target_t>
 void wide_row(const Problem<scalar_t, grad_t, target_t>& pb, const Options& o, int64_t i,
-              float* e, float* p, float* plogp_c, Sums& part) {
+              float* e, float* p, Sums& part) {
   const int64_t C = pb.C;
   const scalar_t* z = pb.z + i * C;
   grad_t* g = pb.grad ? pb.grad + i * C : nullptr;
@@ -358,16 +466,17 @@ void wide_row(const Problem<scalar_t, grad_t, target_t>& pb, const Options& o, i
   double plogp = o.plogp_class;
   if (o.soft) {
     const target_t* t = pb.p + i * C;
-    float best = -kInf;
+    const bool log_target = o.log_target;
+    const float eps = o.eps;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) p[c] = soft_p(to_float(t[c]), log_target, eps, inv_c);
     double acc = 0.0, acc_plogp = 0.0;  // fp64: Σp over a 150k vocabulary must stay exact
+#pragma omp simd reduction(+ : acc, acc_plogp)
     for (int64_t c = 0; c < C; ++c) {
-      const float tc = to_float(t[c]);
-      p[c] = soft_p(tc, o.log_target, o.eps, inv_c);
-      plogp_c[c] = soft_plogp(p[c]);
       acc += p[c];
-      acc_plogp += plogp_c[c];
-      if (p[c] > best) best = p[c], y = c;
+      acc_plogp += soft_plogp(p[c]);
     }
+    y = lane_max(C, [p](int64_t c) { return p[c]; }).arg;
     sum_p = static_cast<float>(acc);
     plogp = acc_plogp;
   } else {
@@ -379,17 +488,12 @@ void wide_row(const Problem<scalar_t, grad_t, target_t>& pb, const Options& o, i
     }
   }
 
-  // Pass 1: max, argmax, NaN / +inf check.
-  float m = -kInf;
-  int64_t arg = 0;
-  bool bad = !(y >= 0 && y < C);
-  for (int64_t c = 0; c < C; ++c) {
-    const float v = to_float(z[c]);
-    bad |= (v != v) | (v == kInf);
-    if (v > m) m = v, arg = c;
-  }
-  bad |= m == -kInf;
-  if (bad) {
+  // Pass 1: max, argmax (first maximum) and the NaN / +inf check.
+  const LaneMax zmax = lane_max(C, [z](int64_t c) { return to_float(z[c]); });
+  const float m = zmax.max;
+  const int64_t arg = zmax.arg;
+  const bool nonfinite = zmax.nonfinite;
+  if (nonfinite || m == -kInf || !(y >= 0 && y < C)) {  // m = -inf: every class masked
     part.loss += nan, part.risk += nan, part.entropy += nan;
     if (pb.loss_rows) pb.loss_rows[i] = nan;
     if (g) std::fill(g, g + C, grad_t(nan));
@@ -402,7 +506,8 @@ void wide_row(const Problem<scalar_t, grad_t, target_t>& pb, const Options& o, i
   for (int64_t c = 0; c < C; ++c) {
     const float raw = to_float(z[c]) - m;
     const float xc = std::max(raw, kExpFloor);
-    const float ex = raw > kExpFloor ? fast_exp(xc) : 0.0f;  // exactly 0 for a masked class
+    const float ex_c = fast_exp(xc);  // computed unconditionally: a conditional call blocks SIMD
+      const float ex = raw > kExpFloor ? ex_c : 0.0f;  // exactly 0 for a masked class
     e[c] = ex;
     S += ex;
     U += ex * xc;
@@ -416,8 +521,11 @@ void wide_row(const Problem<scalar_t, grad_t, target_t>& pb, const Options& o, i
   const float x_y = to_float(z[y]) - m;  // read before pass 3 may overwrite z (in place)
   if (o.soft) {
     double p_x = 0.0;
-    for (int64_t c = 0; c < C; ++c)
-      if (p[c] != 0.0f) p_x += p[c] * (to_float(z[c]) - m);  // 0·log 0 = 0
+#pragma omp simd reduction(+ : p_x)
+    for (int64_t c = 0; c < C; ++c) {
+      const float pc = p[c];
+      p_x += pc != 0.0f ? pc * (to_float(z[c]) - m) : 0.0f;  // 0·log 0 = 0
+    }
     risk = static_cast<float>(plogp - p_x + static_cast<double>(log_s) * sum_p);
   } else {
     float sum_x = 0.0f;
@@ -484,9 +592,9 @@ Sums run_rows(const Problem<scalar_t, grad_t, target_t>& pb, const Options& o) {
   } else {
     const int64_t grain = std::max<int64_t>(1, 16384 / C);
     at::parallel_for(0, pb.N, grain, [&](int64_t begin, int64_t end) {
-      std::vector<float> e(C), p(o.soft ? C : 0), plogp(o.soft ? C : 0);
+      std::vector<float> e(C), p(o.soft ? C : 0);
       Sums part;
-      for (int64_t i = begin; i < end; ++i) wide_row(pb, o, i, e.data(), p.data(), plogp.data(), part);
+      for (int64_t i = begin; i < end; ++i) wide_row(pb, o, i, e.data(), p.data(), part);
       std::lock_guard<std::mutex> lock(merge);
       total.add(part);
     });
@@ -610,6 +718,26 @@ std::tuple<at::Tensor, at::Tensor> efe_forward(
   return {loss, sums};
 }
 
+// An uninitialised [sizes] buffer for a fused gradient. A fresh buffer of hundreds of MB (an LLM
+// vocabulary's logits) is page-faulted in 4 KiB at a time as the kernel first writes it, which
+// can cost more than the kernel; backed by transparent huge pages (2 MiB) it costs a fraction.
+at::Tensor empty_grad(at::IntArrayRef sizes, at::ScalarType dtype) {
+  const auto options = at::TensorOptions().dtype(dtype);
+  const size_t bytes = static_cast<size_t>(c10::multiply_integers(sizes)) * c10::elementSize(dtype);
+  constexpr size_t kHugePage = size_t{2} << 20;
+#ifdef __linux__
+  if (bytes >= 16 * kHugePage) {
+    const size_t rounded = (bytes + kHugePage - 1) / kHugePage * kHugePage;
+    void* ptr = nullptr;
+    TORCH_CHECK(posix_memalign(&ptr, kHugePage, rounded) == 0, "efe_loss: cannot allocate ",
+                rounded, " bytes for the gradient");
+    madvise(ptr, rounded, MADV_HUGEPAGE);  // advice only: without huge pages it still works
+    return at::from_blob(ptr, sizes, [](void* p) { std::free(p); }, options);
+  }
+#endif
+  return at::empty(sizes, options);
+}
+
 void init_efe_loss(pybind11::module_& m) {
   namespace py = pybind11;
   m.def("efe_forward", &efe_forward,
@@ -619,4 +747,7 @@ void init_efe_loss(pybind11::module_& m) {
         py::kw_only(), py::arg("soft"), py::arg("log_target"), py::arg("tau"),
         py::arg("easy_weight"), py::arg("entropy_weight"), py::arg("label_smoothing"),
         py::arg("ignore_index"), py::arg("reduction"), py::arg("validate"));
+  m.def("empty_grad", &empty_grad,
+        "Uninitialised buffer for a fused gradient (huge-page backed when large)",
+        py::arg("sizes"), py::arg("dtype"));
 }

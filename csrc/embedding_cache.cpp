@@ -1,4 +1,4 @@
-// Prompt-embedding cache index (DESIGN.md §3); the Python face is qwenrl/cache.py.
+// Prompt-embedding cache index (the contract: docs/cache.md); the Python face is qwenrl/cache.py.
 //
 // The index maps an int64 prompt key to a row ("slot") of the embedding slab, a [capacity, dim]
 // tensor on the cache's device. Per slot it keeps the owner key, the step its value was written

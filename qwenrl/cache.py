@@ -1,4 +1,4 @@
-"""The prompt-embedding cache (DESIGN.md §3).
+"""The prompt-embedding cache (the contract in docs/cache.md).
 
 Qwen's forward pass over a task prompt is the most expensive part of a training step. The cache
 keeps one embedding per prompt key across batches, so Qwen recomputes a key only when its cached

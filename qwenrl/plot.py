@@ -30,6 +30,7 @@ from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
 from qwenrl.data.grids import OUTSIDE, PAD, decode_grid  # noqa: E402
+from qwenrl.train.evaluation import GRID_KEYS, VAL_GRIDS_FILE, check_val_grids  # noqa: E402
 
 __all__ = ["PlotError", "main", "plot_run"]
 
@@ -175,7 +176,7 @@ def _show_grid(ax: Axes, grid: np.ndarray, title: str) -> None:
 
 def _sample_arrays(sample: dict[str, Any], path: Path, i: int) -> tuple[np.ndarray, ...]:
     try:
-        arrays = tuple(np.asarray(sample[k]) for k in ("input", "prediction", "target", "hard"))
+        arrays = tuple(np.asarray(sample[k]) for k in GRID_KEYS)
     except (KeyError, TypeError, ValueError) as e:
         raise PlotError(f"{path}: sample {i} is malformed ({e!r})") from None
     if any(a.ndim != 2 or a.shape != arrays[0].shape for a in arrays):
@@ -187,9 +188,11 @@ def plot_grids(path: Path, out: Path) -> None:
     """Input / prediction / target of up to four samples of ``val_grids.json``."""
     try:
         data = json.loads(path.read_text())
-        samples = data["samples"][:MAX_GRID_ROWS]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise PlotError(f"{path}: malformed validation grids ({e!r})") from None
+        samples = check_val_grids(data)[:MAX_GRID_ROWS]
+    except json.JSONDecodeError as e:
+        raise PlotError(f"{path}: malformed validation grids ({e.msg})") from None
+    except ValueError as e:
+        raise PlotError(f"{path}: {e}") from None
     if not samples:
         raise PlotError(f"{path}: no samples")
     fig, axes = plt.subplots(len(samples), 3, figsize=(10, 3.6 * len(samples)), squeeze=False)
@@ -245,9 +248,9 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "training_curves.png"]
     plot_curves(records, written[0])
-    if (run_dir / "val_grids.json").is_file():
+    if (run_dir / VAL_GRIDS_FILE).is_file():
         written.append(out / "val_grids.png")
-        plot_grids(run_dir / "val_grids.json", written[-1])
+        plot_grids(run_dir / VAL_GRIDS_FILE, written[-1])
     return written
 
 

@@ -13,16 +13,20 @@ def seed_of(*params) -> int:
 
 
 def make_inputs(n, c, kind, seed, *, ignore_frac=0.2, dtype=torch.float32, scale=3.0):
-    """Random logits [n, c] and a target of the given kind: 'class', 'soft' or 'log'."""
+    """Random logits [n, c] and a target of the given kind: 'class', 'soft' or 'log'.
+
+    Drawn on the CPU (the same values on every device), then moved to torch's default device.
+    """
     g = torch.Generator().manual_seed(seed)
-    z = (torch.randn(n, c, generator=g) * scale).to(dtype)
+    z = (torch.randn(n, c, generator=g, device="cpu") * scale).to(dtype)
     if kind == "class":
-        t = torch.randint(0, c, (n,), generator=g)
-        t[torch.rand(n, generator=g) < ignore_frac] = -100
+        t = torch.randint(0, c, (n,), generator=g, device="cpu")
+        t[torch.rand(n, generator=g, device="cpu") < ignore_frac] = -100
     else:
-        p = torch.softmax(torch.randn(n, c, generator=g) * 2, -1)
+        p = torch.softmax(torch.randn(n, c, generator=g, device="cpu") * 2, -1)
         t = p.log() if kind == "log" else p
-    return z, t
+    device = torch.get_default_device()
+    return z.to(device), t.to(device)
 
 
 def _max_err(x: torch.Tensor, truth: torch.Tensor) -> float:

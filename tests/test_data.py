@@ -20,6 +20,7 @@ from qwenrl.data import (
     ArcFormatError,
     Augmentation,
     WorkingSetSampler,
+    build_datasets,
     cell_accuracy,
     collate,
     colour_permutation,
@@ -356,6 +357,34 @@ def test_sampler_ranks_get_disjoint_working_sets(small_ds: ArcDataset):
     assert not a & b
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_sampler_ranks_split_every_window_of_an_epoch(small_ds: ArcDataset, world: int):
+    """Not only the first window: over an epoch the ranks' working sets cover every prompt, and
+    a prompt is seen twice only where the epoch's last window wraps around; a rank's batches
+    come from its own working set."""
+    ranks = [
+        WorkingSetSampler(small_ds, 3, working_set=7, refresh_every=2, seed=3, rank=r,
+                          world_size=world)
+        for r in range(world)
+    ]  # fmt: skip
+    windows = ranks[0].windows_per_epoch
+    assert windows >= 3
+    wrapped = windows * world * 7 - small_ds.num_prompts  # slots past the end of the epoch
+    n_aug = small_ds.num_augmentations
+    prompt_of = {i: p for p in range(small_ds.num_prompts) for i in small_ds.prompt_items(p)}
+    for epoch in range(2):
+        seen: list[int] = []
+        for w in range(windows):
+            step = (epoch * windows + w) * ranks[0].window
+            sets = [{p for p, _ in r.working_set(step)} for r in ranks]
+            assert not set.intersection(*sets[:2]), f"ranks 0 and 1 share prompts at step {step}"
+            for r, keys in zip(ranks, sets):
+                seen += keys
+                assert {prompt_of[i // n_aug] for i in r.batch(step + 1)} <= keys
+        assert set(seen) == set(range(small_ds.num_prompts)), f"epoch {epoch}"
+        assert len(seen) - len(set(seen)) == wrapped, f"epoch {epoch}"
+
+
 def test_sampler_is_deterministic_and_resumes_exactly(small_ds: ArcDataset):
     def make(seed: int = 7) -> WorkingSetSampler:
         return WorkingSetSampler(small_ds, batch_size=5, working_set=12, refresh_every=4, seed=seed)
@@ -381,3 +410,59 @@ def test_sampler_iterates_one_epoch(small_ds: ArcDataset):
     s = WorkingSetSampler(small_ds, batch_size=3, working_set=10, refresh_every=2)
     assert len(list(s)) == len(s) == s.steps_per_epoch
     assert len(list(s)) == len(s)  # the next epoch
+
+
+# --- the evaluation tasks' demonstrations in training -----------------------------------------
+
+
+@pytest.fixture
+def split_dir(tmp_path: Path) -> Path:
+    """3 training tasks; 4 evaluation tasks with 3, 2 and 1 demonstration pairs (2 test pairs)."""
+    for i in range(3):
+        _write(tmp_path / "training" / f"t{i}.json", _task(i))
+    for i, n_train in enumerate((3, 2, 1, 4)):
+        _write(tmp_path / "evaluation" / f"e{i}.json", _task(10 + i, n_train=n_train, n_test=2))
+    return tmp_path
+
+
+def test_eval_demos_join_training_as_leave_one_out_queries_only(split_dir: Path):
+    base, val_base = build_datasets(str(split_dir), num_colour_perms=2)
+    train, val = build_datasets(str(split_dir), num_colour_perms=2, eval_demos=True)
+    _, eval_tasks = load_json_dir(split_dir)
+    # One prompt per demonstration pair of each evaluation task with >= 2 pairs; no test prompt.
+    assert train.num_prompts == base.num_prompts + 3 + 2 + 0 + 4
+    assert len(val) == len(val_base) and [t.id for t in val.tasks] == [t.id for t in val_base.tasks]
+    by_id = {t.id: t for t in eval_tasks}
+    seen = 0
+    for index in range(len(train)):
+        s = train[index]
+        if s.task_id not in by_id:
+            continue
+        seen += 1
+        task = by_id[s.task_id]
+        aug = Augmentation.from_id(s.aug_id)
+        target = aug.invert(s.target[: s.shape[0], : s.shape[1]].numpy())
+        # The query is demonstration pair j; the prompt is the task's other demonstrations.
+        j = next(j for j, (_, o) in enumerate(task.train) if np.array_equal(o, target))
+        others = [(aug.apply(i), aug.apply(o)) for k, (i, o) in enumerate(task.train) if k != j]
+        assert s.prompt == pairs_to_text(others)
+        assert torch.equal(s.query, grid_to_canvas(aug.apply(task.train[j][0]), PAD))
+    assert seen == (3 + 2 + 4) * train.num_augmentations
+
+
+def test_no_evaluation_test_output_reaches_training(split_dir: Path, monkeypatch):
+    from sealed import SealedGrid, seal_test_outputs
+
+    from qwenrl.data import dataset as dataset_mod
+
+    real = dataset_mod.load_tasks
+    monkeypatch.setattr(
+        dataset_mod, "load_tasks", lambda src: (real(src)[0], seal_test_outputs(real(src)[1]))
+    )
+    SealedGrid.reads.clear()
+    train, _ = build_datasets(str(split_dir), num_colour_perms=2, eval_demos=True)
+    samples = [train[i] for i in range(len(train))]  # every sample under every augmentation
+    sampler = WorkingSetSampler(train, batch_size=4, working_set=6, refresh_every=2)
+    for step in range(2 * sampler.steps_per_epoch):  # every batch of two epochs
+        collate([train[i] for i in sampler.batch(step)])
+    assert len(samples) == len(train) and SealedGrid.reads == []

@@ -5,20 +5,25 @@ imported). The interpreter costs about a millisecond per program instance, so th
 small and the block sizes are shrunk (monkeypatched or passed) to still cover several programs
 per launch, several rows per program and several C-blocks per row. Every case draws fresh
 random inputs, seeded per parameter set.
+
+``QWENRL_TRITON_TEST_DEVICE=cuda`` runs the same tests compiled on a CUDA GPU instead
+(``make gpu-check``): every tensor is then created on the GPU.
 """
 
 from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+DEVICE = os.environ.get("QWENRL_TRITON_TEST_DEVICE", "cpu")
+if DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 import pytest  # noqa: E402
 
 pytest.importorskip("numpy", reason="the Triton interpreter needs numpy")
 pytest.importorskip("triton", reason="triton is not installed")
-if os.environ.get("TRITON_INTERPRET") != "1":
+if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip(
         "TRITON_INTERPRET is set to something other than 1: no CPU interpreter",
         allow_module_level=True,
@@ -36,7 +41,21 @@ from qwenrl.kernels import efe as kefe  # noqa: E402
 from qwenrl.loss import efe_loss, efe_loss_reference, stats_from_sums  # noqa: E402
 from qwenrl.loss.reference import STAT_NAMES  # noqa: E402
 
+
 # Interpreter noise: padding lanes and ignored rows compute -inf - (-inf) before being masked.
+@pytest.fixture(autouse=True)
+def _on_test_device():
+    """Every tensor a test creates lands on DEVICE (inputs are drawn on the CPU first)."""
+    previous = torch.get_default_device()
+    torch.set_default_device(DEVICE)
+    yield
+    torch.set_default_device(previous)
+
+
+def _cpu_drawn(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to(DEVICE)
+
+
 pytestmark = [
     pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
     pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning"),
@@ -46,7 +65,9 @@ pytestmark = [
 
 def grad_output_for(loss_shape, seed):
     g = torch.Generator().manual_seed(seed + 1)
-    return torch.randn(loss_shape, generator=g) * 0.5 + 1.3  # never all ones
+    return _cpu_drawn(
+        torch.randn(loss_shape, generator=g, device="cpu") * 0.5 + 1.3
+    )  # never all ones
 
 
 def run_triton(z, t, grad_out=None, **opts):
@@ -111,7 +132,9 @@ def test_matches_reference(path, kind, reduction, eps, extra):
     z, t = make_inputs(n, c, kind, seed)
     opts = dict(EXTRAS[extra], reduction=reduction, label_smoothing=eps, log_target=kind == "log")
     if extra == "entropy_mask":
-        opts["hard_mask"] = torch.rand(n, generator=torch.Generator().manual_seed(seed)) < 0.5
+        opts["hard_mask"] = _cpu_drawn(
+            torch.rand(n, generator=torch.Generator().manual_seed(seed), device="cpu") < 0.5
+        )
     grad_out = grad_output_for((n,) if reduction == "none" else (), seed)
     assert_matches_reference(z, t, grad_out, **opts)
 
@@ -211,7 +234,9 @@ def test_wide_rows_pick_the_online_kernel(monkeypatch):
 def test_tile_several_rows_per_program(seed):
     """ARC-like rows (C = 12) with 32 rows per program and a partial last program."""
     z, t = make_inputs(100, 12, "class", seed_of("arc", seed))
-    mask = torch.rand(100, generator=torch.Generator().manual_seed(seed)) < 0.3
+    mask = _cpu_drawn(
+        torch.rand(100, generator=torch.Generator().manual_seed(seed), device="cpu") < 0.3
+    )
     g = torch.empty_like(z)
     loss, sums = kefe.efe_forward_triton(
         z, t, mask, g, **_convention("class", "mean"), online=False, block_n=32

@@ -116,7 +116,7 @@ def test_bucketed_forward_matches_one_padded_batch_in_input_order():
         enc.encode(["I\n", ""])
 
 
-# --- gradients reach Qwen (field report fix 2) -----------------------------------------------
+# --- gradients reach Qwen -------------------------------------------------------------------
 
 
 def test_gradients_reach_every_qwen_parameter(batch):
@@ -155,7 +155,7 @@ def test_refiner_apply_keeps_module_apply_for_callables():
     assert "PromptRefiner" in visited and "LayerNorm" in visited
 
 
-# --- the RL policy has its own graph (field report fix 3) ------------------------------------
+# --- the RL policy has its own graph ---------------------------------------------------------
 
 
 def test_rl_update_after_main_backward_and_step(batch):
@@ -304,3 +304,85 @@ def test_model_config_round_trips_through_a_dict():
     cfg = ModelConfig(dim=48, qwen_path="/some/where")
     cfg.tiny_qwen.num_layers = 3
     assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+# --- REINFORCE: baseline, entropy bonus, cross-rank averaging --------------------------------
+
+
+def _policy(entropy_coef: float = 0.0, **kw) -> RefinementPolicy:
+    torch.manual_seed(0)
+    policy = RefinementPolicy(8, num_actions=4, entropy_coef=entropy_coef, **kw)
+    nn.init.normal_(policy.head[-1].weight)  # a non-uniform policy
+    return policy
+
+
+def test_reinforce_loss_is_the_formula():
+    policy = _policy(entropy_coef=0.05, reward_scale=2.0)
+    x, action = torch.randn(6, 8), torch.tensor([0, 1, 2, 3, 0, 1])
+    reward = torch.tensor([0.0, 0.5, 1.0, 0.25, 0.75, 0.1])
+    policy.baseline.fill_(0.7)
+    policy.baseline_ready.fill_(True)
+    loss, stats = policy.reinforce_loss(x, action, reward)
+    dist = policy.distribution(x)
+    advantage = reward * 2.0 - 0.7
+    expected = -(advantage * dist.log_prob(action)).mean() - 0.05 * dist.entropy().mean()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(stats["advantage"], advantage.mean())
+    # Before the first update the baseline is the batch's own mean scaled reward.
+    policy.baseline_ready.fill_(False)
+    loss, stats = policy.reinforce_loss(x, action, reward)
+    assert stats["advantage"].abs().item() < 1e-6
+
+
+def test_reward_at_the_baseline_leaves_the_policy_unchanged():
+    """Advantage = scaled reward − baseline: rewards equal to the baseline teach nothing."""
+    policy = _policy()
+    opt = torch.optim.SGD(policy.policy_parameters(), lr=0.5)
+    x, action = torch.randn(16, 8), torch.randint(0, 4, (16,))
+    policy.update(opt, x, action, torch.full((16,), 0.4))  # sets the baseline to 2.0
+    before = [p.detach().clone() for p in policy.policy_parameters()]
+    policy.update(opt, x, action, torch.full((16,), 0.4))
+    assert all(torch.equal(a, p) for a, p in zip(before, policy.policy_parameters()))
+
+
+def test_entropy_bonus_raises_the_entropy():
+    policy = _policy(entropy_coef=1.0)
+    opt = torch.optim.SGD(policy.policy_parameters(), lr=0.1)
+    x = torch.randn(32, 8)
+    action, reward = torch.randint(0, 4, (32,)), torch.full((32,), 0.5)
+    policy.update(opt, x, action, reward)  # baseline = mean: zero advantage from here on
+    before = policy.entropy(x).mean()
+    for _ in range(5):
+        policy.update(opt, x, action, reward)
+    assert policy.entropy(x).mean() > before + 1e-3
+
+
+def test_baseline_is_a_moving_average_of_the_scaled_reward():
+    policy = _policy(reward_scale=5.0, baseline_momentum=0.9)
+    opt = torch.optim.SGD(policy.policy_parameters(), lr=0.0)
+    x, action = torch.randn(4, 8), torch.zeros(4, dtype=torch.long)
+    stats = policy.update(opt, x, action, torch.full((4,), 0.2))
+    assert stats["baseline"].item() == pytest.approx(1.0)  # first update: the batch mean
+    stats = policy.update(opt, x, action, torch.full((4,), 0.6))
+    assert stats["baseline"].item() == pytest.approx(0.9 * 1.0 + 0.1 * 3.0)
+
+
+def test_update_averages_gradients_and_reward_through_the_hook():
+    """Data parallel: ``average`` sees every policy gradient and the mean scaled reward."""
+    policy = _policy()
+    opt = torch.optim.SGD(policy.policy_parameters(), lr=0.5)
+    x, action, reward = torch.randn(8, 8), torch.randint(0, 4, (8,)), torch.rand(8)
+    seen: list[torch.Tensor] = []
+
+    def zero(t: torch.Tensor) -> torch.Tensor:  # as if the other ranks cancelled this one
+        seen.append(t)
+        return t.zero_()
+
+    policy.update(opt, x, action, reward)  # baseline ready
+    baseline = policy.baseline.item()
+    before = [p.detach().clone() for p in policy.policy_parameters()]
+    policy.update(opt, x, action, reward * 3, average=zero)
+    grads = [p.grad for p in policy.policy_parameters()]
+    assert all(any(g is s for s in seen) for g in grads)
+    assert all(torch.equal(a, p) for a, p in zip(before, policy.policy_parameters()))
+    assert policy.baseline.item() == pytest.approx(0.9 * baseline)  # averaged mean reward: 0

@@ -13,14 +13,17 @@ import numpy as np
 import pytest
 import torch
 
-from qwenrl import train as train_mod
+import qwenrl
 from qwenrl.train import (
     NonFiniteLossError,
     TrainConfig,
     Trainer,
     latest_checkpoint,
+    lr_factor,
     parse_args,
+    tau_for_epoch,
 )
+from qwenrl.train import checkpoint as checkpoint_mod
 
 SEED_LOG_LINE = re.compile(
     r"^\[Batch +\d+\] Reward: +-?\d+\.\d{4} \| Loss: +-?\d+\.\d{4} \| "
@@ -72,23 +75,60 @@ def tiny_config(out: Path, data: Path, **overrides) -> TrainConfig:
     return cfg
 
 
-def test_step_order_and_qwen_gradients(tmp_path, arc_dir):
+def install_trace(trainer: Trainer, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Records the phases of a step through wrappers the test installs (nothing in the
+    trainer's hot path): qwen, loss, backward, unscale, qwen_grad, clip, scaler.step,
+    scaler.update, rl_update."""
+    from qwenrl.train import trainer as trainer_mod
+
+    trace: list[str] = []
+
+    def wrap(obj, name, label):
+        real = getattr(obj, name)
+
+        def recorded(*args, **kwargs):
+            trace.append(label)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(obj, name, recorded)
+
+    wrap(trainer.models.encoder, "forward", "qwen")
+    wrap(trainer.criterion, "forward", "loss")
+    wrap(trainer.scaler, "unscale_", "unscale")
+    wrap(trainer_mod, "grad_norm", "qwen_grad")
+    wrap(trainer_mod.nn.utils, "clip_grad_norm_", "clip")
+    wrap(trainer.scaler, "step", "scaler.step")
+    wrap(trainer.scaler, "update", "scaler.update")
+    wrap(trainer.models.policy, "update", "rl_update")
+    real_scale = trainer.scaler.scale
+
+    def scale(loss):
+        scaled = real_scale(loss)
+        scaled.register_hook(lambda g: trace.append("backward"))  # backward reached the loss
+        return scaled
+
+    monkeypatch.setattr(trainer.scaler, "scale", scale)
+    return trace
+
+
+def test_step_order_and_qwen_gradients(tmp_path, arc_dir, monkeypatch):
     trainer = Trainer(tiny_config(tmp_path / "run", arc_dir), quiet=True)
+    trace = install_trace(trainer, monkeypatch)
     qwen_steps, cached_steps = 0, 0
     for step in range(6):
-        trainer.trace = []
+        trace.clear()
         metrics = trainer.train_step(trainer.batch_at(step))
-        trace = trainer.trace
-        # RL update strictly after scaler.step, which is after backward (seed fix 3)
-        assert trace[-3:] == ["backward", "scaler.step", "rl_update"], trace
-        assert trace.index("loss") < trace.index("backward")
+        # The RL update strictly after scaler.step, which is after backward; the Qwen grad
+        # norm read after unscaling and before clipping.
+        after_forward = ["loss", "backward", "unscale", "qwen_grad", "clip", "scaler.step"]
+        after_forward += ["scaler.update", "rl_update"]
         if metrics["qwen_ran"]:
             qwen_steps += 1
-            assert "qwen" in trace and trace.index("qwen") < trace.index("loss")
-            assert metrics["qwen_grad"] > 0  # seed fix 2: gradients reach Qwen
+            assert trace == ["qwen", *after_forward], trace
+            assert metrics["qwen_grad"] > 0  # gradients reach Qwen
         else:
             cached_steps += 1
-            assert "qwen" not in trace
+            assert trace == after_forward, trace
             assert metrics["qwen_grad"] == 0.0  # Qwen did not run: cached embeddings
     assert qwen_steps >= 2 and cached_steps >= 1
     trainer.close()
@@ -156,7 +196,7 @@ def test_interrupted_save_leaves_the_previous_checkpoint(tmp_path, arc_dir, monk
     def crash(*args, **kwargs):
         raise KeyboardInterrupt  # as if the process died while writing state.pt
 
-    monkeypatch.setattr(train_mod.torch, "save", crash)
+    monkeypatch.setattr(checkpoint_mod.torch, "save", crash)
     with pytest.raises(KeyboardInterrupt):
         trainer.save_checkpoint()
     monkeypatch.undo()
@@ -170,8 +210,8 @@ def test_interrupted_save_leaves_the_previous_checkpoint(tmp_path, arc_dir, monk
 
 SIGKILL_WORKER = r"""
 import json, sys, time
-from qwenrl import train as T
-trainer = T.Trainer(T.TrainConfig(**json.loads(sys.argv[1])), quiet=True)
+from qwenrl.train import Trainer, TrainConfig, checkpoint as T
+trainer = Trainer(TrainConfig(**json.loads(sys.argv[1])), quiet=True)
 trainer.train_step(trainer.batch_at(0))
 trainer.save_checkpoint()
 trainer.train_step(trainer.batch_at(1))
@@ -228,7 +268,7 @@ def test_frozen_qwen_raises_the_red_flag(tmp_path, arc_dir):
     trainer = Trainer(tiny_config(tmp_path / "run", arc_dir, refresh_every=0), quiet=True)
     trainer.flags.qwen_window = 3
     for p in trainer.models.encoder.qwen.parameters():
-        p.requires_grad_(False)  # the seed's bug: Qwen gets no gradient
+        p.requires_grad_(False)  # Qwen gets no gradient
     with pytest.warns(RuntimeWarning, match="Qwen_grad has been 0"):
         for step in range(3):
             metrics = trainer.train_step(trainer.batch_at(step))
@@ -308,8 +348,9 @@ for step in range(5):
     mine = parts[rank] if world > 1 else parts[0] + parts[1]
     losses.append(trainer.train_step(collate([trainer.train_set[j] for j in mine]))["loss"])
 params = torch.cat([p.detach().flatten() for p in trainer.main_params])
-if rank == 0:
-    torch.save({"losses": losses, "params": params}, sys.argv[2])
+rl = torch.cat([p.detach().flatten() for p in trainer.models.rl_parameters()])
+out = {"losses": losses, "params": params, "rl": rl, "baseline": policy.baseline.clone()}
+torch.save(out, sys.argv[2] + f".{rank}")
 trainer.close()
 print("DONE", flush=True)
 """
@@ -363,9 +404,20 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path, arc_dir):
     opts = dict(refresh_every=3, rl_lr=0.0, prompt_dropout=0.0)
     _launch(1, tiny_config(tmp_path / "one", arc_dir, batch_size=4, **opts), tmp_path / "one.pt")
     _launch(2, tiny_config(tmp_path / "two", arc_dir, batch_size=2, **opts), tmp_path / "two.pt")
-    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    one, two = torch.load(tmp_path / "one.pt.0"), torch.load(tmp_path / "two.pt.0")
     assert two["losses"] == pytest.approx(one["losses"], rel=1e-4, abs=1e-5)
     torch.testing.assert_close(two["params"], one["params"], rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_ddp_ranks_keep_one_rl_head(tmp_path, arc_dir):
+    """With the RL head training, each rank sees other data, yet both hold the same head: its
+    gradients (and the baseline's mean reward) are averaged over the ranks."""
+    opts = dict(refresh_every=3, rl_lr=1e-2, prompt_dropout=0.0)
+    _launch(2, tiny_config(tmp_path / "two", arc_dir, batch_size=2, **opts), tmp_path / "two.pt")
+    a, b = torch.load(tmp_path / "two.pt.0"), torch.load(tmp_path / "two.pt.1")
+    torch.testing.assert_close(a["rl"], b["rl"], rtol=0, atol=0)
+    torch.testing.assert_close(a["baseline"], b["baseline"], rtol=0, atol=0)
 
 
 def test_bf16_autocast_step(tmp_path, arc_dir):
@@ -375,3 +427,242 @@ def test_bf16_autocast_step(tmp_path, arc_dir):
         assert np.isfinite(metrics["loss"]) and metrics["loss"] > 0
     assert trainer.qwen_params[0].dtype == torch.float32  # master weights stay fp32
     trainer.close()
+
+
+# --- resume keeps everything -------------------------------------------------------------
+
+
+def _state(trainer: Trainer) -> dict:
+    """What must match between an uninterrupted run and a resumed one."""
+    trainer.read_metrics()
+    return {
+        "weights": {k: v.clone() for k, v in trainer.models.state_dict().items()},
+        "rl_optimizer": trainer.rl_optimizer.state_dict()["state"],
+        "flags": trainer.flags.state_dict(),
+        "cache": trainer.cache.stats.to_dict(),
+        "lr": (trainer.lr("qwen"), trainer.lr("agent")),
+    }
+
+
+def test_resume_mid_cache_window_restores_every_part(tmp_path, arc_dir):
+    """Saved at step 4, inside the cache window [3, 6): the resumed run reads step 3's
+    embeddings from the restored cache, samples actions from the restored RNG, steps the
+    restored RL optimizer and keeps the red-flag history."""
+    cfg = dict(refresh_every=3, rl_lr=1e-2)
+    straight = Trainer(tiny_config(tmp_path / "a", arc_dir, **cfg), quiet=True)
+    metrics_a = [straight.train_step(straight.batch_at(s)) for s in range(7)]
+    losses_a = [m["loss"] for m in metrics_a]
+    end_a = _state(straight)
+    straight.close()
+
+    first = Trainer(tiny_config(tmp_path / "b", arc_dir, **cfg), quiet=True)
+    for s in range(4):
+        first.train_step(first.batch_at(s))
+    path = first.save_checkpoint()
+    first.close()
+    resumed = Trainer(tiny_config(tmp_path / "b", arc_dir, resume=str(path), **cfg), quiet=True)
+    metrics = [resumed.train_step(resumed.batch_at(s)) for s in range(4, 7)]
+    assert [m["qwen_ran"] for m in metrics] == [m["qwen_ran"] for m in metrics_a[4:]]
+    losses_b = [m["loss"] for m in metrics]
+    end_b = _state(resumed)
+    resumed.close()
+    assert losses_b == pytest.approx(losses_a[4:], rel=1e-5, abs=1e-6)
+    for k, v in end_a["weights"].items():
+        torch.testing.assert_close(end_b["weights"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+    for i, st in end_a["rl_optimizer"].items():
+        torch.testing.assert_close(end_b["rl_optimizer"][i]["exp_avg_sq"], st["exp_avg_sq"])
+    assert end_b["flags"]["losses"] == pytest.approx(end_a["flags"]["losses"], rel=1e-5)
+    assert {k: v for k, v in end_b["flags"].items() if k != "losses"} == {
+        k: v for k, v in end_a["flags"].items() if k != "losses"
+    }
+    assert end_b["cache"] == end_a["cache"]
+    assert end_b["lr"] == pytest.approx(end_a["lr"])
+
+
+def test_resumed_training_loop_logs_what_the_uninterrupted_one_logs(tmp_path, arc_dir):
+    """Through train(): resuming in epoch 1 (τ = 0.3) gives the same log records and
+    validation as the run that never stopped."""
+    straight = Trainer(tiny_config(tmp_path / "a", arc_dir, save_every=3), quiet=True)
+    summary_a = straight.train()
+    straight.close()
+    cut = Trainer(tiny_config(tmp_path / "b", arc_dir, save_every=3, epochs=2), quiet=True)
+    for s in range(6):
+        cut.train_step(cut.batch_at(s))
+        if s == 3:
+            cut.criterion.tau = cut.tau_at(1)  # what train() sets at the epoch boundary
+    cut.save_checkpoint()
+    cut.close()
+    resumed = Trainer(tiny_config(tmp_path / "b", arc_dir, resume="auto"), quiet=True)
+    assert resumed.step == 6 and resumed.criterion.tau == 0.3
+    summary_b = resumed.train()
+    resumed.close()
+
+    def records(run: str) -> list[dict]:
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        out = [json.loads(line) for line in lines]
+        return [{k: v for k, v in r.items() if k != "steps_per_s"} for r in out if r["step"] >= 6]
+
+    a, b = records("a"), records("b")
+    assert [r["step"] for r in b] == [r["step"] for r in a] and len(a) >= 3
+    for ra, rb in zip(a, b):
+        assert rb == pytest.approx(ra, rel=1e-5, abs=1e-6)
+    assert summary_b == pytest.approx(summary_a, rel=1e-5, abs=1e-6)
+
+
+# --- wiring: each option reaches what it sets ---------------------------------------------
+
+
+def test_learning_rates_reach_their_groups(tmp_path, arc_dir):
+    cfg = tiny_config(tmp_path / "run", arc_dir, agent_lr=3e-3, qwen_lr=7e-5, warmup_steps=4)
+    trainer = Trainer(cfg, quiet=True)
+    groups = {g["name"]: g for g in trainer.optimizer.param_groups}
+    qwen_ids = {id(p) for p in trainer.models.encoder.qwen.parameters()}
+    assert {id(p) for p in groups["qwen"]["params"]} == qwen_ids
+    assert not qwen_ids & {id(p) for p in groups["agent"]["params"]}
+    assert trainer.lr("qwen") == pytest.approx(7e-5 * lr_factor(0, 4, trainer.total_steps))
+    assert trainer.lr("agent") == pytest.approx(3e-3 * lr_factor(0, 4, trainer.total_steps))
+    assert trainer.rl_optimizer.param_groups[0]["lr"] == cfg.rl_lr
+    for s in range(3):
+        trainer.train_step(trainer.batch_at(s))
+    assert trainer.lr("qwen") == pytest.approx(7e-5 * lr_factor(3, 4, trainer.total_steps))
+    trainer.close()
+
+
+def test_loss_flags_reach_the_criterion(tmp_path, arc_dir):
+    argv = ["--easy_weight", "0.9", "--entropy_weight", "0.2", "--loss_backend", "reference"]
+    argv += ["--tau_start", "0.45"]
+    parsed = parse_args(argv)
+    cfg = tiny_config(tmp_path / "run", arc_dir)
+    for k in ("easy_weight", "entropy_weight", "loss_backend", "tau_start"):
+        setattr(cfg, k, getattr(parsed, k))
+    trainer = Trainer(cfg, quiet=True)
+    logits, target = torch.randn(2, 900, 12), torch.randint(0, 12, (2, 900))
+    expected = qwenrl.efe_loss(
+        logits, target, tau=0.45, easy_weight=0.9, entropy_weight=0.2, backend="reference"
+    )
+    torch.testing.assert_close(trainer.criterion(logits, target), expected)
+    assert trainer.criterion.tau == 0.45
+    trainer.close()
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
+def test_qwen_grad_is_read_before_clipping_and_clipping_applies(tmp_path, arc_dir, monkeypatch):
+    trainer = Trainer(tiny_config(tmp_path / "run", arc_dir, grad_clip=1e-6), quiet=True)
+    norms = []
+    real_step = trainer.optimizer.step
+
+    def step(*args, **kwargs):  # the gradient the optimizer sees
+        grads = [p.grad.norm() for p in trainer.main_params if p.grad is not None]
+        norms.append(float(torch.stack(grads).norm()))
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(trainer.optimizer, "step", step)
+    metrics = trainer.train_step(trainer.batch_at(0))
+    assert metrics["qwen_ran"] and metrics["qwen_grad"] > 1e-4  # the unclipped norm
+    assert norms[0] <= 1e-6 * 1.01
+    trainer.close()
+
+
+def test_validation_restores_train_mode(tmp_path, arc_dir):
+    trainer = Trainer(tiny_config(tmp_path / "run", arc_dir), quiet=True)
+    summary = trainer.validate(0)
+    assert all(m.training for m in trainer.models.modules())
+    assert summary["samples"] == len(trainer.val_set)
+    assert (tmp_path / "run" / "val_grids.json").is_file()
+    trainer.close()
+
+
+def test_metrics_are_read_once_per_log_step(tmp_path, arc_dir):
+    trainer = Trainer(tiny_config(tmp_path / "run", arc_dir, log_every=3), quiet=True)
+    metrics = [trainer.train_step(trainer.batch_at(s)) for s in range(5)]
+    # step 0 and step 3 are log steps: everything up to them is read, step 4 is pending
+    assert [m._read is not None for m in metrics] == [True, True, True, True, False]
+    assert len(trainer.flags.losses) == 4  # the red flags saw every read step, in order
+    assert trainer.flags.losses[-1] == metrics[3]["loss"]
+    trainer.close()
+
+
+def test_run_writes_its_config_and_the_file_reproduces_it(tmp_path, arc_dir):
+    cfg = tiny_config(tmp_path / "run", arc_dir, agent_lr=1e-3)
+    Trainer(cfg, quiet=True).close()
+    saved = tmp_path / "run" / "config.yaml"
+    assert parse_args(["--config", str(saved)]) == cfg
+
+
+@pytest.mark.parametrize(
+    ("step", "factor"), [(0, 0.25), (3, 1.0), (4, 1.0), (54, 0.55), (104, 0.1), (500, 0.1)]
+)
+def test_lr_schedule_warmup_cosine_and_floor(step, factor):
+    assert lr_factor(step, warmup=4, total=104) == pytest.approx(factor)
+
+
+def test_lr_schedule_decays_monotonically():
+    values = [lr_factor(s, warmup=5, total=60) for s in range(5, 70)]
+    assert all(a >= b for a, b in zip(values, values[1:])) and values[-1] == pytest.approx(0.1)
+
+
+def test_tau_curriculum_switches_at_tau_epoch():
+    assert [tau_for_epoch(e, 0.6, 0.3, 2) for e in range(4)] == [0.6, 0.6, 0.3, 0.3]
+
+
+def test_under_ddp_rl_gradients_go_through_the_cross_rank_mean(tmp_path, arc_dir, monkeypatch):
+    """In-process view of the rule the DDP tests check end to end: with more than one rank,
+    train_step averages the step metrics and every RL-head gradient over the ranks."""
+    from qwenrl.train import trainer as trainer_mod
+    from qwenrl.train.distributed import DistInfo
+
+    trainer = Trainer(tiny_config(tmp_path / "run", arc_dir), quiet=True)
+    averaged: list[torch.Tensor] = []
+    monkeypatch.setattr(trainer, "dist", DistInfo(rank=0, world_size=2))
+    monkeypatch.setattr(trainer_mod.D, "agree_any", lambda flag, info, device: flag)
+    monkeypatch.setattr(trainer_mod.D, "all_reduce_mean", lambda t, info: averaged.append(t) or t)
+    trainer.train_step(trainer.batch_at(0))
+    rl_grads = [p.grad for p in trainer.models.rl_parameters()]
+    assert rl_grads and all(any(g is t for t in averaged) for g in rl_grads)
+    assert any(t.shape == (len(trainer_mod.METRIC_NAMES),) for t in averaged)  # the metrics
+    trainer.close()
+
+
+# --- main(): exit statuses ------------------------------------------------------------------
+
+
+def _tiny_argv(out: Path, data: Path) -> list[str]:
+    argv = ["--data", str(data), "--out", str(out), "--epochs", "1", "--max_batches", "2"]
+    argv += ["--batch_size", "2", "--working_set", "4", "--refresh_every", "3", "--dim", "32"]
+    return argv + ["--agent_layers", "1", "--qwen_max_length", "128", "--val_tasks", "2"]
+
+
+def test_main_trains_and_prints_the_validation_summary(tmp_path, arc_dir, capsys):
+    from qwenrl.train import main
+
+    assert main(_tiny_argv(tmp_path / "run", arc_dir)) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    summary = json.loads(last)
+    assert summary["epoch"] == 0 and summary["samples"] == 2 and "kind" not in summary
+    assert latest_checkpoint(tmp_path / "run").name == f"checkpoint-{2:08d}"
+
+
+def test_main_exit_statuses(tmp_path, arc_dir, capsys, monkeypatch):
+    from qwenrl.train import cli
+
+    bad = tmp_path / "bad"
+    _write_tasks(bad, 3, seed=0)
+    (bad / "task001.json").write_text("{not json")
+    assert cli.main(_tiny_argv(tmp_path / "o1", bad)) == 2
+    assert "task001.json" in capsys.readouterr().err
+
+    def interrupted(self):
+        self.train_step(self.batch_at(0))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli.Trainer, "train", interrupted)
+    assert cli.main(_tiny_argv(tmp_path / "o2", arc_dir)) == 130
+    err = capsys.readouterr().err
+    assert "--resume" in err and latest_checkpoint(tmp_path / "o2").name == f"checkpoint-{1:08d}"
+
+    def diverged(self):
+        raise NonFiniteLossError("5 non-finite losses in a row")
+
+    monkeypatch.setattr(cli.Trainer, "train", diverged)
+    assert cli.main(_tiny_argv(tmp_path / "o3", arc_dir)) == 1
+    assert "error: 5 non-finite losses" in capsys.readouterr().err

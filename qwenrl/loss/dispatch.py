@@ -51,6 +51,17 @@ def grad_dtype(logits_dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if logits_dtype == torch.float16 else logits_dtype
 
 
+def new_grad_buffer(logits: Tensor) -> Tensor:
+    """An uninitialised buffer shaped like ``logits`` for the fused gradient (dtype
+    :func:`grad_dtype`); on the CPU a large one is backed by huge pages (``qwenrl._C``)."""
+    dtype = grad_dtype(logits.dtype)
+    if logits.device.type == "cpu" and _load("cpu") is None:
+        from qwenrl._ext import load_extension
+
+        return load_extension().empty_grad(logits.shape, dtype)
+    return logits.new_empty(logits.shape, dtype=dtype)
+
+
 def check_target_range(target: Tensor, n_classes: int, ignore_index: int) -> None:
     """Raises ValueError if a class target lies outside [0, C) and is not ``ignore_index``.
 

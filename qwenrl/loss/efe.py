@@ -10,7 +10,14 @@ import torch
 from torch import Tensor, nn
 
 from qwenrl.loss.compile import efe_fused
-from qwenrl.loss.dispatch import BACKENDS, ForwardFn, apply_upstream, grad_dtype, resolve_backend
+from qwenrl.loss.dispatch import (
+    BACKENDS,
+    ForwardFn,
+    apply_upstream,
+    grad_dtype,
+    new_grad_buffer,
+    resolve_backend,
+)
 from qwenrl.loss.options import EFEOptions
 from qwenrl.loss.reference import stats_from_sums
 
@@ -77,11 +84,7 @@ class EFEFunction(torch.autograd.Function):
     def forward(ctx, logits, target, hard_mask, forward_fn: ForwardFn, options, inplace):  # type: ignore[override]
         grad = None
         if ctx.needs_input_grad[0]:
-            grad = (
-                logits
-                if inplace
-                else logits.new_empty(logits.shape, dtype=grad_dtype(logits.dtype))
-            )
+            grad = logits if inplace else new_grad_buffer(logits)
         loss, sums = forward_fn(logits, target, hard_mask, grad, options)
         if inplace and grad is not None:
             # The logits now hold the gradient: bump their version so that any op which saved

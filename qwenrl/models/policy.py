@@ -3,8 +3,8 @@
 The gradient path of the main loss is Qwen → encoder projection → ``PromptRefiner.apply`` →
 ``RefinementPolicy.steer`` → agent. The RL policy only *chooses* the steering action: it reads
 the refined prompt detached, and its REINFORCE loss builds a fresh graph from detached inputs,
-so its update can run after the main backward and optimizer step without touching the main
-graph (the "backward through the graph a second time" bug).
+so its update runs after the main backward and optimizer step and never backpropagates through
+the main graph, which that backward has already freed (docs/training.md).
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ class PromptRefiner(nn.Module):
     """Differentiable refinement of the prompt embedding: ``depth`` pre-norm residual MLPs.
 
     ``apply(prompt)`` [B, dim] → [B, dim]. It must never run without autograd while training:
-    a ``@torch.no_grad`` on it once cut every gradient to Qwen (``Qwen_grad: 0``). So in train
-    mode a call with grad disabled raises ``RuntimeError``; in eval mode it is allowed.
+    every gradient that reaches Qwen passes through it, so a ``no_grad`` here freezes Qwen
+    (``Qwen_grad: 0``). In train mode a call with grad disabled raises ``RuntimeError``; in
+    eval mode it is allowed.
 
     ``apply(fn)`` with a callable keeps ``nn.Module.apply``'s meaning, so ``model.apply(init)``
     on a parent module still recurses through the refiner.
@@ -115,10 +116,10 @@ class RefinementPolicy(nn.Module):
     def distribution(self, refined: torch.Tensor) -> Categorical:
         """π(· | refined) from refined prompts [B, dim]; always detached from the main graph.
 
-        The input is cast to the parameters' dtype: the refinement may come from an autocast
-        (bf16/fp16) region while the RL update runs outside it.
+        The input is cast to the action head's dtype: the refinement may come from an autocast
+        (bf16/fp16) region or from bf16 FSDP compute, while the head keeps fp32 parameters.
         """
-        x = refined.detach().to(self.steering.dtype)
+        x = refined.detach().to(self.head[1].weight.dtype)
         return Categorical(logits=self.head(x).float())
 
     @torch.no_grad()
@@ -167,7 +168,8 @@ class RefinementPolicy(nn.Module):
         """
         dist = self.distribution(refined)
         scaled = reward.detach().float().to(refined.device) * self.reward_scale
-        baseline = self.baseline if bool(self.baseline_ready) else scaled.mean()
+        # Before the first update the batch's own mean is the baseline (torch.where: no sync).
+        baseline = torch.where(self.baseline_ready, self.baseline, scaled.mean())
         advantage = scaled - baseline
         entropy = dist.entropy()
         loss = -(advantage * dist.log_prob(action)).mean() - self.entropy_coef * entropy.mean()
@@ -210,11 +212,9 @@ class RefinementPolicy(nn.Module):
             mean = stats["scaled_reward"].clone()
             if average is not None:
                 average(mean)
-            if bool(self.baseline_ready):
-                m = self.baseline_momentum
-                self.baseline.mul_(m).add_((1.0 - m) * mean)
-            else:
-                self.baseline.copy_(mean)
-                self.baseline_ready.fill_(True)
+            m = self.baseline_momentum
+            moved = self.baseline * m + (1.0 - m) * mean
+            self.baseline.copy_(torch.where(self.baseline_ready, moved, mean))
+            self.baseline_ready.fill_(True)
         stats["baseline"] = self.baseline.detach().clone()
         return stats

@@ -1,0 +1,171 @@
+"""Score a saved run on the evaluation tasks, with augmentation voting and test-time training.
+
+    python -m qwenrl.evaluate runs/default                                 # as validation does
+    python -m qwenrl.evaluate runs/default --tasks 100 --vote_transforms 8
+    python -m qwenrl.evaluate runs/default --tasks 100 --vote_transforms 8 --ttt_steps 32
+
+For each task: test-time training on its demonstration pairs (``--ttt_steps``, :mod:`qwenrl.ttt`),
+then each test query predicted under ``--vote_transforms`` augmentations and voted into two
+attempts (:mod:`qwenrl.voting`); only then is the test output read, to score
+(:func:`qwenrl.train.evaluation.evaluate_tasks`):
+
+* ``exact_match``: ARC's pass@2, one of the two attempts equals the output exactly;
+* ``cell_accuracy``: the target grid's cells right in the per-cell argmax on the task as it is
+  under the likeliest action (the trainer's validation metric; after test-time training, the
+  tuned models');
+* ``attempt_cell_accuracy``: the target grid's cells the first attempt gets right (cells it
+  does not cover count as wrong).
+
+Options left out take the run's own (its ``--vote_transforms``, ``--ttt_*``, seed, loss). The
+summary and one row per task are written atomically to ``--out``, by default
+``RUN_DIR/eval/<checkpoint>-v<K>-ttt<S>-n<N>.json``, and the summary is printed as one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qwenrl.data import load_tasks
+from qwenrl.models import QwenRLModels
+from qwenrl.train.checkpoint import (
+    Checkpointer,
+    is_sharded_checkpoint,
+    latest_checkpoint,
+    write_json_atomic,
+)
+from qwenrl.train.config import (
+    ConfigError,
+    TrainConfig,
+    check_config,
+    config_from_dict,
+    model_config,
+    ttt_config,
+)
+from qwenrl.train.evaluation import evaluate_tasks
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory itself, or the newest complete ``checkpoint-*`` of a run."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such run directory")
+    if (path / "state.pt").is_file():
+        return path
+    found = latest_checkpoint(path)
+    if found is None:
+        raise FileNotFoundError(f"{path}: no complete checkpoint-* in this run directory")
+    return found
+
+
+def load_run(
+    checkpoint: Path, overrides: dict[str, Any] | None = None
+) -> tuple[QwenRLModels, TrainConfig, int]:
+    """The models (eval mode, on the config's device), the run's config with ``overrides``
+    (checked as the trainer checks it: :class:`ConfigError` names a bad one) and the step."""
+    if is_sharded_checkpoint(checkpoint):
+        raise ValueError(
+            f"{checkpoint} is a sharded (--fsdp) checkpoint; evaluation reads whole checkpoints"
+        )
+    weights, state = Checkpointer.load(checkpoint)  # on the CPU
+    # One process evaluates: the run's --fsdp does not apply here.
+    values = {**state["config"], "fsdp": False, **(overrides or {})}
+    cfg = config_from_dict(values, where=str(checkpoint))
+    if cfg.amp == "fp16" and not cfg.device.startswith("cuda"):
+        cfg = dataclasses.replace(cfg, amp="off")  # fp16 autocast is a CUDA-only path
+    check_config(cfg)
+    models = QwenRLModels(model_config(cfg))
+    models.load_state_dict(weights)
+    return models.to(cfg.device).eval(), cfg, int(state["step"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m qwenrl.evaluate",
+        description=__doc__.split("\n\n")[0],
+    )
+    parser.add_argument("run", help="a run directory (its newest checkpoint) or a checkpoint")
+    parser.add_argument(
+        "--tasks", type=int, default=0, help="the first N evaluation tasks (0: all)"
+    )
+    run_help = {f.name: f.metadata["help"] for f in dataclasses.fields(TrainConfig)}
+    for name, kind in (
+        ("vote_transforms", int),
+        ("ttt_steps", int),
+        ("ttt_lr", float),
+        ("ttt_batch_size", int),
+    ):
+        parser.add_argument(
+            f"--{name}", type=kind, default=None, help=f"{run_help[name]}; default: the run's value"
+        )
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N; default: the run's")
+    parser.add_argument("--out", default=None, help="result JSON; default: RUN_DIR/eval/...")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.tasks < 0:
+        parser.error(f"--tasks must be >= 0, got {args.tasks}")
+    overrides = {
+        k: getattr(args, k)
+        for k in ("vote_transforms", "ttt_steps", "ttt_lr", "ttt_batch_size", "device")
+        if getattr(args, k) is not None
+    }
+    try:  # this command's options first, with the trainer's bounds, then the run's config
+        check_config(config_from_dict(overrides, where="options"))
+        checkpoint = find_checkpoint(args.run)
+        models, cfg, step = load_run(checkpoint, overrides)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    except (FileNotFoundError, ValueError, KeyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    _, eval_tasks = load_tasks(cfg.data)
+    tasks = eval_tasks[: args.tasks] if args.tasks else eval_tasks
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+    device_type = torch.device(cfg.device).type
+
+    def autocast() -> Any:
+        return torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+    start = time.perf_counter()
+    totals = evaluate_tasks(
+        models,
+        tasks,
+        vote_transforms=cfg.vote_transforms,
+        ttt=ttt_config(cfg),
+        aug_seed=cfg.seed,
+        autocast=autocast,
+        progress=not args.quiet,
+    )
+    summary = {
+        "checkpoint": str(checkpoint),
+        "step": step,
+        "device": cfg.device,
+        "vote_transforms": cfg.vote_transforms,
+        "ttt_steps": cfg.ttt_steps,
+        "ttt_lr": cfg.ttt_lr,
+        "ttt_batch_size": cfg.ttt_batch_size,
+        **totals.summary(),
+        "wall_s": round(time.perf_counter() - start, 2),
+    }
+    name = f"{checkpoint.name}-v{cfg.vote_transforms}-ttt{cfg.ttt_steps}-n{len(tasks)}.json"
+    out = Path(args.out) if args.out else checkpoint.parent / "eval" / name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out, {**summary, "per_task": totals.rows})
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

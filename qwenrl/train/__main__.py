@@ -1,0 +1,5 @@
+import sys
+
+from qwenrl.train.cli import main
+
+sys.exit(main())

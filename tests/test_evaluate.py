@@ -1,0 +1,247 @@
+"""``python -m qwenrl.evaluate`` on a saved run: same figures as validation, scoring, no leaks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sealed import SealedGrid, seal_test_outputs
+
+from qwenrl.data import OUTSIDE, grid_to_canvas, load_json_dir
+from qwenrl.evaluate import find_checkpoint, load_run, main
+from qwenrl.train import TrainConfig, Trainer
+from qwenrl.train import evaluation as evaluation_mod
+from qwenrl.train.evaluation import TaskTotals, evaluate_tasks, score_query
+from qwenrl.ttt import TTTConfig
+
+
+def _write_tasks(root: Path, n: int, seed: int, prefix: str) -> None:
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        h, w = rng.integers(2, 6, size=2)
+
+        def pair(h=h, w=w):
+            grid = rng.integers(0, 10, size=(h, w))
+            return {"input": grid.tolist(), "output": np.fliplr(grid).tolist()}
+
+        task = {"train": [pair(), pair(), pair()], "test": [pair(), pair()]}
+        (root / f"{prefix}{i:03d}.json").write_text(json.dumps(task))
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory) -> tuple[Path, dict]:
+    """A tiny trained run on synthetic tasks, and its last validation record."""
+    root = tmp_path_factory.mktemp("eval")
+    _write_tasks(root / "arc" / "training", 8, seed=1, prefix="train")
+    _write_tasks(root / "arc" / "evaluation", 4, seed=2, prefix="eval")
+    cfg = TrainConfig(
+        epochs=1,
+        max_batches=3,
+        batch_size=2,
+        working_set=4,
+        refresh_every=3,
+        dim=32,
+        agent_layers=1,
+        qwen_max_length=128,
+        val_tasks=3,
+        val_batch_size=4,
+        data=str(root / "arc"),
+        out=str(root / "run"),
+        eval_demos=False,
+    )
+    trainer = Trainer(cfg, quiet=True)
+    trainer.train()
+    trainer.close()
+    records = [json.loads(line) for line in (root / "run" / "metrics.jsonl").open()]
+    return root / "run", [r for r in records if r["kind"] == "val"][-1]
+
+
+def test_a_saved_run_scores_as_its_last_validation(saved_run, capsys):
+    run, val = saved_run
+    assert main([str(run), "--tasks", "3", "--quiet"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["queries"] == val["samples"] == 6
+    assert summary["cell_accuracy"] == pytest.approx(val["cell_accuracy"], abs=1e-6)
+    assert summary["exact_match"] == pytest.approx(val["exact_match"])
+    saved = json.loads((run / "eval" / "checkpoint-00000003-v1-ttt0-n3.json").read_text())
+    assert saved["exact"] == summary["exact"] and len(saved["per_task"]) == 3
+
+
+def test_voting_and_ttt_from_the_command_line(saved_run, capsys, tmp_path):
+    run, _ = saved_run
+    out = tmp_path / "r.json"
+    argv = [str(run), "--tasks", "2", "--vote_transforms", "4", "--ttt_steps", "2", "--quiet"]
+    assert main([*argv, "--out", str(out)]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["vote_transforms"] == 4 and summary["ttt_steps"] == 2
+    assert summary["tasks"] == 2 and summary["queries"] == 4 and summary["wall_s"] > 0
+    assert 0.0 <= summary["cell_accuracy"] <= 1.0
+    assert json.loads(out.read_text())["queries"] == 4
+
+
+def test_bad_runs_and_flags_are_named(tmp_path, capsys):
+    assert main([str(tmp_path / "nowhere")]) == 2
+    assert "no such run directory" in capsys.readouterr().err
+    assert main([str(tmp_path)]) == 2
+    assert "no complete checkpoint" in capsys.readouterr().err
+    for flag, value in (("vote_transforms", "0"), ("ttt_steps", "-1"), ("ttt_lr", "0")):
+        with pytest.raises(SystemExit):
+            main([str(tmp_path), f"--{flag}", value])
+        assert f"--{flag} must be" in capsys.readouterr().err
+
+
+def test_predictions_never_read_a_test_output(saved_run, monkeypatch):
+    run, _ = saved_run
+    models, cfg, _ = load_run(find_checkpoint(run))
+    _, tasks = load_json_dir(cfg.data)
+    scored: list[int] = []
+    monkeypatch.setattr(
+        evaluation_mod, "score_query", lambda totals, attempts, canvas, target: scored.append(1)
+    )
+    SealedGrid.reads.clear()
+    evaluate_tasks(
+        models,
+        seal_test_outputs(tasks),
+        vote_transforms=3,
+        ttt=TTTConfig(steps=2, batch_size=2),
+        progress=False,
+    )
+    assert SealedGrid.reads == [] and len(scored) == 2 * len(tasks)
+
+
+def test_the_second_attempt_and_the_task_offset_reach_the_scores(saved_run, monkeypatch):
+    from qwenrl import voting
+    from qwenrl.voting import Prediction
+
+    run, _ = saved_run
+    models, cfg, _ = load_run(find_checkpoint(run))
+    _, tasks = load_json_dir(cfg.data)
+    answers = {id(q): out for t in tasks for q, out in t.test}
+    offsets = []
+
+    def predict(models, demos, query_input, *, prompt_offset=None, **kwargs):
+        offsets.append(prompt_offset)
+        wrong = np.zeros((1, 1), dtype=np.int64)
+        return Prediction([wrong, answers[id(query_input)]], [2.0, 1.0], torch.zeros(900))
+
+    monkeypatch.setattr(voting, "predict", predict)
+    totals = evaluate_tasks(models, tasks, ttt=TTTConfig(steps=1, lr=0.1), progress=False)
+    assert totals.exact == totals.queries == 2 * len(tasks)  # each solved by its second attempt
+    assert all(o is not None and o.abs().sum() > 0 for o in offsets)  # the task's own offset
+
+
+def test_score_query_counts_pass_at_2_and_cells():
+    target = np.array([[1, 2], [3, 4]])
+    wrong, right = np.array([[1, 2], [3, 5]]), target.copy()
+    canvas = grid_to_canvas(np.array([[1, 2, 7], [3, 0, 7]]), OUTSIDE).view(-1)
+    totals = TaskTotals()
+    assert score_query(totals, [wrong, right], canvas, target)  # the second attempt counts
+    assert not score_query(totals, [wrong], canvas, target)
+    assert not score_query(totals, [np.array([[1, 2]])], torch.full((900,), OUTSIDE), target)
+    s = totals.summary()
+    assert (s["queries"], s["exact"]) == (3, 1)
+    assert s["cell_accuracy"] == pytest.approx((3 + 3 + 0) / 12)
+    assert s["attempt_cell_accuracy"] == pytest.approx((3 + 3 + 2) / 12)
+
+
+def _tiny(root: Path, **overrides) -> TrainConfig:
+    base = dict(
+        epochs=2,
+        max_batches=4,
+        batch_size=2,
+        working_set=4,
+        refresh_every=3,
+        dim=32,
+        agent_layers=1,
+        qwen_max_length=128,
+        val_tasks=3,
+        val_batch_size=4,
+        data=str(root / "arc"),
+        out=str(root / "run"),
+    )
+    return TrainConfig(**{**base, **overrides})
+
+
+def test_training_never_reads_an_evaluation_test_output(saved_run, tmp_path, monkeypatch):
+    from qwenrl.data import dataset as dataset_mod
+
+    real = dataset_mod.load_tasks
+    monkeypatch.setattr(
+        dataset_mod, "load_tasks", lambda src: (real(src)[0], seal_test_outputs(real(src)[1]))
+    )
+    SealedGrid.reads.clear()
+    cfg = _tiny(saved_run[0].parent, out=str(tmp_path / "run"), max_batches=0)
+    trainer = Trainer(cfg, quiet=True)
+    _, eval_tasks = real(cfg.data)
+    eval_ids = {t.id for t in eval_tasks}
+    seen = set()
+    for step in range(cfg.epochs * trainer.steps_per_epoch):  # every batch of the run
+        seen |= set(trainer.batch_at(step).task_ids) & eval_ids
+    for step in range(2):
+        trainer.train_step(trainer.batch_at(step))
+    trainer.close()
+    assert seen == eval_ids, "the evaluation tasks' demonstrations should be trained on"
+    assert SealedGrid.reads == []
+
+
+def test_validation_votes_and_tunes_when_asked(saved_run, tmp_path, monkeypatch):
+    root = saved_run[0].parent
+    trainer = Trainer(_tiny(root, out=str(tmp_path / "run"), eval_demos=False), quiet=True)
+    trainer.train_step(trainer.batch_at(0))
+    plain = trainer.validate(0)
+    trainer.cfg.vote_transforms = 3
+    voted = trainer.validate(0)
+    # Without test-time training the per-cell argmax is the plain one; the attempts vote.
+    for key in ("cell_accuracy", "canvas_accuracy", "mask_ratio", "samples"):
+        assert voted[key] == pytest.approx(plain[key]), key
+    assert voted["vote_transforms"] == 3 and "vote_transforms" not in plain
+    from qwenrl import ttt
+
+    calls: list[ttt.TTTConfig] = []
+    real = ttt.adapt_to_task
+    monkeypatch.setattr(
+        ttt, "adapt_to_task", lambda m, d, c, **k: calls.append(c) or real(m, d, c, **k)
+    )
+    trainer.cfg.ttt_steps, trainer.cfg.ttt_lr = 3, 1e-2
+    tuned = trainer.validate(0)
+    assert tuned["ttt_steps"] == 3 and tuned["samples"] == plain["samples"]
+    assert len(calls) == 3 and all((c.steps, c.lr) == (3, 1e-2) for c in calls)  # one per task
+    assert trainer.models.training  # validation hands the models back in train mode
+    trainer.close()
+
+
+def test_validation_takes_cells_and_exact_matches_from_the_voted_path(
+    saved_run, tmp_path, monkeypatch
+):
+    from qwenrl.train import trainer as trainer_mod
+
+    fake = TaskTotals(tasks=3, queries=6, exact=4, target_cells=10, correct_cells=7)
+    seen = {}
+
+    def evaluate_tasks(models, tasks, **kwargs):
+        seen.update(kwargs, n=len(tasks))
+        return fake
+
+    monkeypatch.setattr(trainer_mod, "evaluate_tasks", evaluate_tasks)
+    cfg = _tiny(saved_run[0].parent, out=str(tmp_path / "run"), eval_demos=False)
+    cfg.vote_transforms, cfg.ttt_steps, cfg.ttt_batch_size = 5, 7, 3
+    trainer = Trainer(cfg, quiet=True)
+    summary = trainer.validate(0)
+    trainer.close()
+    assert summary["samples"] == 6 and summary["exact_match"] == pytest.approx(4 / 6)
+    assert (summary["exact"], summary["cell_accuracy"]) == (4, pytest.approx(0.7))
+    assert seen["n"] == 3 and seen["vote_transforms"] == 5 and seen["aug_seed"] == cfg.seed
+    assert (seen["ttt"].steps, seen["ttt"].batch_size, seen["ttt"].tau) == (7, 3, cfg.tau_end)
+
+
+def test_voting_and_ttt_in_validation_are_refused_with_fsdp():
+    from qwenrl.train.config import ConfigError, check_config
+
+    check_config(TrainConfig(fsdp=True))
+    for flags in ({"vote_transforms": 2}, {"ttt_steps": 1}):
+        with pytest.raises(ConfigError, match="--fsdp"):
+            check_config(TrainConfig(fsdp=True, **flags))

@@ -1,0 +1,97 @@
+"""qwenrl.train.evaluation: the validation scores on hand-made predictions, the schema."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qwenrl.data import CANVAS, NUM_CLASSES, OUTSIDE, Batch
+from qwenrl.train.distributed import DistInfo
+from qwenrl.train.evaluation import GRID_KEYS, ValTotals, check_val_grids, score_batch
+
+
+def _batch() -> Batch:
+    """Two samples: a 2×3 and a 3×2 target grid on OUTSIDE canvases."""
+    target = torch.full((2, CANVAS, CANVAS), OUTSIDE)
+    target[0, :2, :3] = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    target[1, :3, :2] = torch.tensor([[7, 8], [9, 0], [1, 2]])
+    return Batch(
+        keys=torch.arange(2),
+        prompts=["p0", "p1"],
+        query=torch.zeros(2, CANVAS, CANVAS, dtype=torch.long),
+        target=target,
+        shapes=torch.tensor([[2, 3], [3, 2]]),
+        aug_ids=torch.zeros(2, dtype=torch.long),
+        task_ids=["a", "b"],
+        hints=None,  # not read by the scores
+    )
+
+
+def _logits(cells: torch.Tensor) -> torch.Tensor:
+    """Logits [B, 900, C] whose argmax is ``cells`` [B, 30, 30]."""
+    return torch.nn.functional.one_hot(cells.reshape(len(cells), -1), NUM_CLASSES).float()
+
+
+STATS = {"mask_ratio": torch.tensor(0.25), "n_valid": torch.tensor(1800.0)}
+
+
+def test_scores_count_cells_canvas_and_two_attempts():
+    batch = _batch()
+    first = batch.target.clone()
+    first[0, 0, 0] = 9  # a wrong cell inside sample 0's grid
+    first[1, 1, 1] = 3  # and inside sample 1's
+    first[1, 5, 5] = 4  # a cell beyond sample 1's grid: only the canvas counts it
+    second = batch.target.clone()
+    second[1, 0, 0] = 0  # sample 0 right on the second attempt, sample 1 wrong on both
+    totals = score_batch([_logits(first), _logits(second)], batch, STATS)
+    assert totals == ValTotals(
+        correct_cells=10, target_cells=12, correct_canvas=1797, exact=1, samples=2,
+        hard_cells=450, loss_cells=1800,
+    )  # fmt: skip
+    s = totals.summary()
+    assert s["cell_accuracy"] == pytest.approx(10 / 12)
+    assert s["canvas_accuracy"] == pytest.approx(1797 / 1800)
+    assert (s["exact_match"], s["exact"], s["samples"]) == (0.5, 1, 2)
+    assert s["mask_ratio"] == pytest.approx(0.25)
+
+
+def test_exact_match_takes_either_attempt_and_only_two():
+    batch = _batch()
+    right, wrong = batch.target.clone(), batch.target.clone()
+    wrong[:, 0, 0] = 5
+    assert score_batch([_logits(wrong)], batch, STATS).exact == 0
+    assert score_batch([_logits(right), _logits(wrong)], batch, STATS).exact == 2
+    assert score_batch([_logits(wrong), _logits(right)], batch, STATS).exact == 2
+    shorter = batch.target.clone()
+    shorter[0, 1, :] = OUTSIDE  # right cells, wrong output size
+    assert score_batch([_logits(shorter)], batch, STATS).exact == 1
+
+
+def test_totals_add_reduce_and_survive_empty_shards():
+    a = ValTotals(1, 2, 3, 1, 1, 4, 8)
+    b = ValTotals(2, 2, 900, 0, 1, 0, 8)
+    total = a + b
+    assert total == ValTotals(3, 4, 903, 1, 2, 4, 16)
+    assert ValTotals.from_tensor(total.to_tensor()) == total
+    big = ValTotals(correct_cells=2.0**25 + 1, target_cells=2.0**25 + 3)  # beyond fp32's integers
+    assert ValTotals.from_tensor(big.to_tensor()) == big
+    empty = ValTotals().summary()
+    assert empty["cell_accuracy"] == 0.0 and empty["samples"] == 0
+
+
+@pytest.mark.parametrize(("n", "world"), [(7, 2), (419, 3), (2, 4)])
+def test_rank_shards_split_the_validation_set(n, world):
+    shards = [DistInfo(rank, world).shard(n) for rank in range(world)]
+    assert [i for s in shards for i in s] == list(range(n))
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+
+
+def test_val_grids_schema_names_what_is_missing():
+    sample = {k: [[0]] for k in GRID_KEYS}
+    assert check_val_grids({"samples": [sample]}) == [sample]
+    with pytest.raises(ValueError, match="sample 1 is malformed.*hard"):
+        check_val_grids({"samples": [sample, {k: [[0]] for k in GRID_KEYS[:3]}]})
+    with pytest.raises(ValueError, match="^expected an object with a 'samples' list$"):
+        check_val_grids({"step": 3})
+    with pytest.raises(ValueError, match="'samples' list"):
+        check_val_grids([sample])

@@ -1,0 +1,81 @@
+"""The loss API as the trainer uses it (public API only): EFELoss's options and hard_mask."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import qwenrl
+
+BACKENDS = ["reference", "cpu"]
+
+
+def _inputs(n: int = 64, c: int = 12, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, c, generator=g) * 2, torch.randint(0, c, (n,), generator=g)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_module_passes_hard_mask_through(backend):
+    logits, target = _inputs()
+    mask = torch.zeros(64, dtype=torch.bool)
+    mask[::3] = True
+    crit = qwenrl.EFELoss(tau=0.6, easy_weight=0.2, backend=backend)
+    loss = crit(logits, target, hard_mask=mask)
+    expected = qwenrl.efe_loss(
+        logits, target, tau=0.6, easy_weight=0.2, hard_mask=mask, backend=backend
+    )
+    torch.testing.assert_close(loss, expected)
+    assert crit.last_stats["mask_ratio"].item() == pytest.approx(mask.float().mean().item())
+    assert not torch.allclose(loss, crit(logits, target))  # the τ rule gives another mask
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tie_at_tau_counts_as_easy(backend):
+    """Hard means q[y] < τ: a row with q[y] exactly τ is easy."""
+    logits = torch.zeros(8, 4)  # q = 0.25 for every class
+    target = torch.arange(8) % 4
+    q = torch.softmax(logits, -1)[0, 0].item()
+    assert q == 0.25
+    crit = qwenrl.EFELoss(tau=q, easy_weight=0.5, backend=backend)
+    crit(logits, target)
+    assert crit.last_stats["mask_ratio"].item() == 0.0
+    crit.tau = torch.nextafter(torch.tensor(q), torch.tensor(1.0)).item()
+    crit(logits, target)
+    assert crit.last_stats["mask_ratio"].item() == 1.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_easy_weight_scales_the_easy_rows(backend):
+    logits, target = _inputs()
+    easy = torch.zeros(64, dtype=torch.bool)
+    full = qwenrl.EFELoss(easy_weight=1.0, backend=backend)(logits, target, hard_mask=easy)
+    for w in (0.0, 0.25, 0.5):
+        crit = qwenrl.EFELoss(easy_weight=w, backend=backend)
+        torch.testing.assert_close(crit(logits, target, hard_mask=easy), w * full)
+    hard = ~easy  # hard rows weigh 1 whatever easy_weight says
+    torch.testing.assert_close(
+        qwenrl.EFELoss(easy_weight=0.25, backend=backend)(logits, target, hard_mask=hard), full
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_module_options_match_the_function(backend):
+    logits, target = _inputs(seed=1)
+    opts = dict(tau=0.3, easy_weight=0.7, entropy_weight=0.1, label_smoothing=0.05)
+    crit = qwenrl.EFELoss(backend=backend, **opts)
+    expected, stats = qwenrl.efe_loss(logits, target, backend=backend, return_stats=True, **opts)
+    torch.testing.assert_close(crit(logits, target), expected)
+    for k, v in stats.items():
+        torch.testing.assert_close(crit.last_stats[k], v)
+
+
+def test_tau_is_settable_and_used():
+    logits, target = _inputs(seed=2)
+    crit = qwenrl.EFELoss(tau=0.6, backend="reference")
+    crit(logits, target)
+    high = crit.last_stats["mask_ratio"].item()
+    crit.tau = 0.05
+    assert crit.tau == 0.05
+    crit(logits, target)
+    assert crit.last_stats["mask_ratio"].item() < high

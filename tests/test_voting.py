@@ -1,0 +1,93 @@
+"""Augmentation voting: candidate ranking, the augmented layout, mapping predictions back."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from qwenrl.data import ArcDataset, ArcTask, Augmentation
+from qwenrl.models import ModelConfig, QwenRLModels
+from qwenrl.voting import augment_query, predict, rank_candidates
+
+
+def _grid(*rows: list[int]) -> np.ndarray:
+    return np.array(rows, dtype=np.int64)
+
+
+def test_rank_candidates_pools_votes_and_breaks_ties_by_order():
+    a, b, c = _grid([1, 2]), _grid([2, 1]), _grid([1], [2])  # c: a's cells, another shape
+    ranked = rank_candidates([(a, 0.5), (b, 0.25), (c, 0.5), (b, 0.5), (a.copy(), 0.25)])
+    assert [v for _, v in ranked] == [0.75, 0.75]  # exact in binary: a true tie
+    np.testing.assert_array_equal(ranked[0][0], a)  # a tie: a was seen first
+    np.testing.assert_array_equal(ranked[1][0], b)
+    assert len(rank_candidates([(c, 1.0)])) == 1
+    assert rank_candidates([(a, 0.1), (c, 0.9)], k=1)[0][1] == pytest.approx(0.9)
+
+
+def test_rank_candidates_puts_impossible_grids_last():
+    empty, stray, good = np.zeros((0, 0), dtype=np.int64), _grid([1, 10]), _grid([3])
+    ranked = rank_candidates([(empty, 5.0), (stray, 4.0), (good, 0.1)])
+    np.testing.assert_array_equal(ranked[0][0], good)
+    assert ranked[1][0].shape == (0, 0)  # the likelier impossible grid fills the second attempt
+
+
+def _task(seed: int, same: bool = True) -> ArcTask:
+    rng = np.random.default_rng(seed)
+
+    def pair(h: int, w: int):
+        g = rng.integers(0, 10, size=(h, w))
+        return g, (g.copy() if same else np.fliplr(g).copy())
+
+    return ArcTask(id=f"t{seed}", train=(pair(3, 4), pair(4, 2), pair(2, 5)), test=(pair(3, 5),))
+
+
+def test_augment_query_matches_the_dataset_layout():
+    task = _task(0)
+    ds = ArcDataset([task], split="val", augment=True, num_colour_perms=3, aug_seed=4)
+    aug_ids = [0, 5, 13, 22]
+    aq = augment_query(task.train, task.test[0][0], aug_ids, aug_seed=4)
+    for row, aug_id in enumerate(aug_ids):
+        s = ds[ds.index(0, aug_id)]
+        assert aq.prompts[row] == s.prompt
+        assert torch.equal(aq.query[row], s.query)
+        for got, want in zip(aq.hints, s.hints, strict=True):
+            assert torch.equal(got[row], want)
+        assert aq.augmentations[row] == Augmentation.from_id(aug_id, 4)
+    with pytest.raises(ValueError, match="demonstration"):
+        augment_query([], task.test[0][0], [0])
+
+
+@pytest.fixture(scope="module")
+def fresh_models() -> QwenRLModels:
+    torch.manual_seed(0)
+    return QwenRLModels(ModelConfig(dim=32, agent_layers=1, max_length=256)).eval()
+
+
+def test_predictions_are_mapped_back_before_they_vote(fresh_models: QwenRLModels):
+    # An untrained agent copies the query (its copy prior), so under every augmentation it
+    # predicts the augmented query; mapped back, all 2·K candidates are the query itself.
+    task = _task(1)
+    query = task.test[0][0]
+    for k in (1, 8, 16):
+        pred = predict(fresh_models, task.train, query, vote_transforms=k)
+        assert len(pred.attempts) == 1, "every augmentation must vote for the same grid"
+        np.testing.assert_array_equal(pred.attempts[0], query)
+        probs = 1.0 / fresh_models.config.num_actions  # the initial policy is uniform
+        assert pred.votes[0] == pytest.approx(k * 2 * probs)
+        assert pred.canvas.shape == (900,)
+    with pytest.raises(ValueError, match="vote_transforms"):
+        predict(fresh_models, task.train, query, vote_transforms=0)
+
+
+def test_prompt_offset_reaches_the_prediction(fresh_models: QwenRLModels):
+    task = _task(2)
+    seen: list[torch.Tensor] = []
+    hook = fresh_models.refiner.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    try:
+        predict(fresh_models, task.train, task.test[0][0], vote_transforms=2)
+        offset = torch.randn(fresh_models.config.dim)
+        predict(fresh_models, task.train, task.test[0][0], vote_transforms=2, prompt_offset=offset)
+    finally:
+        hook.remove()
+    torch.testing.assert_close(seen[1], seen[0] + offset)  # [K, dim] + [dim]
