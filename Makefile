@@ -13,7 +13,7 @@ TEST_ENV := QWENRL_REQUIRE_EXT=1
 
 MUTMUT_PIN ?= mutmut==3.8.1
 
-.PHONY: setup ext train test bench gpu-check lint format mutate clean
+.PHONY: setup ext train test bench gpu-check lint format mutate clean check-install
 
 $(PY):
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -40,6 +40,33 @@ test: setup
 
 bench: setup
 	$(TEST_ENV) $(PY) -m pytest bench/ --benchmark-only $(ARGS)
+
+# What a user of the library does: a plain `pip install .` (pip's build isolation, no torch in
+# the build) into a fresh virtualenv without system packages, then one loss call, which builds
+# the C++ extension just in time. Everything stays in .cache/; slow (minutes).
+INSTALL_VENV := .cache/install-venv
+check-install:
+	rm -rf $(INSTALL_VENV) .cache/install-ext
+	$(PYTHON) -m venv $(INSTALL_VENV)
+	$(INSTALL_VENV)/bin/python -m pip install -q "$(TORCH_PIN)"
+	$(INSTALL_VENV)/bin/python -m pip install -q .
+	cd .cache && QWENRL_EXT_DIR=$(CURDIR)/.cache/install-ext QWENRL_REQUIRE_EXT=1 \
+		install-venv/bin/python -c "$$CHECK_INSTALL"
+
+define CHECK_INSTALL
+import torch, qwenrl
+from qwenrl._ext import extension_error, load_extension
+assert "site-packages" in qwenrl.__file__, qwenrl.__file__
+assert load_extension() is not None, extension_error()
+h, w = torch.randn(64, 32, requires_grad=True), torch.randn(1000, 32, requires_grad=True)
+t = torch.randint(0, 1000, (64,))
+loss = qwenrl.linear_efe_loss(h, w, t, tau=0.0, easy_weight=1.0)
+loss.backward()
+ref = torch.nn.functional.cross_entropy(h @ w.T, t)
+assert abs(loss.item() - ref.item()) < 1e-4, (loss.item(), ref.item())
+print("installed qwenrl", qwenrl.__version__, "loss", loss.item(), "extension", load_extension().__file__)
+endef
+export CHECK_INSTALL
 
 # On a CUDA machine: Triton tests on the GPU, GPU benchmarks, a one-minute GPU training run.
 gpu-check: setup

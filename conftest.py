@@ -1,7 +1,8 @@
 """Settings shared by the test suite (tests/) and the benchmarks (bench/).
 
-* Temp files and compiler caches (torch.compile, Triton) stay inside the checkout (``.cache/``),
-  not in system folders, unless ``TMPDIR`` / the cache variables say otherwise.
+* Temp files and compiler caches (torch.compile, Triton, a just-in-time build of qwenrl._C)
+  stay inside the checkout (``.cache/``), not in system folders, unless ``TMPDIR`` / the cache
+  variables say otherwise.
 * Without CUDA, Triton runs in its interpreter. Triton reads ``TRITON_INTERPRET`` once, when it
   is first imported, and transformers imports it indirectly before any Triton test module is
   collected: so it is set here, before anything else.
@@ -24,6 +25,7 @@ os.environ.setdefault("TMPDIR", str(_CACHE / "tmp"))
 tempfile.tempdir = os.environ["TMPDIR"]  # also if something asked tempfile before this ran
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(_CACHE / "inductor"))
 os.environ.setdefault("TRITON_CACHE_DIR", str(_CACHE / "triton"))
+os.environ.setdefault("QWENRL_EXT_DIR", str(_CACHE / "ext"))  # a just-in-time C++ build
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

@@ -4,11 +4,14 @@
 * :mod:`qwenrl.loss.options`: :class:`EFEOptions`, the options of one call.
 * :mod:`qwenrl.loss.dispatch`: which backend runs and the calling convention they share.
 * :mod:`qwenrl.loss.compile`: the ``torch.compile`` custom op.
+* :mod:`qwenrl.loss.linear`: :func:`linear_efe_loss`, the loss of a linear layer's output
+  (a language model's head) without materialising the logits.
 * :mod:`qwenrl.loss.reference`: the math in plain PyTorch, the spec every kernel is tested on.
 """
 
 from qwenrl.loss.dispatch import BACKENDS, BackendUnavailableError, resolve_backend
 from qwenrl.loss.efe import EFEFunction, EFELoss, efe_loss
+from qwenrl.loss.linear import LinearEFEFunction, LinearEFELoss, linear_efe_loss
 from qwenrl.loss.options import EFEOptions
 from qwenrl.loss.reference import efe_loss_reference, stats_from_sums
 
@@ -18,8 +21,11 @@ __all__ = [
     "EFEFunction",
     "EFELoss",
     "EFEOptions",
+    "LinearEFEFunction",
+    "LinearEFELoss",
     "efe_loss",
     "efe_loss_reference",
+    "linear_efe_loss",
     "resolve_backend",
     "stats_from_sums",
 ]

@@ -197,7 +197,7 @@ def resolve_backend(backend: str, device: torch.device) -> tuple[str, ForwardFn]
                 warnings.warn(
                     f"qwenrl: the {backend!r} EFE loss backend is not available ({missing}); "
                     "using the slower PyTorch reference loss. For the C++ backend build the "
-                    "extension with `pip install -e . --no-build-isolation`.",
+                    "extension with `python -m qwenrl.build_ext`.",
                     RuntimeWarning,
                     stacklevel=3,
                 )

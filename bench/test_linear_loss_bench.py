@@ -1,0 +1,147 @@
+"""Linear + loss on an LLM head: time and extra peak memory of one forward+backward.
+
+    pytest bench/test_linear_loss_bench.py --benchmark-only
+
+CPU rows (float32, cross-entropy mode so that every method computes the same loss):
+hidden [4096, 1024] × weight [32000, 1024] and [2048, 1024] × [151936, 1024], against both
+paths of ``F.linear_cross_entropy`` (``options=None``: the reference, which materialises the
+logits; ``options=nn.LinearCrossEntropyOptions()``: torch's chunked path), and against
+``F.linear`` + ``qwenrl.efe_loss``. GPU rows (bfloat16) against Liger-Kernel's fused linear
+cross entropy; they are collected everywhere and skipped without CUDA (or without Liger).
+
+Time: pytest-benchmark's median over a few rounds (each is seconds on a CPU). Extra peak
+memory: each (case, method) runs again in a fresh process (so cases cannot pollute each
+other's allocator), does one step so that the gradients and allocator pools exist, resets the
+process's peak RSS (Linux ``/proc/self/clear_refs``), and reports the peak RSS of a second step
+minus the RSS before it. The summary prints each method's ratio against the group's first row.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import qwenrl
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU_CASES = {"h4096xV32000": (4096, 1024, 32000), "h2048xV151936": (2048, 1024, 151936)}
+CPU_METHODS = ["torch_reference", "torch_chunked", "linear_then_efe_loss", "linear_efe_loss"]
+GPU_CASES = {"bf16_h8192x4096xV151936": (8192, 4096, 151936)}
+GPU_METHODS = ["liger_flce", "torch_chunked", "linear_efe_loss"]
+CE = {"tau": 0.0, "easy_weight": 1.0}
+
+
+def inputs(case: tuple[int, int, int], device: str, dtype: torch.dtype):
+    n, d, v = case
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(n, d, generator=g).to(device, dtype).requires_grad_()
+    w = (torch.randn(v, d, generator=g) * d**-0.5).to(device, dtype).requires_grad_()
+    t = torch.randint(0, v, (n,), generator=g).to(device)
+    return h, w, t
+
+
+def loss_fn(method: str):
+    """The loss of one method: f(hidden, weight, target) -> scalar."""
+    if method == "torch_reference":
+        return lambda h, w, t: F.linear_cross_entropy(h, w, t)
+    if method == "torch_chunked":
+        opts = torch.nn.LinearCrossEntropyOptions()
+        return lambda h, w, t: F.linear_cross_entropy(h, w, t, options=opts)
+    if method == "linear_then_efe_loss":
+        return lambda h, w, t: qwenrl.efe_loss(F.linear(h, w), t, **CE)
+    if method == "linear_efe_loss":
+        return lambda h, w, t: qwenrl.linear_efe_loss(h, w, t, **CE)
+    if method == "liger_flce":
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        crit = LigerFusedLinearCrossEntropyLoss()
+        return lambda h, w, t: crit(w, h, t)
+    raise ValueError(method)
+
+
+def step(fn, h, w, t) -> None:
+    fn(h, w, t).backward()
+
+
+def _status(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(field)
+
+
+def measure_in_fresh_process(case_name: str, method: str) -> dict:
+    """One step's extra peak RSS (and its time) in a new process: see the module docstring."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = subprocess.run(
+        [sys.executable, __file__, case_name, method],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _child(case_name: str, method: str) -> None:
+    h, w, t = inputs(CPU_CASES[case_name], "cpu", torch.float32)
+    fn = loss_fn(method)
+    step(fn, h, w, t)  # gradients and allocator pools now exist
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # peak RSS := current RSS
+    base = _status("VmRSS")
+    start = time.perf_counter()
+    step(fn, h, w, t)
+    seconds = time.perf_counter() - start
+    print(json.dumps({"extra_peak_mb": (_status("VmHWM") - base) / 2**20, "seconds": seconds}))
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
+@pytest.mark.parametrize("case_name", list(CPU_CASES))
+@pytest.mark.parametrize("method", CPU_METHODS)
+def test_cpu_linear_loss(benchmark, record, case_name, method):
+    mem = measure_in_fresh_process(case_name, method)
+    h, w, t = inputs(CPU_CASES[case_name], "cpu", torch.float32)
+    fn = loss_fn(method)
+
+    def zero():
+        h.grad = w.grad = None
+
+    benchmark.pedantic(step, args=(fn, h, w, t), setup=zero, rounds=1, warmup_rounds=1)
+    record(f"cpu fp32 {case_name}", method, extra_peak_mb=mem["extra_peak_mb"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("case_name", list(GPU_CASES))
+@pytest.mark.parametrize("method", GPU_METHODS)
+def test_gpu_linear_loss(benchmark, record, case_name, method):
+    if method == "liger_flce":
+        pytest.importorskip("liger_kernel")
+    h, w, t = inputs(GPU_CASES[case_name], "cuda", torch.bfloat16)
+    fn = loss_fn(method)
+
+    def run():
+        h.grad = w.grad = None
+        step(fn, h, w, t)
+        torch.cuda.synchronize()
+
+    run()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    run()
+    extra = (torch.cuda.max_memory_allocated() - base) / 2**20
+    benchmark.pedantic(run, rounds=5, warmup_rounds=1)
+    record(f"cuda bf16 {case_name} ({torch.cuda.get_device_name()})", method, extra_peak_mb=extra)
+
+
+if __name__ == "__main__":
+    _child(sys.argv[1], sys.argv[2])

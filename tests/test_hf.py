@@ -1,0 +1,192 @@
+"""The Hugging Face drop-in: a tiny random Qwen3ForCausalLM trained with linear_efe_loss.
+
+In cross-entropy mode (tau=0, easy_weight=1) the patched model must train like the model's
+own loss, step for step, while its peak memory (RSS of a fresh process) is lower.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CE = {"tau": 0.0, "easy_weight": 1.0}
+VOCAB, HIDDEN, BATCH, SEQ = 32000, 64, 4, 128
+
+
+def tiny_qwen3(vocab: int = VOCAB, hidden: int = HIDDEN, seed: int = 0):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen3Config(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        intermediate_size=128,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
+    return Qwen3ForCausalLM(cfg)
+
+
+def batches(n_steps: int, vocab: int = VOCAB, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(n_steps):
+        ids = torch.randint(0, vocab, (BATCH, SEQ), generator=g)
+        labels = ids.clone()
+        labels[:, : SEQ // 8] = -100  # a prompt that is not scored
+        yield ids, labels
+
+
+def peak_rss_reset() -> int:
+    """Resets the process's peak RSS to its current RSS (Linux) and returns it in bytes."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status("VmRSS")
+
+
+def _status(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def train(mode: str, steps: int) -> dict:
+    """Trains the tiny model ``steps`` steps; returns the losses and the extra peak RSS of
+    steps 2.. over the state after step 1 (parameters, gradients, Adam moments allocated)."""
+    from qwenrl.hf import apply_linear_efe
+
+    torch.set_num_threads(1)
+    model = tiny_qwen3()
+    if mode == "fused":
+        apply_linear_efe(model, **CE)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses, base = [], 0
+    for step, (ids, labels) in enumerate(batches(steps)):
+        if step == 1:
+            base = peak_rss_reset()
+        out = model(input_ids=ids, labels=labels)
+        assert (out.logits is None) == (mode == "fused")
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+        losses.append(out.loss.item())
+    return {"losses": losses, "extra_peak": _status("VmHWM") - base}
+
+
+def run_child(mode: str, steps: int) -> dict:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
+    env["OMP_NUM_THREADS"] = "1"
+    code = f"import json, test_hf; print(json.dumps(test_hf.train({mode!r}, {steps})))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
+def test_qwen3_trains_like_cross_entropy_with_less_memory():
+    plain = run_child("plain", 25)
+    fused = run_child("fused", 25)
+    torch.testing.assert_close(
+        torch.tensor(fused["losses"]), torch.tensor(plain["losses"]), rtol=1e-3, atol=0
+    )
+    assert plain["losses"][-1] < plain["losses"][0]  # it did train
+    # [4, 128, 32000] float32 logits are 66 MB; their gradient and softmax as much again.
+    assert fused["extra_peak"] < 0.5 * plain["extra_peak"], (fused, plain)
+
+
+def test_patched_forward_loss_equals_the_models_own():
+    from qwenrl.hf import apply_linear_efe
+
+    model = tiny_qwen3(vocab=500)
+    ids, labels = next(batches(1, vocab=500))
+    own = model(input_ids=ids, labels=labels)
+    own.loss.backward()
+    own_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    apply_linear_efe(model, label_smoothing=0.0, **CE)
+    out = model(input_ids=ids, labels=labels, num_items_in_batch=None)
+    assert out.logits is None
+    out.loss.backward()
+    torch.testing.assert_close(out.loss, own.loss, rtol=1e-5, atol=1e-6)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, own_grads[name], rtol=1e-4, atol=1e-6)
+    # num_items_in_batch (gradient accumulation): the sum over tokens divided by it
+    own_sum = model._linear_efe_original_forward(
+        input_ids=ids, labels=labels, num_items_in_batch=torch.tensor(1000)
+    ).loss
+    ours_sum = model(input_ids=ids, labels=labels, num_items_in_batch=torch.tensor(1000)).loss
+    torch.testing.assert_close(ours_sum, own_sum, rtol=1e-5, atol=1e-6)
+    stats = model.linear_efe_stats
+    assert stats["n_valid"].item() == (labels[:, 1:] != -100).sum().item()
+    # eval mode and calls without labels: the model's own forward, logits included
+    model.eval()
+    assert model(input_ids=ids, labels=labels).logits.shape == (BATCH, SEQ, 500)
+    model.train()
+    assert model(input_ids=ids).logits.shape == (BATCH, SEQ, 500)
+
+
+def test_unknown_option_and_model_without_head():
+    from qwenrl.hf import apply_linear_efe
+
+    with pytest.raises(TypeError, match="eassy_weight"):
+        apply_linear_efe(tiny_qwen3(vocab=50), eassy_weight=1.0)
+    with pytest.raises(TypeError, match="LM head"):
+        apply_linear_efe(torch.nn.Linear(3, 3))
+
+
+def test_trainer_compute_loss_func(tmp_path):
+    """transformers.Trainer with compute_loss_func: the same losses as its default loss."""
+    pytest.importorskip("accelerate")
+    from transformers import Trainer, TrainingArguments
+
+    from qwenrl.hf import linear_efe_compute_loss
+
+    data = [{"input_ids": ids[0], "labels": labels[0]} for ids, labels in batches(6, vocab=300)]
+
+    def losses(use_fused: bool) -> list[float]:
+        model = tiny_qwen3(vocab=300)
+        seen: list[float] = []
+        kwargs = {}
+        if use_fused:
+            fn = linear_efe_compute_loss(model, **CE)
+
+            def compute_loss(outputs, labels, num_items_in_batch=None):
+                assert outputs.logits is None
+                loss = fn(outputs, labels, num_items_in_batch=num_items_in_batch)
+                seen.append(loss.item())
+                return loss
+
+            kwargs["compute_loss_func"] = compute_loss
+        else:
+            model.register_forward_hook(lambda m, i, out: seen.append(out.loss.item()))
+        args = TrainingArguments(
+            output_dir=str(tmp_path / str(use_fused)),
+            max_steps=3,
+            per_device_train_batch_size=2,
+            learning_rate=1e-3,
+            report_to=[],
+            save_strategy="no",
+            use_cpu=True,
+            dataloader_num_workers=0,
+            seed=0,
+        )
+        Trainer(model=model, args=args, train_dataset=data, **kwargs).train()
+        return seen
+
+    plain, fused = losses(False), losses(True)
+    assert len(fused) == len(plain) == 3
+    torch.testing.assert_close(torch.tensor(fused), torch.tensor(plain), rtol=1e-4, atol=0)

@@ -1,0 +1,445 @@
+"""The fused linear + EFE loss against the float64 loss of the materialised logits.
+
+The spec is ``efe_loss_reference(hidden @ weight.T + bias, target)`` in float64; every case
+compares the loss, the stats and the gradients of hidden, weight and bias.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from loss_inputs import seed_of
+
+import qwenrl
+from qwenrl._ext import load_extension
+from qwenrl.loss import efe_loss, efe_loss_reference, linear, stats_from_sums
+from qwenrl.loss.dispatch import resolve_backend
+from qwenrl.loss.options import EFEOptions
+from qwenrl.loss.reference import STAT_NAMES
+
+HAS_EXT = load_extension() is not None
+needs_ext = pytest.mark.skipif(not HAS_EXT, reason="qwenrl._C is not built")
+BACKENDS = [pytest.param("cpu", marks=needs_ext), "reference"]
+
+
+def make_linear_inputs(n, d, v, kind, seed, *, bias=True, ignore_frac=0.2, dtype=torch.float32):
+    """hidden [n, d], weight [v, d], bias [v] (or None) and a target of the given kind."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, d, generator=g)
+    w = torch.randn(v, d, generator=g) * (2.0 / d**0.5)
+    b = torch.randn(v, generator=g) * 0.5 if bias else None
+    if kind == "class":
+        t = torch.randint(0, v, (n,), generator=g)
+        t[torch.rand(n, generator=g) < ignore_frac] = -100
+    else:
+        p = torch.softmax(torch.randn(n, v, generator=g) * 2, -1)
+        t = p.log() if kind == "log" else p
+    cast = lambda x: None if x is None else x.to(dtype)
+    return cast(h), cast(w), cast(b), t
+
+
+def run(h, w, b, t, grad_out=None, **opts):
+    """Loss, stats and the gradients (hidden, weight, bias) through linear_efe_loss."""
+    leaves = [x.detach().clone().requires_grad_() if x is not None else None for x in (h, w, b)]
+    hh, ww, bb = leaves
+    loss, stats = qwenrl.linear_efe_loss(hh, ww, t, bias=bb, return_stats=True, **opts)
+    go = torch.ones_like(loss) if grad_out is None else grad_out
+    loss.backward(go.to(loss.dtype))
+    return loss.detach(), stats, tuple(None if x is None else x.grad for x in leaves)
+
+
+def run_reference64(h, w, b, t, grad_out=None, **opts):
+    """The same through materialised float64 logits and efe_loss_reference."""
+    leaves = [x.detach().double().requires_grad_() if x is not None else None for x in (h, w, b)]
+    hh, ww, bb = leaves
+    logits = hh @ ww.T + (bb if bb is not None else 0.0)
+    v = ww.shape[0]
+    tt = t.double() if t.is_floating_point() else t
+    flat_t = tt.reshape(-1, v) if t.is_floating_point() else tt.reshape(-1)
+    mask = opts.pop("hard_mask", None)
+    loss, sums = efe_loss_reference(
+        logits.reshape(-1, v),
+        flat_t,
+        hard_mask=None if mask is None else mask.reshape(-1),
+        **opts,
+    )
+    if opts.get("reduction") == "none":
+        loss = loss.reshape(hh.shape[:-1])
+    go = torch.ones_like(loss) if grad_out is None else grad_out.double()
+    loss.backward(go)
+    return (
+        loss.detach(),
+        stats_from_sums(sums),
+        tuple(None if x is None else x.grad for x in leaves),
+    )
+
+
+def assert_matches(ours, truth, *, rtol=1e-4, atol=1e-5):
+    loss, stats, grads = ours
+    loss64, stats64, grads64 = truth
+    torch.testing.assert_close(loss.double(), loss64, rtol=rtol, atol=atol)
+    for name in STAT_NAMES:
+        torch.testing.assert_close(
+            stats[name].double(), stats64[name].double(), rtol=1e-4, atol=1e-5
+        )
+    for g, g64 in zip(grads, grads64):
+        assert (g is None) == (g64 is None)
+        if g is not None:
+            torch.testing.assert_close(g.double(), g64, rtol=rtol, atol=atol)
+
+
+OPTION_SETS = [
+    {},
+    {"tau": 0.3, "easy_weight": 0.25, "entropy_weight": 0.4},  # β > 0
+    {"label_smoothing": 0.1, "entropy_weight": 0.2},
+    {"tau": 1.1, "easy_weight": 0.0, "label_smoothing": 0.05},  # every row hard
+    {"tau": 0.0, "easy_weight": 1.0},  # cross-entropy
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["class", "soft", "log"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("opt_index", range(len(OPTION_SETS)))
+def test_matches_float64_materialised_reference(backend, kind, reduction, opt_index):
+    """Odd sizes, a chunk that does not divide N, a bias, an upstream gradient ≠ 1."""
+    n, d, v = 37, 24, 131
+    seed = seed_of("linear", backend, kind, reduction, opt_index)
+    h, w, b, t = make_linear_inputs(n, d, v, kind, seed)
+    opts = dict(OPTION_SETS[opt_index], reduction=reduction, log_target=kind == "log")
+    grad_out = torch.randn(n) if reduction == "none" else torch.tensor(1.7)
+    ours = run(h, w, b, t, grad_out, backend=backend, chunk_size=5, **opts)
+    assert_matches(ours, run_reference64(h, w, b, t, grad_out, **opts))
+
+
+@needs_ext
+@pytest.mark.parametrize("chunk_size", [1, 3, 16, 40, 1000, None])
+@pytest.mark.parametrize("bias", [True, False])
+def test_chunk_sizes_and_batched_shape(chunk_size, bias):
+    """hidden [..., D] with any chunk size: 1, odd, N not a multiple, larger than N, auto."""
+    h, w, b, t = make_linear_inputs(
+        2 * 3 * 7, 16, 97, "class", seed_of("chunks", chunk_size, bias), bias=bias
+    )
+    h3, t3 = h.reshape(2, 3, 7, 16), t.reshape(2, 3, 7)
+    opts = {"entropy_weight": 0.3, "label_smoothing": 0.05}
+    for reduction in ("mean", "none"):
+        ours = run(h3, w, b, t3, chunk_size=chunk_size, reduction=reduction, **opts)
+        assert ours[0].shape == (() if reduction == "mean" else (2, 3, 7))
+        assert ours[2][0].shape == h3.shape
+        assert_matches(ours, run_reference64(h3, w, b, t3, reduction=reduction, **opts))
+
+
+@needs_ext
+def test_qwen_vocabulary():
+    """V = 151,936 (Qwen's vocabulary) with a handful of rows and a chunk that does not divide them."""
+    h, w, b, t = make_linear_inputs(5, 32, 151936, "class", seed_of("vocab"), ignore_frac=0.0)
+    t[3] = -100
+    opts = {"entropy_weight": 0.2, "label_smoothing": 0.05, "tau": 0.5}
+    ours = run(h, w, b, t, torch.tensor(0.7), chunk_size=2, **opts)
+    assert_matches(ours, run_reference64(h, w, b, t, torch.tensor(0.7), **opts), atol=1e-6)
+
+
+@needs_ext
+def test_hard_mask():
+    h, w, b, t = make_linear_inputs(30, 8, 40, "class", seed_of("mask"))
+    mask = torch.rand(30, generator=torch.Generator().manual_seed(3)) < 0.5
+    for reduction in ("mean", "none"):
+        ours = run(h, w, b, t, chunk_size=7, hard_mask=mask, reduction=reduction)
+        assert_matches(ours, run_reference64(h, w, b, t, hard_mask=mask, reduction=reduction))
+
+
+@needs_ext
+def test_equals_efe_loss_on_the_logits():
+    """Same loss and stats as efe_loss on the materialised logits (same C++ kernel)."""
+    h, w, b, t = make_linear_inputs(64, 16, 300, "class", seed_of("same"))
+    opts = {"tau": 0.4, "entropy_weight": 0.1}
+    loss, stats = qwenrl.linear_efe_loss(h, w, t, bias=b, chunk_size=9, return_stats=True, **opts)
+    loss_m, stats_m = efe_loss(F.linear(h, w, b), t, return_stats=True, **opts)
+    torch.testing.assert_close(loss, loss_m, rtol=1e-5, atol=1e-6)
+    for name in STAT_NAMES:
+        torch.testing.assert_close(stats[name], stats_m[name])
+
+
+@needs_ext
+def test_cross_entropy_mode_equals_torch():
+    h, w, b, t = make_linear_inputs(50, 16, 77, "class", seed_of("ce"))
+    loss, _, grads = run(h, w, b, t, chunk_size=8, tau=0.0, easy_weight=1.0)
+    hh, ww, bb = (x.clone().requires_grad_() for x in (h, w, b))
+    ce = F.cross_entropy(F.linear(hh, ww, bb), t)
+    ce.backward()
+    torch.testing.assert_close(loss, ce.detach(), rtol=1e-5, atol=1e-6)
+    for g, x in zip(grads, (hh, ww, bb)):
+        torch.testing.assert_close(g, x.grad, rtol=1e-4, atol=1e-6)
+
+
+# --- what the chunking promises -------------------------------------------------------------
+
+
+def spy_forward(calls):
+    """A fused backend (the C++ kernel, else the reference) that records each chunk's logits."""
+    _, forward_fn = resolve_backend("auto", torch.device("cpu"))
+
+    def spy(logits, target, hard_mask, grad, options):
+        calls.append((tuple(logits.shape), grad is not None, options.reduction))
+        return forward_fn(logits, target, hard_mask, grad, options)
+
+    return spy
+
+
+def test_never_more_than_a_chunk_of_logits_and_ignored_rows_skip_the_matmul():
+    h, w, b, t = make_linear_inputs(50, 8, 33, "class", seed_of("spy"), ignore_frac=0.0)
+    t[::3] = -100  # 17 ignored rows, 33 valid
+    calls = []
+    options = EFEOptions(entropy_weight=0.2)
+    loss, sums, gh, gw, gb = linear.chunked_forward(
+        h, w, b, t, None, spy_forward(calls), options, 8, (True, True, True)
+    )
+    assert [c[0] for c in calls] == [(8, 33)] * 4 + [(1, 33)]  # only the 33 valid rows
+    assert all(c[1] and c[2] == "sum" for c in calls)
+    assert (gh[::3] == 0).all() and gh.shape == h.shape
+    ref, _ = efe_loss_reference(F.linear(h, w, b), t, entropy_weight=0.2)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    assert sums[4].item() == 33
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_ignored_rows_kept_in_the_matmul(reduction):
+    """The CUDA way (no host sync): ignored rows go through the matmul, N_valid stays a tensor."""
+    h, w, b, t = make_linear_inputs(30, 8, 20, "class", seed_of("keep", reduction), ignore_frac=0.4)
+    calls = []
+    options = EFEOptions(entropy_weight=0.3, reduction=reduction)
+    loss, _, gh, gw, gb = linear.chunked_forward(
+        h, w, b, t, None, spy_forward(calls), options, 8, (True, True, True),
+        row_weight=torch.ones(30) if reduction == "none" else None, drop_ignored=False,
+    )  # fmt: skip
+    assert sum(c[0][0] for c in calls) == 30
+    truth = run_reference64(h, w, b, t, entropy_weight=0.3, reduction=reduction)
+    torch.testing.assert_close(loss.double(), truth[0], rtol=1e-5, atol=1e-6)
+    for g, g64 in zip((gh, gw, gb), truth[2]):
+        torch.testing.assert_close(g.double(), g64, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_triton_backend(reduction):
+    """The GPU path's kernel (here in Triton's interpreter) behind the same chunk loop."""
+    if not torch.cuda.is_available():
+        pytest.importorskip("triton")
+    h, w, b, t = make_linear_inputs(19, 8, 40, "class", seed_of("triton", reduction))
+    opts = {"entropy_weight": 0.2, "label_smoothing": 0.1, "reduction": reduction}
+    ours = run(h, w, b, t, backend="triton", chunk_size=6, **opts)
+    assert_matches(ours, run_reference64(h, w, b, t, **opts))
+
+
+def test_frozen_weight_and_bias_cost_nothing(monkeypatch):
+    h, w, b, t = make_linear_inputs(20, 8, 30, "class", seed_of("frozen"))
+    mms = []
+    real = linear._accumulate_mm
+    monkeypatch.setattr(linear, "_accumulate_mm", lambda *a: (mms.append(1), real(*a)))
+    hh = h.clone().requires_grad_()
+    loss = qwenrl.linear_efe_loss(hh, w, t, bias=b, chunk_size=6)  # w, b: requires_grad False
+    loss.backward()
+    assert mms == []
+    hh2 = hh.detach().clone().requires_grad_()
+    efe_loss_reference(F.linear(hh2, w, b), t)[0].backward()
+    torch.testing.assert_close(hh.grad, hh2.grad, rtol=1e-4, atol=1e-6)
+    # no gradient at all: the kernel gets no gradient buffer
+    calls = []
+    linear.chunked_forward(h, w, b, t, None, spy_forward(calls), EFEOptions(), 6, (False,) * 3)
+    assert calls and not any(c[1] for c in calls)
+
+
+def test_all_rows_ignored_gives_zero_not_nan():
+    h, w, b, _ = make_linear_inputs(6, 8, 12, "class", seed_of("allign"))
+    t = torch.full((6,), -100)
+    loss, stats, grads = run(h, w, b, t, chunk_size=4)
+    assert loss.item() == 0.0 and stats["n_valid"].item() == 0
+    assert all(torch.count_nonzero(g) == 0 for g in grads)
+
+
+@needs_ext
+@pytest.mark.parametrize("grad_out", [1.0, 2.5])
+def test_upstream_gradient_of_one_and_not_one(grad_out):
+    h, w, b, t = make_linear_inputs(40, 8, 50, "class", seed_of("go", grad_out))
+    go = torch.tensor(grad_out)
+    assert_matches(run(h, w, b, t, go, chunk_size=16), run_reference64(h, w, b, t, go))
+
+
+@needs_ext
+def test_second_backward_raises():
+    h, w, b, t = make_linear_inputs(8, 4, 12, "class", seed_of("twice"))
+    hh = h.clone().requires_grad_()
+    loss = qwenrl.linear_efe_loss(hh, w, t)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="already consumed"):
+        loss.backward()
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_within_twice_torch_error(dtype):
+    """bf16/fp16 inputs: each gradient errs at most 2x as much as PyTorch's own linear +
+    reference loss in that precision (both against float64), and comes back in ``dtype``."""
+    h, w, b, t = make_linear_inputs(96, 64, 500, "class", seed_of("low", dtype), dtype=dtype)
+    opts = {"entropy_weight": 0.2}
+    ours = run(h, w, b, t, chunk_size=32, **opts)
+    truth = run_reference64(h, w, b, t, **opts)
+    leaves = [x.detach().clone().requires_grad_() for x in (h, w, b)]
+    own_loss, _ = efe_loss_reference(F.linear(*leaves), t, upcast=False, **opts)
+    own_loss.backward()
+    ulp = torch.finfo(dtype).eps
+    err = lambda x, y: (x.double() - y).abs().max().item()
+    assert ours[0].dtype == torch.float32
+    assert (
+        err(ours[0], truth[0]) <= 2 * err(own_loss.detach(), truth[0]) + ulp * truth[0].abs().item()
+    )
+    for g, g64, leaf in zip(ours[2], truth[2], leaves):
+        assert g.dtype == dtype
+        assert err(g, g64) <= 2 * err(leaf.grad, g64) + ulp * g64.abs().max().item()
+
+
+# --- bad input --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "pattern"),
+    [
+        ({"target": torch.zeros(4, 6)}, TypeError, "float32"),  # float class targets
+        ({"target": torch.zeros(4, 5, dtype=torch.long)}, ValueError, r"\(4, 5\)"),
+        ({"target": torch.zeros(4, 6, 11)}, ValueError, "soft target shape"),
+        ({"target": torch.full((4, 6), 12)}, ValueError, "outside"),
+        ({"target": torch.full((4, 6), -3)}, ValueError, "outside"),
+        ({"target": torch.zeros(4, 6, dtype=torch.uint8)}, TypeError, "uint8"),
+        ({"weight": torch.randn(12, 7)}, ValueError, "hidden's last dimension"),
+        ({"weight": torch.randn(12)}, ValueError, r"\[V, D\]"),
+        ({"weight": torch.randn(12, 8, dtype=torch.float64)}, TypeError, "dtype"),
+        ({"bias": torch.randn(11)}, ValueError, "bias must have shape"),
+        ({"bias": torch.randn(12, dtype=torch.bfloat16)}, TypeError, "bias dtype"),
+        ({"hidden": torch.zeros(4, 6, 8, dtype=torch.long)}, TypeError, "floating"),
+        ({"chunk_size": 0}, ValueError, "chunk_size"),
+        ({"reduction": "avg"}, ValueError, "reduction"),
+        ({"backend": "gpu"}, ValueError, "backend"),
+        ({"hard_mask": torch.zeros(4, 6)}, TypeError, "hard_mask"),
+        ({"label_smoothing": 2.0}, ValueError, "label_smoothing"),
+    ],
+)
+def test_bad_inputs(kwargs, error, pattern):
+    args = {
+        "hidden": torch.randn(4, 6, 8),
+        "weight": torch.randn(12, 8),
+        "target": torch.zeros(4, 6, dtype=torch.long),
+    }
+    args.update(kwargs)
+    hidden, weight, target = args.pop("hidden"), args.pop("weight"), args.pop("target")
+    with pytest.raises(error, match=pattern):
+        qwenrl.linear_efe_loss(hidden, weight, target, **args)
+
+
+def test_module_takes_explicit_options():
+    with pytest.raises(TypeError, match="eassy_weight"):
+        qwenrl.LinearEFELoss(eassy_weight=0.3)
+    with pytest.raises(ValueError, match="reduction"):
+        qwenrl.LinearEFELoss(reduction="avg")
+    with pytest.raises(ValueError, match="chunk_size"):
+        qwenrl.LinearEFELoss(chunk_size=-1)
+    crit = qwenrl.LinearEFELoss(easy_weight=0.25, entropy_weight=0.3, chunk_size=7)
+    h, w, b, t = make_linear_inputs(30, 8, 20, "class", seed_of("module"))
+    expected, sums = efe_loss_reference(F.linear(h, w, b), t, easy_weight=0.25, entropy_weight=0.3)
+    torch.testing.assert_close(crit(h, w, t, bias=b), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(crit.last_stats["accuracy"], stats_from_sums(sums)["accuracy"])
+    assert "chunk_size=7" in repr(crit)
+
+
+# --- torch.compile ---------------------------------------------------------------------------
+
+
+@needs_ext
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_compiles_fullgraph(reduction):
+    """A projection, then the loss of an LM head, compiled with fullgraph=True: same loss and
+    gradients as eager, and the target check still runs inside the graph."""
+    h, w, b, t = make_linear_inputs(40, 12, 50, "class", seed_of("compile", reduction))
+    proj = torch.nn.Linear(12, 12)
+    head = torch.nn.Linear(12, 50)
+    go = torch.randn(40) if reduction == "none" else torch.tensor(1.0)
+
+    def model(x, target):
+        return qwenrl.linear_efe_loss(
+            proj(x), head.weight, target, bias=head.bias, chunk_size=16, reduction=reduction,
+            entropy_weight=0.1,
+        )  # fmt: skip
+
+    def grads_of(fn):
+        for p in (*proj.parameters(), *head.parameters()):
+            p.grad = None
+        loss = fn(h, t)
+        loss.backward(go)
+        return loss.detach(), [p.grad.clone() for p in (*proj.parameters(), *head.parameters())]
+
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    loss_c, grads_c = grads_of(compiled)
+    loss_e, grads_e = grads_of(model)
+    torch.testing.assert_close(loss_c, loss_e)
+    for gc, ge in zip(grads_c, grads_e):
+        torch.testing.assert_close(gc, ge)
+    bad = t.clone()
+    bad[5] = 50
+    with pytest.raises(Exception, match="outside"):
+        compiled(h, bad)
+
+
+# --- DistributedDataParallel ---------------------------------------------------------------
+
+
+class _Head(torch.nn.Module):
+    """A projection and an LM head whose loss is linear_efe_loss (what DDP wraps)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = torch.nn.Linear(8, 8)
+        self.head = torch.nn.Linear(8, 40)
+
+    def forward(self, x, target):
+        return qwenrl.linear_efe_loss(
+            torch.tanh(self.proj(x)), self.head.weight, target, bias=self.head.bias,
+            chunk_size=5, entropy_weight=0.2,
+        )  # fmt: skip
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = DistributedDataParallel(_Head())
+        x, t = _ddp_batch()
+        rows = slice(rank * 16, (rank + 1) * 16)
+        model(x[rows], t[rows]).backward()
+        grads = {n: p.grad for n, p in model.module.named_parameters()}
+        torch.save(grads, f"{out_dir}/grads{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _ddp_batch():
+    g = torch.Generator().manual_seed(7)
+    return torch.randn(32, 8, generator=g), torch.randint(0, 40, (32,), generator=g)
+
+
+@needs_ext
+def test_ddp_gradients_equal_the_average_of_the_ranks(tmp_path):
+    """Two gloo ranks, each with half the batch: DDP's averaged gradients equal one process
+    computing the mean of the two halves' losses."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    model = _Head()
+    x, t = _ddp_batch()
+    ((model(x[:16], t[:16]) + model(x[16:], t[16:])) / 2).backward()
+    for rank in (0, 1):
+        grads = torch.load(tmp_path / f"grads{rank}.pt")
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-6)
