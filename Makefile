@@ -70,6 +70,7 @@ export CHECK_INSTALL
 
 # On a CUDA machine: Triton tests on the GPU, GPU benchmarks, a one-minute GPU training run.
 gpu-check: setup
+	$(PY) -m pip install -q liger-kernel || echo "liger-kernel could not be installed: its rows are skipped"
 	PY=$(PY) bash bench/gpu_check.sh
 
 # Mutation testing of the trainer, the RL policy and the loss API (scope and test selection:
