@@ -109,3 +109,12 @@ def test_logits_shapes_at_the_edges():
         qwenrl.efe_loss(torch.tensor(1.0), torch.tensor(0))
     with pytest.raises(TypeError, match="logits and target must be torch.Tensors"):
         qwenrl.efe_loss(torch.zeros(2, 3), [0, 1])
+
+
+def test_soft_targets_in_float64_match_float32():
+    logits, _ = _inputs(n=16, c=5, seed=3)
+    probs = torch.softmax(torch.randn(16, 5, generator=torch.Generator().manual_seed(4)), -1)
+    for backend in BACKENDS:
+        a = qwenrl.efe_loss(logits, probs, backend=backend)
+        b = qwenrl.efe_loss(logits, probs.double(), backend=backend)
+        torch.testing.assert_close(a, b)

@@ -718,3 +718,23 @@ def test_grad_clip_zero_means_no_clipping(tmp_path, arc_dir, monkeypatch):
     trainer.train_step(trainer.batch_at(0))
     assert norms[0] > 1e-3
     trainer.close()
+
+
+def test_setup_details(tmp_path, arc_dir, capsys):
+    """Quiet means silent; a nested run dir is created; Python's RNG is seeded; the cache
+    holds four working sets; config.yaml keeps the fields' order."""
+    import random
+
+    cfg = tiny_config(tmp_path / "a" / "b" / "run", arc_dir, seed=3)
+    trainer = Trainer(cfg, quiet=True)
+    first = random.random()
+    assert trainer.cache.capacity == 4 * cfg.working_set
+    trainer.train()
+    trainer.close()
+    assert capsys.readouterr().out == ""
+    assert (tmp_path / "a" / "b" / "run" / "config.yaml").read_text().startswith("epochs: 2\n")
+    Trainer(tiny_config(tmp_path / "c", arc_dir, seed=3), quiet=True).close()
+    assert random.random() == first
+    default_ws = Trainer(tiny_config(tmp_path / "d", arc_dir, working_set=0), quiet=True)
+    assert default_ws.cache.capacity == 4 * 4 * default_ws.cfg.batch_size
+    default_ws.close()
