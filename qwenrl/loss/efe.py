@@ -193,28 +193,24 @@ def efe_loss(
     return loss
 
 
-class EFELoss(nn.Module):
-    """Module form of :func:`efe_loss`; the stats of the last call are in ``last_stats``.
+class OptionsModule(nn.Module):
+    """The keyword options a loss module stores (``EFELoss``, ``LinearEFELoss``), checked when
+    the module is built so that a bad value fails there, not at the first step."""
 
-    ``tau`` may be changed between calls (a curriculum). A ``hard_mask`` is given per call.
-    """
-
-    def __init__(
+    def _set_options(
         self,
         *,
-        tau: float = 0.6,
-        easy_weight: float = 0.5,
-        entropy_weight: float = 0.0,
-        label_smoothing: float = 0.0,
-        ignore_index: int = -100,
-        reduction: str = "mean",
-        log_target: bool = False,
-        backend: str = "auto",
-        validate: bool | None = None,
+        tau: float,
+        easy_weight: float,
+        entropy_weight: float,
+        label_smoothing: float,
+        ignore_index: int,
+        reduction: str,
+        log_target: bool,
+        backend: str,
+        validate: bool | None,
     ) -> None:
-        super().__init__()
-        # Checked now, so that a bad value fails where the loss is built, not at the first step
-        # (whether a target is soft is only known per call).
+        # Whether a target is soft is only known per call: soft=True lets log_target pass.
         EFEOptions(
             soft=True,
             log_target=log_target,
@@ -238,11 +234,9 @@ class EFELoss(nn.Module):
         self.validate = validate
         self.last_stats: dict[str, Tensor] | None = None
 
-    def forward(self, logits: Tensor, target: Tensor, hard_mask: Tensor | None = None) -> Tensor:
-        """logits [..., C], target [...] or [..., C], hard_mask [...] bool → the loss."""
-        loss, self.last_stats = efe_loss(
-            logits,
-            target,
+    def options(self) -> dict:
+        """The stored options as keyword arguments of :func:`efe_loss`."""
+        return dict(
             tau=self.tau,
             easy_weight=self.easy_weight,
             entropy_weight=self.entropy_weight,
@@ -250,17 +244,49 @@ class EFELoss(nn.Module):
             ignore_index=self.ignore_index,
             reduction=self.reduction,
             log_target=self.log_target,
-            hard_mask=hard_mask,
             backend=self.backend,
             validate=self.validate,
-            return_stats=True,
         )
-        return loss
 
     def extra_repr(self) -> str:
-        return (
-            f"tau={self.tau}, easy_weight={self.easy_weight}, "
-            f"entropy_weight={self.entropy_weight}, label_smoothing={self.label_smoothing}, "
-            f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
-            f"backend={self.backend!r}"
+        return ", ".join(f"{k}={v!r}" for k, v in self.options().items())
+
+
+class EFELoss(OptionsModule):
+    """Module form of :func:`efe_loss`; the stats of the last call are in ``last_stats``.
+
+    ``tau`` may be changed between calls (a curriculum). A ``hard_mask`` is given per call.
+    """
+
+    def __init__(
+        self,
+        *,
+        tau: float = 0.6,
+        easy_weight: float = 0.5,
+        entropy_weight: float = 0.0,
+        label_smoothing: float = 0.0,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        log_target: bool = False,
+        backend: str = "auto",
+        validate: bool | None = None,
+    ) -> None:
+        super().__init__()
+        self._set_options(
+            tau=tau,
+            easy_weight=easy_weight,
+            entropy_weight=entropy_weight,
+            label_smoothing=label_smoothing,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            log_target=log_target,
+            backend=backend,
+            validate=validate,
         )
+
+    def forward(self, logits: Tensor, target: Tensor, hard_mask: Tensor | None = None) -> Tensor:
+        """logits [..., C], target [...] or [..., C], hard_mask [...] bool → the loss."""
+        loss, self.last_stats = efe_loss(
+            logits, target, hard_mask=hard_mask, return_stats=True, **self.options()
+        )
+        return loss

@@ -35,7 +35,7 @@ import math
 from typing import Optional
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from qwenrl.loss.dispatch import (
     BACKENDS,
@@ -45,7 +45,7 @@ from qwenrl.loss.dispatch import (
     grad_dtype,
     resolve_backend,
 )
-from qwenrl.loss.efe import _check_inputs
+from qwenrl.loss.efe import OptionsModule, _check_inputs
 from qwenrl.loss.options import EFEOptions
 from qwenrl.loss.reference import stats_from_sums
 
@@ -568,7 +568,7 @@ def linear_efe_loss(
     return loss
 
 
-class LinearEFELoss(nn.Module):
+class LinearEFELoss(OptionsModule):
     """Module form of :func:`linear_efe_loss`: ``crit(hidden, weight, target, bias=None)``.
 
     The stats of the last call are in ``last_stats``; ``tau`` may change between calls.
@@ -589,32 +589,20 @@ class LinearEFELoss(nn.Module):
         validate: bool | None = None,
     ) -> None:
         super().__init__()
-        # Checked now, so that a bad value fails where the loss is built.
-        EFEOptions(
-            soft=True,
-            log_target=log_target,
+        self._set_options(
             tau=tau,
             easy_weight=easy_weight,
             entropy_weight=entropy_weight,
             label_smoothing=label_smoothing,
             ignore_index=ignore_index,
             reduction=reduction,
+            log_target=log_target,
+            backend=backend,
+            validate=validate,
         )
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-        self.tau = float(tau)
-        self.easy_weight = float(easy_weight)
-        self.entropy_weight = float(entropy_weight)
-        self.label_smoothing = float(label_smoothing)
-        self.ignore_index = int(ignore_index)
-        self.reduction = reduction
-        self.log_target = bool(log_target)
         self.chunk_size = chunk_size
-        self.backend = backend
-        self.validate = validate
-        self.last_stats: dict[str, Tensor] | None = None
 
     def forward(
         self,
@@ -631,24 +619,11 @@ class LinearEFELoss(nn.Module):
             target,
             bias=bias,
             chunk_size=self.chunk_size,
-            tau=self.tau,
-            easy_weight=self.easy_weight,
-            entropy_weight=self.entropy_weight,
-            label_smoothing=self.label_smoothing,
-            ignore_index=self.ignore_index,
-            reduction=self.reduction,
-            log_target=self.log_target,
             hard_mask=hard_mask,
-            backend=self.backend,
-            validate=self.validate,
             return_stats=True,
+            **self.options(),
         )
         return loss
 
     def extra_repr(self) -> str:
-        return (
-            f"tau={self.tau}, easy_weight={self.easy_weight}, "
-            f"entropy_weight={self.entropy_weight}, label_smoothing={self.label_smoothing}, "
-            f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
-            f"chunk_size={self.chunk_size}, backend={self.backend!r}"
-        )
+        return f"{super().extra_repr()}, chunk_size={self.chunk_size}"
