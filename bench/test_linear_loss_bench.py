@@ -9,6 +9,13 @@ logits; ``options=nn.LinearCrossEntropyOptions()``: torch's chunked path), and a
 ``F.linear`` + ``qwenrl.efe_loss``. GPU rows (bfloat16) against Liger-Kernel's fused linear
 cross entropy; they are collected everywhere and skipped without CUDA (or without Liger).
 
+Both are measured with the gradients of a previous step still allocated (zeroed in place, as
+``zero_grad(set_to_none=False)`` or gradient accumulation leave them), so each method's new
+weight gradient is added into an existing ``.grad``. ``linear_efe_loss`` then adds it in place
+during the backward (its default); ``linear_efe_loss_fresh_grad`` is the same call with
+``weight_grad_in_place=False``, which computes every gradient in the forward into new buffers
+(what it does anyway when ``.grad`` is None).
+
 Time: pytest-benchmark's median over a few rounds (each is seconds on a CPU). Extra peak
 memory: each (case, method) runs again in a fresh process (so cases cannot pollute each
 other's allocator), does one step so that the gradients and allocator pools exist, resets the
@@ -33,7 +40,13 @@ import qwenrl
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU_CASES = {"h4096xV32000": (4096, 1024, 32000), "h2048xV151936": (2048, 1024, 151936)}
-CPU_METHODS = ["torch_reference", "torch_chunked", "linear_then_efe_loss", "linear_efe_loss"]
+CPU_METHODS = [
+    "torch_reference",
+    "torch_chunked",
+    "linear_then_efe_loss",
+    "linear_efe_loss",
+    "linear_efe_loss_fresh_grad",
+]
 GPU_CASES = {"bf16_h8192x4096xV151936": (8192, 4096, 151936)}
 GPU_METHODS = ["liger_flce", "torch_chunked", "linear_efe_loss"]
 CE = {"tau": 0.0, "easy_weight": 1.0}
@@ -59,6 +72,8 @@ def loss_fn(method: str):
         return lambda h, w, t: qwenrl.efe_loss(F.linear(h, w), t, **CE)
     if method == "linear_efe_loss":
         return lambda h, w, t: qwenrl.linear_efe_loss(h, w, t, **CE)
+    if method == "linear_efe_loss_fresh_grad":  # gradients in the forward, a new [V, D] buffer
+        return lambda h, w, t: qwenrl.linear_efe_loss(h, w, t, weight_grad_in_place=False, **CE)
     if method == "liger_flce":
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
@@ -113,8 +128,10 @@ def test_cpu_linear_loss(benchmark, record, case_name, method):
     h, w, t = inputs(CPU_CASES[case_name], "cpu", torch.float32)
     fn = loss_fn(method)
 
-    def zero():
-        h.grad = w.grad = None
+    def zero():  # zero_grad(set_to_none=False): the gradients stay allocated, as in the
+        for x in (h, w):  # memory measurement
+            if x.grad is not None:
+                x.grad.zero_()
 
     benchmark.pedantic(step, args=(fn, h, w, t), setup=zero, rounds=1, warmup_rounds=1)
     record(f"cpu fp32 {case_name}", method, extra_peak_mb=mem["extra_peak_mb"])

@@ -42,6 +42,7 @@ _OPTION_NAMES = (
     "chunk_size",
     "backend",
     "validate",
+    "weight_grad_in_place",
 )
 
 
@@ -152,8 +153,8 @@ def apply_linear_efe(model: nn.Module, **options: Any) -> nn.Module:
         model: a transformers ``*ForCausalLM`` with ``get_decoder()`` and an ``nn.Linear``
             head whose forward accepts ``logits_to_keep``.
         options: ``tau``, ``easy_weight``, ``entropy_weight``, ``label_smoothing``,
-            ``ignore_index``, ``chunk_size``, ``backend``, ``validate`` (see
-            :func:`qwenrl.linear_efe_loss`). ``tau=0, easy_weight=1`` is cross-entropy.
+            ``ignore_index``, ``chunk_size``, ``backend``, ``validate``,
+            ``weight_grad_in_place`` (see :func:`qwenrl.linear_efe_loss`). ``tau=0, easy_weight=1`` is cross-entropy.
     """
     options = _check_options(options)
     _parts(model)  # fail now, not at the first step

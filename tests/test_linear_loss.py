@@ -275,6 +275,171 @@ def test_second_backward_raises():
         loss.backward()
 
 
+# --- the weight gradient added straight into an existing .grad ------------------------------
+
+
+def _with_grad(x, prev):
+    leaf = x.detach().clone().requires_grad_()
+    leaf.grad = None if prev is None else prev.clone()
+    return leaf
+
+
+def _record_modes(monkeypatch):
+    """Records, per chunked_forward call, (gradients asked for, added into .grad or not)."""
+    modes = []
+    real = linear.chunked_forward
+
+    def spy(*args, grad_w_into=None, **kwargs):
+        modes.append((tuple(args[8]), grad_w_into is not None))
+        return real(*args, grad_w_into=grad_w_into, **kwargs)
+
+    monkeypatch.setattr(linear, "chunked_forward", spy)
+    return modes
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("opt_index", [1, 2])
+def test_weight_grad_added_into_existing_grad(monkeypatch, backend, reduction, opt_index):
+    """With weight.grad already there, the backward adds this loss's weight gradient into that
+    very tensor (no fresh [V, D] buffer), scaled by the upstream gradient and 1/N_valid; hidden
+    and bias gradients are as before."""
+    h, w, b, t = make_linear_inputs(45, 8, 37, "class", seed_of("inplace", reduction, opt_index))
+    opts = {**OPTION_SETS[opt_index], "reduction": reduction}
+    g = torch.Generator().manual_seed(seed_of("inplace-up", reduction))
+    prev_w, prev_b = torch.randn(w.shape, generator=g), torch.randn(b.shape, generator=g)
+    hh, ww, bb = h.clone().requires_grad_(), _with_grad(w, prev_w), _with_grad(b, prev_b)
+    grad_tensor = ww.grad
+    modes = _record_modes(monkeypatch)
+    loss = qwenrl.linear_efe_loss(hh, ww, t, bias=bb, chunk_size=7, backend=backend, **opts)
+    up = torch.randn(loss.shape, generator=g) if reduction == "none" else torch.tensor(0.37)
+    loss.backward(up)
+    # forward: the loss only; backward: every gradient, the weight's into its .grad
+    assert modes == [((False, False, False), False), ((True, True, True), True)]
+    assert ww.grad is grad_tensor
+    _, _, (gh64, gw64, gb64) = run_reference64(h, w, b, t, up, **opts)
+    torch.testing.assert_close(ww.grad.double(), prev_w.double() + gw64, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(bb.grad.double(), prev_b.double() + gb64, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(hh.grad.double(), gh64, rtol=1e-4, atol=1e-5)
+
+
+def _largest_allocation(fn) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return max(e.cpu_memory_usage for e in prof.events())
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_in_place_step_allocates_nothing_of_the_weight_size(reduction):
+    """The point of the in-place mode: a step (forward + backward) whose weight.grad exists
+    allocates nothing near the weight's size, while a fresh gradient does."""
+    n, d, v = 96, 64, 4096
+    h, w, _, t = make_linear_inputs(n, d, v, "class", seed_of("alloc", reduction), bias=False)
+    weight_bytes = v * d * 4
+
+    def step(in_place):
+        hh, ww = h.clone().requires_grad_(), _with_grad(w, torch.zeros_like(w))
+
+        def forward_backward():
+            loss = qwenrl.linear_efe_loss(
+                hh, ww, t, chunk_size=8, reduction=reduction, weight_grad_in_place=in_place
+            )
+            loss.sum().backward()
+
+        return _largest_allocation(forward_backward)
+
+    assert step(True) <= 8 * v * 4  # one chunk of logits: 1/8 of the weight here
+    assert step(False) >= weight_bytes
+
+
+def test_in_place_only_where_the_engine_accumulates(monkeypatch):
+    """autograd.grad returns the gradient and leaves .grad alone; backward(inputs=[hidden])
+    leaves the weight's .grad alone; a tensor hook on the weight sees the true gradient."""
+    h, w, b, t = make_linear_inputs(30, 8, 25, "class", seed_of("engine"))
+    prev = torch.randn(w.shape, generator=torch.Generator().manual_seed(1))
+    _, _, (gh64, gw64, _) = run_reference64(h, w, None, t)
+    modes = _record_modes(monkeypatch)
+
+    hh, ww = h.clone().requires_grad_(), _with_grad(w, prev)
+    gh, gw = torch.autograd.grad(qwenrl.linear_efe_loss(hh, ww, t, chunk_size=8), [hh, ww])
+    assert torch.equal(ww.grad, prev) and hh.grad is None
+    torch.testing.assert_close(gw.double(), gw64, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gh.double(), gh64, rtol=1e-4, atol=1e-5)
+    assert modes[-1] == ((True, True, False), False)
+
+    qwenrl.linear_efe_loss(hh, ww, t, chunk_size=8).backward(inputs=[hh])
+    assert torch.equal(ww.grad, prev)
+    torch.testing.assert_close(hh.grad.double(), gh64, rtol=1e-4, atol=1e-5)
+
+    finished = []  # post-accumulate hooks (what optimizers-in-backward use) see the sum
+    ww.register_post_accumulate_grad_hook(lambda p: finished.append(p.grad.clone()))
+    qwenrl.linear_efe_loss(hh, ww, t, chunk_size=8).backward()
+    assert modes[-1][1] is True
+    torch.testing.assert_close(finished[0].double(), prev.double() + gw64, rtol=1e-4, atol=1e-5)
+    ww.grad = prev.clone()
+
+    seen = []
+    ww.register_hook(lambda g: seen.append(g.clone()))
+    qwenrl.linear_efe_loss(hh, ww, t, chunk_size=8).backward()
+    torch.testing.assert_close(seen[0].double(), gw64, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ww.grad.double(), prev.double() + gw64, rtol=1e-4, atol=1e-5)
+    assert modes[-1][1] is False  # hooked: a fresh gradient for autograd to hand the hook
+
+
+def test_gradient_accumulation_over_micro_batches(monkeypatch):
+    """The first micro-batch (no .grad yet) takes the fresh-buffer path, the next ones add in
+    place; the sum equals the float64 gradients of the summed losses."""
+    h, w, b, t = make_linear_inputs(40, 8, 30, "class", seed_of("accum"))
+    modes = _record_modes(monkeypatch)
+    ww, bb = w.clone().requires_grad_(), b.clone().requires_grad_()
+    for part in (slice(0, 13), slice(13, 27), slice(27, 40)):
+        qwenrl.linear_efe_loss(h[part], ww, t[part], bias=bb, chunk_size=6).backward()
+    assert [m[1] for m in modes] == [False, False, True, False, True]
+    truth_w, truth_b = torch.zeros(w.shape, dtype=torch.float64), 0.0
+    for part in (slice(0, 13), slice(13, 27), slice(27, 40)):
+        _, _, (_, gw64, gb64) = run_reference64(h[part], w, b, t[part])
+        truth_w, truth_b = truth_w + gw64, truth_b + gb64
+    torch.testing.assert_close(ww.grad.double(), truth_w, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(bb.grad.double(), truth_b, rtol=1e-4, atol=1e-5)
+
+
+def test_no_in_place_for_low_precision_or_non_leaf_weights():
+    h, w, _, t = make_linear_inputs(12, 8, 20, "class", seed_of("nonleaf"), bias=False)
+    base = w.clone().requires_grad_()
+    assert linear.writable_grad(base) is None  # no .grad yet
+    base.grad = torch.zeros_like(base)
+    assert linear.writable_grad(base) is base.grad
+    assert linear.writable_grad(base * 1.0) is None  # not a leaf
+    low = w.to(torch.bfloat16).requires_grad_()
+    low.grad = torch.zeros_like(low)
+    assert linear.writable_grad(low) is None  # bf16: its .grad cannot accumulate in float32
+    base.grad = torch.zeros(w.shape[1], w.shape[0]).t()  # a transposed .grad
+    assert linear.writable_grad(base) is None
+
+
+def test_chunked_forward_into_needs_a_scaled_float32_weight_gradient():
+    h, w, b, t = make_linear_inputs(10, 8, 12, "class", seed_of("into-args"))
+    _, fwd = resolve_backend("auto", torch.device("cpu"))
+    into = torch.zeros_like(w)
+    with pytest.raises(ValueError, match="grad_w_into needs"):  # no row_weight
+        linear.chunked_forward(h, w, b, t, None, fwd, EFEOptions(), 4, (True,) * 3, grad_w_into=into)
+    with pytest.raises(ValueError, match="row_weight must be"):
+        linear.chunked_forward(
+            h, w, b, t, None, fwd, EFEOptions(), 4, (True,) * 3, row_weight=torch.ones(10)
+        )
+    # 'mean' without dropping ignored rows (the CUDA way): 1/N_valid stays a tensor
+    _, _, gh, gw, gb = linear.chunked_forward(
+        h, w, b, t, None, fwd, EFEOptions(), 4, (True,) * 3,
+        row_weight=torch.tensor(2.0), drop_ignored=False, grad_w_into=into,
+    )  # fmt: skip
+    assert gw is None
+    _, _, (gh64, gw64, gb64) = run_reference64(h, w, b, t, torch.tensor(2.0))
+    torch.testing.assert_close(into.double(), gw64, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gh.double(), gh64, rtol=1e-4, atol=1e-5)
+
+
 @needs_ext
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_within_twice_torch_error(dtype):
@@ -407,39 +572,54 @@ class _Head(torch.nn.Module):
         )  # fmt: skip
 
 
-def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str, as_view: bool) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    into = []
+    real = linear.chunked_forward
+    linear.chunked_forward = lambda *a, grad_w_into=None, **k: (
+        into.append(grad_w_into is not None), real(*a, grad_w_into=grad_w_into, **k)
+    )[1]
     try:
-        model = DistributedDataParallel(_Head())
+        model = DistributedDataParallel(_Head(), gradient_as_bucket_view=as_view)
         x, t = _ddp_batch()
-        rows = slice(rank * 16, (rank + 1) * 16)
-        model(x[rows], t[rows]).backward()
+        for half in (0, 1):  # two batches, gradients accumulated (.grad kept after the first)
+            rows = slice(half * 32 + rank * 16, half * 32 + (rank + 1) * 16)
+            model(x[rows], t[rows]).backward()
         grads = {n: p.grad for n, p in model.module.named_parameters()}
-        torch.save(grads, f"{out_dir}/grads{rank}.pt")
+        torch.save((grads, into), f"{out_dir}/grads{rank}.pt")
     finally:
+        linear.chunked_forward = real
         dist.destroy_process_group()
 
 
 def _ddp_batch():
     g = torch.Generator().manual_seed(7)
-    return torch.randn(32, 8, generator=g), torch.randint(0, 40, (32,), generator=g)
+    return torch.randn(64, 8, generator=g), torch.randint(0, 40, (64,), generator=g)
 
 
 @needs_ext
-def test_ddp_gradients_equal_the_average_of_the_ranks(tmp_path):
-    """Two gloo ranks, each with half the batch: DDP's averaged gradients equal one process
-    computing the mean of the two halves' losses."""
+@pytest.mark.parametrize("as_view", [False, True])
+def test_ddp_gradients_equal_the_average_of_the_ranks(tmp_path, as_view):
+    """Two gloo ranks, each with half of each of two batches: DDP's averaged gradients equal
+    one process computing the mean of the two halves' losses, per batch, summed. The second
+    batch adds the weight gradient into .grad (a bucket view with ``gradient_as_bucket_view``)
+    in the backward, before DDP's hook reads it."""
     import torch.multiprocessing as mp
 
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    args = (2, str(tmp_path / "init"), str(tmp_path), as_view)
+    mp.spawn(_ddp_worker, args=args, nprocs=2, join=True)
     model = _Head()
     x, t = _ddp_batch()
-    ((model(x[:16], t[:16]) + model(x[16:], t[16:])) / 2).backward()
+    for half in (0, 1):
+        a, b, c = half * 32, half * 32 + 16, half * 32 + 32
+        ((model(x[a:b], t[a:b]) + model(x[b:c], t[b:c])) / 2).backward()
     for rank in (0, 1):
-        grads = torch.load(tmp_path / f"grads{rank}.pt")
+        grads, into = torch.load(tmp_path / f"grads{rank}.pt")
+        # batch 1: forward with the gradients; batch 2: forward, then backward into .grad
+        assert into == [False, False, True]
         for name, p in model.named_parameters():
             torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-6)

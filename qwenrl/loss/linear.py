@@ -16,6 +16,11 @@ valid rows of the whole batch: the chunks sum, and the accumulated gradients are
 already summed ``grad_W``, so its backward runs the chunks again (as torch's own chunked
 ``F.linear_cross_entropy`` does).
 
+When the weight's ``.grad`` already exists (gradient accumulation, ``zero_grad(set_to_none=
+False)``), the eager path does not build a fresh [V, D] float32 weight gradient for autograd to
+add into it: the forward computes only the loss, and the backward runs the chunks again and adds
+each chunk's weight gradient straight into ``weight.grad`` (see :class:`LinearEFEFunction`).
+
 Rows whose class target is ``ignore_index`` are dropped before the first matmul on the CPU;
 on CUDA that would need a host sync (``nonzero``), so there they go through the matmul and
 the kernel gives them a zero gradient. Weight and bias gradients that nobody needs (frozen
@@ -88,6 +93,7 @@ def chunked_forward(
     needs: tuple[bool, bool, bool],
     row_weight: Tensor | None = None,
     drop_ignored: bool | None = None,
+    grad_w_into: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """The chunk loop behind :func:`linear_efe_loss` (flattened inputs, options checked).
 
@@ -96,10 +102,15 @@ def chunked_forward(
         hard_mask: [N] bool or None. forward_fn: a fused backend (``dispatch.ForwardFn``).
         chunk_size: rows per chunk; 0 picks :func:`default_chunk_size`.
         needs: which of (hidden, weight, bias) get a gradient.
-        row_weight: [N] upstream gradient of a ``'none'`` loss: the gradients are then those
-            of Σ_i row_weight_i · loss_i (the ``'none'`` backward).
+        row_weight: the loss's upstream gradient, for a backward that runs the chunks again:
+            [N] for ``'none'`` (the gradients are those of Σ_i row_weight_i · loss_i), a 0-dim
+            tensor for ``'sum'``/``'mean'`` (the gradients of row_weight · loss).
         drop_ignored: take rows with ``ignore_index`` out before the matmuls; default: on the
             CPU only (on CUDA it would sync the host).
+        grad_w_into: a float32 [V, D] tensor (the weight's own ``.grad``) that the weight
+            gradient is added into, chunk by chunk, instead of a fresh buffer; needs
+            ``row_weight`` (every scale is applied to the chunk before its matmul) and float32
+            inputs. The returned grad_weight is then None.
 
     Returns:
         (loss fp32 [N] or [], sums fp32 [5], grad_hidden [N, D], grad_weight [V, D],
@@ -112,8 +123,12 @@ def chunked_forward(
     reduction = options.reduction
     need_h, need_w, need_b = needs
     any_grad = need_h or need_w or need_b
-    if row_weight is not None and reduction != "none":
-        raise ValueError("row_weight is the upstream gradient of reduction='none' only")
+    per_row = row_weight is not None and row_weight.dim() == 1
+    if row_weight is not None and (reduction == "none") != per_row:
+        raise ValueError(
+            "row_weight must be [N] for reduction='none' and 0-dim for 'sum'/'mean', got "
+            f"shape {tuple(row_weight.shape)} with reduction={reduction!r}"
+        )
 
     low = dtype in (torch.float16, torch.bfloat16)
     acc_dtype = torch.float32 if low else dtype
@@ -121,6 +136,8 @@ def chunked_forward(
     mm_dtype = acc_dtype if device.type == "cpu" else dtype
     gbuf_dtype = grad_dtype(mm_dtype)
     g_scale = FP16_GRAD_SCALE if gbuf_dtype != mm_dtype else 1.0
+    if grad_w_into is not None and (row_weight is None or dtype != torch.float32 or not need_w):
+        raise ValueError("grad_w_into needs float32 inputs, row_weight and a weight gradient")
 
     if options.validate and not options.soft:
         check_target_range(target, v, options.ignore_index)
@@ -146,7 +163,7 @@ def chunked_forward(
     h_all = hidden if rows is None else hidden.index_select(0, rows)
     t_all = target if rows is None else target.index_select(0, rows)
     m_all = hard_mask if (rows is None or hard_mask is None) else hard_mask.index_select(0, rows)
-    w_all = row_weight if (rows is None or row_weight is None) else row_weight.index_select(0, rows)
+    w_all = row_weight if (rows is None or not per_row) else row_weight.index_select(0, rows)
     n_rows = h_all.shape[0]
     if h_all.dtype != mm_dtype:
         h_all = h_all.to(mm_dtype)
@@ -154,8 +171,23 @@ def chunked_forward(
     b_mm = None if bias is None else (bias if bias.dtype == mm_dtype else bias.to(mm_dtype))
     chunk = chunk_size if chunk_size > 0 else default_chunk_size(n_rows, d, v, device)
 
+    # One scale for what the chunks sum: 1/N_valid ('mean') and the float16 chunk scale. A
+    # reduced loss's upstream gradient (row_weight 0-dim) scales each chunk before its matmuls,
+    # and 1/N_valid with it, so that nothing is scaled after the loop (grad_w_into holds more
+    # than this loss's gradient).
+    scale: Tensor | float = 1.0 / g_scale
+    denom = n_valid.clamp(min=1.0) if isinstance(n_valid, Tensor) else max(n_valid, 1.0)
+    if reduction == "mean":
+        if row_weight is not None:
+            w_all = row_weight / denom
+        else:
+            scale = scale / denom
+
     grad_h = torch.empty((n_rows, d), dtype=acc_dtype, device=device) if need_h else None
-    grad_w = torch.zeros((v, d), dtype=acc_dtype, device=device) if need_w else None
+    if grad_w_into is not None:
+        grad_w = grad_w_into
+    else:
+        grad_w = torch.zeros((v, d), dtype=acc_dtype, device=device) if need_w else None
     grad_b = torch.zeros((v,), dtype=acc_dtype, device=device) if need_b else None
     loss_rows = (
         torch.zeros(n_rows, dtype=torch.float32, device=device) if reduction == "none" else None
@@ -171,7 +203,7 @@ def chunked_forward(
             b_mm,
             t_all[start:stop],
             None if m_all is None else m_all[start:stop],
-            None if w_all is None else w_all[start:stop],
+            None if w_all is None else (w_all[start:stop] if per_row else w_all),
             forward_fn,
             kernel_options,
             gbuf_dtype if any_grad else None,
@@ -186,11 +218,8 @@ def chunked_forward(
         else:
             loss_sum += loss_c
 
-    # One scale for what the chunks summed: 1/N_valid ('mean') and the float16 chunk scale.
-    scale: Tensor | float = 1.0 / g_scale
-    denom = n_valid.clamp(min=1.0) if isinstance(n_valid, Tensor) else max(n_valid, 1.0)
-    if reduction == "mean":
-        scale = scale / denom
+    if grad_w_into is not None:
+        grad_w = None  # added into the caller's tensor, already scaled
     out_dtype = grad_dtype(dtype)
     grads = []
     for g in (grad_h, grad_w, grad_b):
@@ -219,7 +248,7 @@ def _one_chunk(
     b_mm: Tensor | None,
     t_c: Tensor,
     m_c: Tensor | None,
-    rw_c: Tensor | None,
+    rw_c: Tensor | None,  # [c] or 0-dim
     forward_fn: ForwardFn,
     options: EFEOptions,
     gbuf_dtype: torch.dtype | None,
@@ -239,8 +268,8 @@ def _one_chunk(
     if grad is None:
         return loss_c, sums_c
     del logits
-    if rw_c is not None:  # the 'none' backward: each row's upstream gradient
-        grad.mul_(rw_c[:, None].to(grad.dtype))
+    if rw_c is not None:  # a backward's upstream gradient: per row ('none') or one scalar
+        grad.mul_((rw_c[:, None] if rw_c.dim() else rw_c).to(grad.dtype))
     if grad.dtype != w_mm.dtype:  # float16 on CUDA: scaled into float16's normal range
         grad = grad.mul_(g_scale).to(w_mm.dtype)
     if grad_h_c is not None:
@@ -266,21 +295,77 @@ def _upstream_grads(grads, grad_loss: Tensor, options: EFEOptions, dtypes, *, ea
     )
 
 
-class LinearEFEFunction(torch.autograd.Function):
-    """Eager autograd for :func:`linear_efe_loss`: the forward computes the gradients, the
-    backward scales them in place (``'none'``: runs the chunks again with per-row weights).
+def writable_grad(weight: Tensor) -> Tensor | None:
+    """``weight.grad``, if a backward may add the weight gradient straight into it; else None.
 
-    The gradient buffers are handed to autograd as the result, so they can be consumed once:
-    a second backward through the same loss raises instead of returning them scaled twice.
+    That is the case for a plain float32 leaf whose ``.grad`` already exists as a dense,
+    contiguous float32 tensor of its shape (a previous step's gradient kept by
+    ``zero_grad(set_to_none=False)``, or the micro-batches of gradient accumulation), and that
+    has no tensor hooks (they would see the gradient only through ``.grad``).
+    """
+    if type(weight) not in (Tensor, torch.nn.Parameter) or not weight.is_leaf:
+        return None
+    if not weight.requires_grad or weight.dtype != torch.float32 or weight._backward_hooks:
+        return None
+    g = weight.grad
+    if (
+        type(g) is not Tensor
+        or g.layout != torch.strided
+        or g.dtype != torch.float32
+        or g.shape != weight.shape
+        or g.device != weight.device
+        or g.requires_grad
+        or not g.is_contiguous()
+    ):
+        return None
+    return g
+
+
+def _engine_accumulates(weight: Tensor) -> bool:
+    """Inside a backward: will autograd accumulate into ``weight.grad`` in this pass? Not under
+    ``torch.autograd.grad`` (the gradient is returned, ``.grad`` untouched), not for a
+    ``backward(inputs=...)`` without the weight, not with ``create_graph=True``."""
+    if torch.is_grad_enabled():
+        return False
+    try:
+        node = torch.autograd.graph.get_gradient_edge(weight).node
+        return bool(torch._C._will_engine_execute_node(node))
+    except (RuntimeError, AttributeError):  # autograd.grad() over a leaf raises here
+        return False
+
+
+class LinearEFEFunction(torch.autograd.Function):
+    """Eager autograd for :func:`linear_efe_loss`, in one of two modes.
+
+    * **Gradients in the forward** (the default): the forward computes the gradients, the
+      backward scales them in place. The buffers are handed to autograd as the result, so they
+      can be consumed once: a second backward through the same loss raises instead of returning
+      them scaled twice.
+    * **Chunks again in the backward**, for ``'none'`` (a per-row upstream gradient cannot be
+      applied to an already summed ``grad_W``) and when the weight's ``.grad`` already exists
+      and is writable (:func:`writable_grad`) with ``weight_grad_in_place``: the forward only
+      computes the loss, and the backward runs the chunks again with the upstream gradient
+      applied to each chunk and adds the weight gradient straight into ``weight.grad``. No
+      [V, D] buffer is allocated, and autograd gets None for the weight: it still runs the
+      weight's accumulation node and its hooks (DDP's reducer, post-accumulate hooks), which
+      find the finished ``.grad``. Where the engine will not accumulate into ``.grad`` in that
+      pass (``torch.autograd.grad``, ``backward(inputs=...)`` without the weight,
+      ``create_graph=True``) the backward returns a fresh gradient instead.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target, hard_mask, forward_fn, options, chunk_size):  # type: ignore[override]
+    def forward(ctx, hidden, weight, bias, target, hard_mask, forward_fn, options, chunk_size,  # type: ignore[override]
+                weight_grad_in_place):  # fmt: skip
         needs = tuple(bool(x) for x in ctx.needs_input_grad[:3])
         ctx.options, ctx.forward_fn, ctx.chunk_size = options, forward_fn, chunk_size
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.needs = needs
-        if options.reduction == "none":
+        ctx.in_place = weight_grad_in_place and needs[1]
+        ctx.rerun = options.reduction == "none" or (
+            ctx.in_place and writable_grad(weight) is not None
+        )
+        ctx.consumed = False
+        if ctx.rerun:
             loss, sums, *_ = chunked_forward(
                 hidden, weight, bias, target, hard_mask, forward_fn, options, chunk_size,
                 (False, False, False),
@@ -292,31 +377,35 @@ class LinearEFEFunction(torch.autograd.Function):
                 hidden, weight, bias, target, hard_mask, forward_fn, options, chunk_size, needs
             )
             ctx.grads = grads  # not saved_tensors: backward gives these very buffers away
-        ctx.consumed = False
         ctx.mark_non_differentiable(sums)
         return loss, sums
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_sums):  # type: ignore[override]
-        if ctx.consumed:
-            raise RuntimeError(
-                "linear_efe_loss: the fused gradients were already consumed by an earlier "
-                "backward; compute the loss again to backward twice"
-            )
-        options = ctx.options
-        if options.reduction == "none":
+        if ctx.rerun:
             hidden, weight, bias, target, hard_mask = ctx.saved_tensors
+            into = None
+            if ctx.in_place and _engine_accumulates(weight):
+                into = writable_grad(weight)
             _, _, *grads = chunked_forward(
                 hidden, weight, bias, target, hard_mask, ctx.forward_fn,
-                options.replace(validate=False), ctx.chunk_size, ctx.needs,
-                row_weight=grad_loss.float(),
+                ctx.options.replace(validate=False), ctx.chunk_size, ctx.needs,
+                row_weight=grad_loss.float(), grad_w_into=into,
             )  # fmt: skip
+            # Added into weight.grad already, the weight's gradient is None here: autograd still
+            # runs the weight's AccumulateGrad node and its hooks (DDP's, post-accumulate
+            # hooks), which read the finished .grad, and adds nothing.
             grads = [None if g is None else g.to(dt) for g, dt in zip(grads, ctx.dtypes)]
         else:
+            if ctx.consumed:
+                raise RuntimeError(
+                    "linear_efe_loss: the fused gradients were already consumed by an earlier "
+                    "backward; compute the loss again to backward twice"
+                )
             ctx.consumed = True
             grads, ctx.grads = ctx.grads, None
-            grads = _upstream_grads(grads, grad_loss, options, ctx.dtypes, eager=True)
-        return (*grads, None, None, None, None, None)
+            grads = _upstream_grads(grads, grad_loss, ctx.options, ctx.dtypes, eager=True)
+        return (*grads, None, None, None, None, None, None)
 
 
 @torch.library.custom_op("qwenrl::linear_efe_fused", mutates_args=())
@@ -502,6 +591,7 @@ def linear_efe_loss(
     backend: str = "auto",
     return_stats: bool = False,
     validate: bool | None = None,
+    weight_grad_in_place: bool = True,
 ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
     """:func:`qwenrl.efe_loss` of ``hidden @ weight.T + bias``, one chunk of rows at a time.
 
@@ -514,13 +604,20 @@ def linear_efe_loss(
             Peak extra memory is about ``chunk_size × V`` logits plus the gradients.
         tau, easy_weight, entropy_weight, label_smoothing, ignore_index, reduction,
         log_target, hard_mask, backend, return_stats, validate: as in :func:`qwenrl.efe_loss`.
+        weight_grad_in_place: when ``weight.grad`` already exists (float32; see
+            :func:`writable_grad`), add the weight gradient straight into it during the
+            backward, which then runs the chunks again (one more matmul per chunk), instead of
+            building a fresh [V, D] float32 gradient for autograd to add: the loss then needs
+            no memory of the weight's size. Eager mode only; under ``torch.compile`` the
+            gradient is always a fresh tensor.
 
     Returns:
         The float32 loss ([...] for ``'none'``, else 0-dim), and the stats if asked
         ({mask_ratio, accuracy, risk, entropy, n_valid}, 0-dim tensors, no host sync).
 
     Gradients flow to ``hidden``, ``weight`` and ``bias``; they are computed in the forward for
-    the inputs that require them (a frozen weight costs no matmul).
+    the inputs that require them (a frozen weight costs no matmul), or in the backward for
+    ``'none'`` and for a weight gradient added in place.
     """
     _check_linear(hidden, weight, bias)
     v, d = weight.shape
@@ -560,7 +657,9 @@ def linear_efe_loss(
         )
     else:
         _, forward_fn = resolve_backend(backend, hidden.device)
-        loss, sums = LinearEFEFunction.apply(h, weight, bias, tgt, mask, forward_fn, options, chunk)
+        loss, sums = LinearEFEFunction.apply(
+            h, weight, bias, tgt, mask, forward_fn, options, chunk, bool(weight_grad_in_place)
+        )
     if reduction == "none":
         loss = loss.reshape(row_shape)
     if return_stats:
@@ -587,6 +686,7 @@ class LinearEFELoss(OptionsModule):
         chunk_size: int | None = None,
         backend: str = "auto",
         validate: bool | None = None,
+        weight_grad_in_place: bool = True,
     ) -> None:
         super().__init__()
         self._set_options(
@@ -603,6 +703,7 @@ class LinearEFELoss(OptionsModule):
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
         self.chunk_size = chunk_size
+        self.weight_grad_in_place = bool(weight_grad_in_place)
 
     def forward(
         self,
@@ -619,6 +720,7 @@ class LinearEFELoss(OptionsModule):
             target,
             bias=bias,
             chunk_size=self.chunk_size,
+            weight_grad_in_place=self.weight_grad_in_place,
             hard_mask=hard_mask,
             return_stats=True,
             **self.options(),
@@ -626,4 +728,7 @@ class LinearEFELoss(OptionsModule):
         return loss
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, chunk_size={self.chunk_size}"
+        return (
+            f"{super().extra_repr()}, chunk_size={self.chunk_size}, "
+            f"weight_grad_in_place={self.weight_grad_in_place}"
+        )
