@@ -20,7 +20,7 @@ CE = {"tau": 0.0, "easy_weight": 1.0}
 VOCAB, HIDDEN, BATCH, SEQ = 32000, 64, 4, 128
 
 
-def tiny_qwen3(vocab: int = VOCAB, hidden: int = HIDDEN, seed: int = 0):
+def tiny_qwen3(vocab: int = VOCAB, hidden: int = HIDDEN, seed: int = 0, tie: bool = False):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(seed)
@@ -33,7 +33,7 @@ def tiny_qwen3(vocab: int = VOCAB, hidden: int = HIDDEN, seed: int = 0):
         head_dim=16,
         intermediate_size=128,
         max_position_embeddings=512,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie,
     )
     return Qwen3ForCausalLM(cfg)
 
@@ -137,6 +137,32 @@ def test_patched_forward_loss_equals_the_models_own():
     assert model(input_ids=ids, labels=labels).logits.shape == (BATCH, SEQ, 500)
     model.train()
     assert model(input_ids=ids).logits.shape == (BATCH, SEQ, 500)
+
+
+def test_gradient_accumulation_with_tied_embeddings(monkeypatch):
+    """Micro-batches accumulated into .grad, with the head tied to the input embedding: after
+    the first, the head's gradient is added in place during the backward, and the embedding's
+    own gradient is added to the same .grad by autograd. Equal to the model's own loss."""
+    from qwenrl.hf import apply_linear_efe
+    from qwenrl.loss import linear
+
+    def accumulated(patch: bool):
+        model = tiny_qwen3(vocab=400, tie=True)
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+        if patch:
+            apply_linear_efe(model, **CE)
+        for ids, labels in batches(3, vocab=400):
+            model(input_ids=ids, labels=labels).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    calls = []
+    real = linear.writable_grad
+    monkeypatch.setattr(linear, "writable_grad", lambda w: calls.append(real(w)) or real(w))
+    ours = accumulated(True)
+    assert any(g is not None for g in calls)  # the in-place path ran
+    own = accumulated(False)
+    for name, g in own.items():
+        torch.testing.assert_close(ours[name], g, rtol=1e-4, atol=1e-6)
 
 
 def test_unknown_option_and_model_without_head():

@@ -113,6 +113,25 @@ def test_matches_float64_materialised_reference(backend, kind, reduction, opt_in
     assert_matches(ours, run_reference64(h, w, b, t, grad_out, **opts))
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize(
+    "n, d, v", [(4096, 1024, 32000), (2048, 1024, 151936), (32768, 4096, 151936), (7, 8, 13)]
+)
+def test_default_chunk_size(device, n, d, v):
+    """Enough rows for the matmuls (the hidden-size rule, the logits budget, the floor), a
+    power of two, never more than N, and no more logits than the larger of the two rules."""
+    dev = torch.device(device)
+    rows = linear.default_chunk_size(n, d, v, dev, 4)
+    floor = linear.MIN_CHUNK_ROWS[device]
+    assert rows <= n and (rows == n or rows & (rows - 1) == 0)
+    assert rows >= min(n, floor)
+    assert rows * v * 4 >= min(n * v * 4, linear.CHUNK_LOGITS_BYTES / 2)  # budget used
+    if rows > floor:  # above the floor: at most 2× the hidden states or the budget
+        assert rows * v * 4 <= max(2 * n * d * 4, linear.CHUNK_LOGITS_BYTES)
+    # half-size logits fit twice as many rows in the budget
+    assert linear.default_chunk_size(n, d, v, dev, 2) >= rows
+
+
 @needs_ext
 @pytest.mark.parametrize("chunk_size", [1, 3, 16, 40, 1000, None])
 @pytest.mark.parametrize("bias", [True, False])
@@ -424,7 +443,9 @@ def test_chunked_forward_into_needs_a_scaled_float32_weight_gradient():
     _, fwd = resolve_backend("auto", torch.device("cpu"))
     into = torch.zeros_like(w)
     with pytest.raises(ValueError, match="grad_w_into needs"):  # no row_weight
-        linear.chunked_forward(h, w, b, t, None, fwd, EFEOptions(), 4, (True,) * 3, grad_w_into=into)
+        linear.chunked_forward(
+            h, w, b, t, None, fwd, EFEOptions(), 4, (True,) * 3, grad_w_into=into
+        )
     with pytest.raises(ValueError, match="row_weight must be"):
         linear.chunked_forward(
             h, w, b, t, None, fwd, EFEOptions(), 4, (True,) * 3, row_weight=torch.ones(10)
@@ -580,9 +601,12 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str, as_view: bo
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     into = []
     real = linear.chunked_forward
-    linear.chunked_forward = lambda *a, grad_w_into=None, **k: (
-        into.append(grad_w_into is not None), real(*a, grad_w_into=grad_w_into, **k)
-    )[1]
+
+    def spy(*args, grad_w_into=None, **kwargs):  # records which calls add into .grad
+        into.append(grad_w_into is not None)
+        return real(*args, grad_w_into=grad_w_into, **kwargs)
+
+    linear.chunked_forward = spy
     try:
         model = DistributedDataParallel(_Head(), gradient_as_bucket_view=as_view)
         x, t = _ddp_batch()
