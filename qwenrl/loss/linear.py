@@ -353,8 +353,9 @@ def _engine_accumulates(weight: Tensor) -> bool:
 class LinearEFEFunction(torch.autograd.Function):
     """Eager autograd for :func:`linear_efe_loss`, in one of two modes.
 
-    * **Gradients in the forward** (the default): the forward computes the gradients, the
-      backward scales them in place. The buffers are handed to autograd as the result, so they
+    * **Gradients in the forward** (while ``weight.grad`` is None, as after the default
+      ``zero_grad()``, or with ``weight_grad_in_place=False``): the forward computes the
+      gradients, the backward scales them in place. The buffers are handed to autograd as the result, so they
       can be consumed once: a second backward through the same loss raises instead of returning
       them scaled twice.
     * **Chunks again in the backward**, for ``'none'`` (a per-row upstream gradient cannot be
