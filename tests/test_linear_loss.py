@@ -424,6 +424,29 @@ def test_gradient_accumulation_over_micro_batches(monkeypatch):
     torch.testing.assert_close(bb.grad.double(), truth_b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_in_place_under_activation_checkpointing(use_reentrant):
+    """torch.utils.checkpoint around the loss (a nested backward when reentrant, recomputed
+    saved tensors otherwise): the same gradients as without it, added into .grad."""
+    from torch.utils.checkpoint import checkpoint
+
+    h, w, _, t = make_linear_inputs(30, 8, 25, "class", seed_of("ckpt", use_reentrant), bias=False)
+    proj = torch.randn(8, 8, generator=torch.Generator().manual_seed(2))
+
+    def grads(wrap):
+        ww, pp = _with_grad(w, torch.ones_like(w)), _with_grad(proj, torch.zeros_like(proj))
+
+        def f(x, weight, p):
+            return qwenrl.linear_efe_loss(torch.tanh(x @ p), weight, t, chunk_size=7)
+
+        loss = checkpoint(f, h, ww, pp, use_reentrant=use_reentrant) if wrap else f(h, ww, pp)
+        (2 * loss).backward()
+        return ww.grad, pp.grad
+
+    for ours, plain in zip(grads(True), grads(False)):
+        torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-6)
+
+
 def test_no_in_place_for_low_precision_or_non_leaf_weights():
     h, w, _, t = make_linear_inputs(12, 8, 20, "class", seed_of("nonleaf"), bias=False)
     base = w.clone().requires_grad_()
