@@ -182,10 +182,7 @@ def chunked_forward(
         h_all = h_all.to(mm_dtype)
     w_mm = weight if weight.dtype == mm_dtype else weight.to(mm_dtype)
     b_mm = None if bias is None else (bias if bias.dtype == mm_dtype else bias.to(mm_dtype))
-    if chunk_size <= 0:
-        logit_bytes = torch.empty((), dtype=mm_dtype).element_size()
-        chunk_size = default_chunk_size(n_rows, d, v, device, logit_bytes)
-    chunk = chunk_size
+    chunk = chunk_size or default_chunk_size(n_rows, d, v, device, mm_dtype.itemsize)
 
     # One scale for what the chunks sum: 1/N_valid ('mean') and the float16 chunk scale. A
     # reduced loss's upstream gradient (row_weight 0-dim) scales each chunk before its matmuls,
@@ -327,7 +324,6 @@ def writable_grad(weight: Tensor) -> Tensor | None:
     if (
         type(g) is not Tensor
         or g.layout != torch.strided
-        or g.dtype != torch.float32
         or g.shape != weight.shape
         or g.device != weight.device
         or g.requires_grad
