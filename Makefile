@@ -1,36 +1,48 @@
 # Two commands on a fresh machine:   make train   |   make test
-# Both create .venv (seeing a torch you already have, CUDA builds included), install the
-# pinned dependencies, build the C++ extension against that torch, then do their job.
+# Both create .venv (seeing a torch you already have, CUDA builds included), install the exact
+# versions of requirements.lock, build the C++ extension against that torch, then do their job.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-TORCH_PIN ?= torch==2.13.0
 STAMP  := $(VENV)/.qwenrl-deps
 ARGS   ?=
+# Exact versions of every dependency (make lock writes it; tools/deps.py says how torch is kept).
+LOCK   := requirements.lock
+CONSTRAINTS := $(VENV)/constraints.txt
+# The torch version `make lock` and `make check-install` install (a CPU build where pip sees one).
+TORCH_LOCK ?= 2.13.0
 # A missing C++ extension is an error in tests and benchmarks, not a row of skipped tests
 # (temp files and compiler caches stay inside the checkout: conftest.py).
 TEST_ENV := QWENRL_REQUIRE_EXT=1
+# BUILD_WARNINGS=error (CI, make test-latest) fails the build on any warning of its own, such as
+# setuptools announcing a deprecation. Not errors: setuptools' note that an install is editable
+# (information), and pip's own unclosed-file ResourceWarnings (pip, not the build).
+BUILD_WARNINGS ?= default
+BUILD_ENV = PYTHONWARNINGS="$(BUILD_WARNINGS),ignore::ResourceWarning,ignore:Editable installation"
 
 MUTMUT_PIN ?= mutmut==3.8.1
 
-.PHONY: setup ext train test bench gpu-check lint format mutate clean check-install
+.PHONY: setup ext train test bench gpu-check lint format mutate clean check-install lock test-latest
 
+# A venv that sees the system's packages only where the system has a torch to keep; otherwise
+# a bare one, holding exactly the lock.
 $(PY):
-	$(PYTHON) -m venv --system-site-packages $(VENV)
+	$(PYTHON) -m venv $$($(PYTHON) -c "import torch" 2>/dev/null && echo --system-site-packages) $(VENV)
 
-$(STAMP): $(PY) pyproject.toml setup.py
-	$(PY) -m pip install -q --upgrade pip
-	@# Keep a torch that is already importable (e.g. a CUDA build); otherwise take the pinned CPU one.
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_PIN)"
-	$(PY) -m pip install -q setuptools wheel pybind11 ninja
-	$(PY) -m pip install -q -e ".[dev,plot]" --no-build-isolation
+$(STAMP): $(PY) pyproject.toml setup.py $(LOCK) tools/deps.py
+	$(PY) tools/deps.py constraints $(LOCK) > $(CONSTRAINTS)
+	$(PY) -m pip install -q -c $(CONSTRAINTS) pip
+	@# Keep a torch that is already importable (e.g. a CUDA build); otherwise take the lock's.
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q -c $(CONSTRAINTS) torch
+	$(PY) -m pip install -q -c $(CONSTRAINTS) setuptools wheel ninja
+	$(BUILD_ENV) $(PY) -m pip install -q -c $(CONSTRAINTS) -e ".[dev,plot]" --no-build-isolation
 	touch $@
 
 setup: $(STAMP) ext
 
 # Incremental (ninja) rebuild of qwenrl._C after a change in csrc/.
 ext: $(STAMP)
-	$(PY) setup.py -q build_ext --inplace
+	$(BUILD_ENV) $(PY) setup.py -q build_ext --inplace
 
 train: setup
 	$(PY) -m qwenrl.train $(ARGS)
@@ -48,8 +60,9 @@ INSTALL_VENV := .cache/install-venv
 check-install:
 	rm -rf $(INSTALL_VENV) .cache/install-ext
 	$(PYTHON) -m venv $(INSTALL_VENV)
-	$(INSTALL_VENV)/bin/python -m pip install -q "$(TORCH_PIN)"
-	$(INSTALL_VENV)/bin/python -m pip install -q .
+	$(INSTALL_VENV)/bin/python tools/deps.py constraints $(LOCK) > .cache/install-constraints.txt
+	$(INSTALL_VENV)/bin/python -m pip install -q -c .cache/install-constraints.txt pip torch
+	$(BUILD_ENV) $(INSTALL_VENV)/bin/python -m pip install -q -c .cache/install-constraints.txt .
 	cd .cache && QWENRL_EXT_DIR=$(CURDIR)/.cache/install-ext QWENRL_REQUIRE_EXT=1 \
 		install-venv/bin/python -c "$$CHECK_INSTALL"
 
@@ -70,7 +83,7 @@ export CHECK_INSTALL
 
 # On a CUDA machine: Triton tests on the GPU, GPU benchmarks, a one-minute GPU training run.
 gpu-check: setup
-	$(PY) -m pip install -q liger-kernel || echo "liger-kernel could not be installed: its rows are skipped"
+	$(PY) -m pip install -q -c $(CONSTRAINTS) liger-kernel || echo "liger-kernel could not be installed: its rows are skipped"
 	PY=$(PY) bash bench/gpu_check.sh
 
 # Mutation testing of the trainer, the RL policy and the loss API (scope and test selection:
@@ -81,7 +94,7 @@ gpu-check: setup
 # shows one.
 MUTANTS ?= *__mutmut_*[05]
 mutate: setup
-	$(PY) -m pip install -q "$(MUTMUT_PIN)"
+	$(PY) -m pip install -q -c $(CONSTRAINTS) "$(MUTMUT_PIN)"
 	rm -rf mutants && mkdir mutants
 	OMP_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children 2 "$(MUTANTS)" > mutants/run.log 2>&1 \
 	  || { tail -n 30 mutants/run.log; exit 1; }
@@ -102,3 +115,34 @@ format: $(STAMP)
 
 clean:
 	rm -rf build *.egg-info qwenrl/_C*.so mutants
+
+# Regenerate requirements.lock: the newest releases pyproject.toml's ranges allow, installed into
+# a fresh virtualenv without system packages (torch $(TORCH_LOCK)), then frozen. Run `make test`
+# on the result before committing it.
+LOCK_VENV := .cache/lock-venv
+lock:
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install -q --upgrade pip setuptools wheel ninja
+	$(LOCK_VENV)/bin/python -m pip install -q "torch==$(TORCH_LOCK)"
+	$(LOCK_VENV)/bin/python -m pip install -q ".[dev,plot]"
+	$(LOCK_VENV)/bin/python tools/deps.py freeze > $(LOCK).tmp
+	mv $(LOCK).tmp $(LOCK)
+	rm -rf $(LOCK_VENV)
+	@echo "wrote $(LOCK); now run: make test"
+
+# The suite against the newest releases, in a throwaway virtualenv (.cache/latest-venv), so an
+# upstream break shows here before a user meets it. torch stays at $(TORCH_LOCK) (PyPI's newest
+# torch is a CUDA build of several GB): LATEST_TORCH=torch takes the newest one too.
+LATEST_VENV := .cache/latest-venv
+LATEST_TORCH ?= torch==$(TORCH_LOCK)
+test-latest: BUILD_WARNINGS = error
+test-latest:
+	rm -rf $(LATEST_VENV)
+	$(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/python -m pip install -q --upgrade pip setuptools wheel ninja
+	$(LATEST_VENV)/bin/python -m pip install -q "$(LATEST_TORCH)"
+	$(BUILD_ENV) $(LATEST_VENV)/bin/python -m pip install \
+	  -q --upgrade --upgrade-strategy eager -e ".[dev,plot]" --no-build-isolation
+	$(LATEST_VENV)/bin/python -m pip list --format=freeze | grep -iE '^(torch|transformers|kernels|tokenizers|huggingface.hub|triton|numpy)=='
+	$(TEST_ENV) $(LATEST_VENV)/bin/python -m pytest -q tests $(ARGS)
