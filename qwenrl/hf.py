@@ -204,7 +204,7 @@ def linear_efe_compute_loss(model: nn.Module, **options: Any) -> Callable[..., T
         last call are in ``model.linear_efe_stats``.
     """
     options = _check_options(options)
-    _, head = _parts(model)
+    _parts(model)  # fails now, not at the first step, for a model without a linear LM head
     original = getattr(model, "_linear_efe_original_forward", None) or model.forward
     model._linear_efe_original_forward = original
     model.linear_efe_stats = None
@@ -227,6 +227,9 @@ def linear_efe_compute_loss(model: nn.Module, **options: Any) -> Callable[..., T
                 "linear_efe_compute_loss: the outputs carry no last_hidden_state; was the "
                 "model called in training mode, without labels and with logits_to_keep=0?"
             )
+        # The head of this call, not of the patch's creation: resize_token_embeddings()
+        # replaces it with a new module.
+        _, head = _parts(model)
         loss, model.linear_efe_stats = causal_lm_loss(
             hidden, head, labels, num_items_in_batch=num_items_in_batch, **options
         )

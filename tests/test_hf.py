@@ -216,3 +216,25 @@ def test_trainer_compute_loss_func(tmp_path):
     plain, fused = losses(False), losses(True)
     assert len(fused) == len(plain) == 3
     torch.testing.assert_close(torch.tensor(fused), torch.tensor(plain), rtol=1e-4, atol=0)
+
+
+def test_compute_loss_func_follows_a_resized_lm_head():
+    """After resize_token_embeddings the loss trains the new head and accepts the new ids."""
+    from qwenrl.hf import linear_efe_compute_loss
+
+    model = tiny_qwen3(vocab=300)
+    model.train()
+    fn = linear_efe_compute_loss(model, **CE)
+    model.resize_token_embeddings(310)
+    head = model.get_output_embeddings()
+    ids = torch.randint(0, 310, (2, 16), generator=torch.Generator().manual_seed(3))
+    ids[0, -1] = 305  # a new token id: outside the old head's 300 classes
+    outputs = model(input_ids=ids)
+    loss = fn(outputs, ids.clone())
+    loss.backward()
+    assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0
+    logits = model.get_decoder()(input_ids=ids).last_hidden_state @ head.weight.T
+    ref = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, 310).float(), ids[:, 1:].reshape(-1)
+    )
+    torch.testing.assert_close(loss.detach(), ref.detach(), rtol=1e-4, atol=1e-5)

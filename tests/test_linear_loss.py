@@ -670,3 +670,40 @@ def test_ddp_gradients_equal_the_average_of_the_ranks(tmp_path, as_view):
         assert into == [False, False, True]
         for name, p in model.named_parameters():
             torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-6)
+
+
+# --- no gradients where none are asked for; no silent double backward --------------------
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_no_gradient_buffers_under_no_grad(mode, monkeypatch):
+    """Evaluation calls (no_grad / inference_mode) compute the loss alone: no grad_h, no [V, D]
+    grad_W, even though the inputs require grad."""
+    h, w, b, t = make_linear_inputs(37, 16, 53, "class", seed_of(mode))
+    h, w, b = (x.requires_grad_() for x in (h, w, b))
+    asked = []
+    real = linear.chunked_forward
+
+    def spy(*args, **kwargs):
+        asked.append(tuple(args[8]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(linear, "chunked_forward", spy)
+    with torch.no_grad() if mode == "no_grad" else torch.inference_mode():
+        loss = qwenrl.linear_efe_loss(h, w, t, bias=b, backend="reference")
+    assert asked == [(False, False, False)]
+    assert not loss.requires_grad
+    ref, _ = efe_loss_reference((h @ w.T + b).detach().double(), t)
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("grad_exists", [False, True])
+def test_create_graph_raises_a_clear_error(reduction, grad_exists):
+    h, w, b, t = make_linear_inputs(19, 8, 29, "class", seed_of(reduction, grad_exists))
+    h, w = h.requires_grad_(), w.requires_grad_()
+    if grad_exists:
+        w.grad = torch.zeros_like(w)
+    loss = qwenrl.linear_efe_loss(h, w, t, reduction=reduction, backend="reference")
+    with pytest.raises(RuntimeError, match="no double backward.*create_graph=True"):
+        loss.sum().backward(create_graph=True)

@@ -362,8 +362,10 @@ class LinearEFEFunction(torch.autograd.Function):
       [V, D] buffer is allocated, and autograd gets None for the weight: it still runs the
       weight's accumulation node and its hooks (DDP's reducer, post-accumulate hooks), which
       find the finished ``.grad``. Where the engine will not accumulate into ``.grad`` in that
-      pass (``torch.autograd.grad``, ``backward(inputs=...)`` without the weight,
-      ``create_graph=True``) the backward returns a fresh gradient instead.
+      pass (``torch.autograd.grad``, ``backward(inputs=...)`` without the weight) the backward
+      returns a fresh gradient instead.
+
+    There is no double backward: ``create_graph=True`` raises a ``RuntimeError`` naming it.
     """
 
     @staticmethod
@@ -395,6 +397,15 @@ class LinearEFEFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_sums):  # type: ignore[override]
+        if torch.is_grad_enabled():
+            # create_graph=True: the gradients come from fused kernels, which have no
+            # derivative of their own; a graph through them would be silently wrong.
+            raise RuntimeError(
+                "linear_efe_loss has no double backward: backward(create_graph=True) and "
+                "torch.autograd.grad(..., create_graph=True) are not supported. For "
+                "higher-order gradients compute the logits (hidden @ weight.T) and use "
+                "qwenrl.efe_loss(..., backend='reference')"
+            )
         if ctx.rerun:
             hidden, weight, bias, target, hard_mask = ctx.saved_tensors
             into = None
@@ -670,9 +681,16 @@ def linear_efe_loss(
         )
     else:
         _, forward_fn = resolve_backend(backend, hidden.device)
-        loss, sums = LinearEFEFunction.apply(
-            h, weight, bias, tgt, mask, forward_fn, options, chunk, bool(weight_grad_in_place)
-        )
+        if torch.is_grad_enabled() and any(
+            x is not None and x.requires_grad for x in (hidden, weight, bias)
+        ):
+            loss, sums = LinearEFEFunction.apply(
+                h, weight, bias, tgt, mask, forward_fn, options, chunk, bool(weight_grad_in_place)
+            )
+        else:  # no_grad / inference_mode / frozen inputs: the loss alone, no gradient buffers
+            loss, sums, *_ = chunked_forward(
+                h, weight, bias, tgt, mask, forward_fn, options, chunk, (False, False, False)
+            )
     if reduction == "none":
         loss = loss.reshape(row_shape)
     if return_stats:
