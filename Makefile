@@ -34,7 +34,8 @@ $(STAMP): $(PY) pyproject.toml setup.py $(LOCK) tools/deps.py
 	$(PY) -m pip install -q -c $(CONSTRAINTS) pip
 	@# Keep a torch that is already importable (e.g. a CUDA build); otherwise take the lock's.
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q -c $(CONSTRAINTS) torch
-	$(PY) -m pip install -q -c $(CONSTRAINTS) setuptools wheel ninja
+	@# The build imports torch, which warns without numpy.
+	$(PY) -m pip install -q -c $(CONSTRAINTS) setuptools wheel ninja numpy
 	$(BUILD_ENV) $(PY) -m pip install -q -c $(CONSTRAINTS) -e ".[dev,plot]" --no-build-isolation
 	touch $@
 
@@ -140,7 +141,7 @@ test-latest: BUILD_WARNINGS = error
 test-latest:
 	rm -rf $(LATEST_VENV)
 	$(PYTHON) -m venv $(LATEST_VENV)
-	$(LATEST_VENV)/bin/python -m pip install -q --upgrade pip setuptools wheel ninja
+	$(LATEST_VENV)/bin/python -m pip install -q --upgrade pip setuptools wheel ninja numpy
 	$(LATEST_VENV)/bin/python -m pip install -q "$(LATEST_TORCH)"
 	$(BUILD_ENV) $(LATEST_VENV)/bin/python -m pip install \
 	  -q --upgrade --upgrade-strategy eager -e ".[dev,plot]" --no-build-isolation

