@@ -174,14 +174,19 @@ def test_unknown_option_and_model_without_head():
         apply_linear_efe(torch.nn.Linear(3, 3))
 
 
-def test_trainer_compute_loss_func(tmp_path):
-    """transformers.Trainer with compute_loss_func: the same losses as its default loss."""
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_trainer_compute_loss_func(tmp_path, accumulation):
+    """transformers.Trainer with compute_loss_func: the same losses as its default loss, with
+    gradient accumulation too (the Trainer then passes num_items_in_batch to both)."""
     pytest.importorskip("accelerate")
     from transformers import Trainer, TrainingArguments
 
     from qwenrl.hf import linear_efe_compute_loss
 
-    data = [{"input_ids": ids[0], "labels": labels[0]} for ids, labels in batches(6, vocab=300)]
+    data = [
+        {"input_ids": ids[0], "labels": labels[0]}
+        for ids, labels in batches(6 * accumulation, vocab=300)
+    ]
 
     def losses(use_fused: bool) -> list[float]:
         model = tiny_qwen3(vocab=300)
@@ -201,8 +206,9 @@ def test_trainer_compute_loss_func(tmp_path):
             model.register_forward_hook(lambda m, i, out: seen.append(out.loss.item()))
         args = TrainingArguments(
             output_dir=str(tmp_path / str(use_fused)),
-            max_steps=3,
+            max_steps=3,  # 3 optimizer steps of `accumulation` micro-batches
             per_device_train_batch_size=2,
+            gradient_accumulation_steps=accumulation,
             learning_rate=1e-3,
             report_to=[],
             save_strategy="no",
@@ -214,7 +220,7 @@ def test_trainer_compute_loss_func(tmp_path):
         return seen
 
     plain, fused = losses(False), losses(True)
-    assert len(fused) == len(plain) == 3
+    assert len(fused) == len(plain) == 3 * accumulation  # one loss per micro-batch
     torch.testing.assert_close(torch.tensor(fused), torch.tensor(plain), rtol=1e-4, atol=0)
 
 
@@ -238,3 +244,63 @@ def test_compute_loss_func_follows_a_resized_lm_head():
         logits[:, :-1].reshape(-1, 310).float(), ids[:, 1:].reshape(-1)
     )
     torch.testing.assert_close(loss.detach(), ref.detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_patched_forward_return_dict_false_puts_the_loss_first():
+    """return_dict=False: the model's own tuple with the loss first and no logits."""
+    from qwenrl.hf import apply_linear_efe
+
+    model = tiny_qwen3(vocab=300)
+    ids, labels = next(batches(1, vocab=300))
+    own = model(input_ids=ids, labels=labels, return_dict=False)
+    assert own[1].shape == (BATCH, SEQ, 300)  # (loss, logits, ...)
+    apply_linear_efe(model, **CE)
+    ours = model(input_ids=ids, labels=labels, return_dict=False)
+    assert isinstance(ours, tuple) and len(ours) == len(own) - 1
+    torch.testing.assert_close(ours[0], own[0], rtol=1e-5, atol=1e-6)
+    assert all(not (torch.is_tensor(x) and x.shape[-1:] == (300,)) for x in ours)
+
+
+@pytest.mark.parametrize("patch", ["apply_linear_efe", "linear_efe_compute_loss"])
+def test_non_default_ignore_index(patch):
+    """ignore_index=-1: those labels are not scored, and the shifted last position (padded
+    with the same ignore_index) is not either."""
+    import qwenrl.hf as hf
+
+    model = tiny_qwen3(vocab=300)
+    ids, labels = next(batches(1, vocab=300))
+    labels[labels == -100] = -1
+    labels[:, -5:] = -1
+    logits = model(input_ids=ids).logits
+    want = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, 300), labels[:, 1:].reshape(-1), ignore_index=-1
+    )
+    if patch == "apply_linear_efe":
+        hf.apply_linear_efe(model, ignore_index=-1, **CE)
+        loss = model(input_ids=ids, labels=labels).loss
+    else:
+        fn = hf.linear_efe_compute_loss(model, ignore_index=-1, **CE)
+        loss = fn(model(input_ids=ids), labels)
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+    assert model.linear_efe_stats["n_valid"].item() == (labels[:, 1:] != -1).sum().item()
+
+
+def test_compute_loss_func_patch_keeps_logits_in_eval_mode():
+    """The compute_loss_func patch skips the logits only for a training call without labels:
+    eval mode (and generation) gets the model's own logits."""
+    from qwenrl.hf import linear_efe_compute_loss
+
+    model = tiny_qwen3(vocab=300)
+    ids, labels = next(batches(1, vocab=300))
+    model.eval()
+    with torch.no_grad():
+        own = model(input_ids=ids).logits
+    linear_efe_compute_loss(model, **CE)
+    with torch.no_grad():
+        out = model(input_ids=ids)
+        assert out.logits is not None and "last_hidden_state" not in out
+        torch.testing.assert_close(out.logits, own)
+        assert model(input_ids=ids, labels=labels).loss is not None  # the model's own loss
+    model.train()
+    out = model(input_ids=ids)
+    assert out.logits is None and out["last_hidden_state"].shape == (BATCH, SEQ, HIDDEN)
