@@ -76,3 +76,64 @@ def test_ttt_config_rejects_bad_values():
     for bad in ({"steps": -1}, {"batch_size": 0}, {"lr": 0.0}, {"num_colour_perms": 0}):
         with pytest.raises(ValueError, match="test-time training"):
             TTTConfig(**bad)
+
+
+def test_one_ttt_step_is_a_hand_written_adamw_step_from_zeroed_gradients(
+    models: QwenRLModels, monkeypatch
+):
+    """AdamW's first step from a fresh state, without weight decay, is
+    p ← p − lr · g / (|g| + eps): checked on every trained tensor with the gradient the step
+    saw. The trained set is the agent, the refiner, the steering vectors and the prompt offset
+    (never Qwen). A gradient left on the original models changes nothing (zeroed first)."""
+    seen = []
+
+    class SpyAdamW(torch.optim.AdamW):
+        def step(self, closure=None):
+            group = self.param_groups[0]
+            seen.append([(p, p.detach().clone(), p.grad.detach().clone()) for p in group["params"]])
+            out = super().step(closure)
+            for p in group["params"]:  # poison: a step that does not zero it first shows NaN
+                p.grad.fill_(float("nan"))
+            return out
+
+    monkeypatch.setattr(torch.optim, "AdamW", SpyAdamW)
+    lr, demos = 3e-3, _flip_task(4).train
+    tuned, offset = adapt_to_task(models, demos, TTTConfig(steps=1, lr=lr, seed=2))
+    step = seen[0]
+    trained = {id(p) for p, _, _ in step}
+    expected = [*tuned.agent.parameters(), *tuned.refiner.parameters(), tuned.policy.steering]
+    assert all(id(p) in trained for p in expected) and len(step) == len(expected) + 1
+    assert not trained & {id(p) for p in models.encoder.parameters()}
+    for p, before, g in step:
+        want = before - lr * g / (g.abs() + 1e-8)
+        torch.testing.assert_close(p.detach(), want, rtol=1e-6, atol=1e-7)
+    assert offset.abs().min() > 0.5 * lr and tuned.policy.steering.ne(models.policy.steering).any()
+
+    three_steps, offset3 = adapt_to_task(models, demos, TTTConfig(steps=3, lr=lr, seed=2))
+    assert offset3.isfinite().all()
+    assert all(p.isfinite().all() for p in three_steps.agent.parameters())
+
+    for p in models.parameters():  # a gradient left over from elsewhere
+        p.grad = torch.ones_like(p)
+    again, offset_again = adapt_to_task(models, demos, TTTConfig(steps=1, lr=lr, seed=2))
+    assert torch.equal(offset_again, offset)
+    for a, b in zip(again.agent.parameters(), tuned.agent.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_ttt_settings_reach_the_loss_and_change_the_result(models: QwenRLModels, monkeypatch):
+    import qwenrl.ttt as ttt
+
+    made = []
+    real = ttt.EFELoss
+    monkeypatch.setattr(ttt, "EFELoss", lambda **kw: made.append(kw) or real(**kw))
+    demos = _flip_task(5).train
+    base = adapt_to_task(models, demos, TTTConfig(steps=2, lr=1e-3, tau=0.45, easy_weight=0.2))
+    assert made[-1] == {"tau": 0.45, "easy_weight": 0.2}
+    other_lr = adapt_to_task(models, demos, TTTConfig(steps=2, lr=2e-3, tau=0.45, easy_weight=0.2))
+    assert not torch.allclose(base[1], other_lr[1])
+    for name, p in base[0].agent.named_parameters():
+        if not torch.equal(p, dict(other_lr[0].agent.named_parameters())[name]):
+            break
+    else:
+        pytest.fail("a different lr left the agent unchanged")
