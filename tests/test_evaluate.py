@@ -245,3 +245,51 @@ def test_voting_and_ttt_in_validation_are_refused_with_fsdp():
     for flags in ({"vote_transforms": 2}, {"ttt_steps": 1}):
         with pytest.raises(ConfigError, match="--fsdp"):
             check_config(TrainConfig(fsdp=True, **flags))
+
+
+def test_a_larger_prediction_is_never_exact_even_when_its_corner_matches():
+    target = np.array([[1, 2], [3, 4]])
+    bigger = np.array([[1, 2, 5], [3, 4, 6], [7, 8, 9]])  # its top-left 2×2 is the target
+    totals = TaskTotals()
+    canvas = grid_to_canvas(bigger, OUTSIDE).view(-1)
+    assert not score_query(totals, [bigger], canvas, target)
+    assert not score_query(totals, [bigger, bigger[:2]], canvas, target[:1])  # also wider
+    assert totals.exact == 0
+    # The cells inside the target are right in both the canvas and the first attempt.
+    assert totals.correct_cells == totals.attempt_cells == 4 + 2
+
+
+def test_exact_match_is_averaged_over_queries_not_tasks():
+    """Task A has two queries, one solved; task B one query, unsolved: 1 of 3 queries (a
+    per-task average would say (1/2 + 0) / 2 = 0.25)."""
+    target = np.array([[1, 2]])
+    canvas = grid_to_canvas(target, OUTSIDE).view(-1)
+    totals = TaskTotals()
+    for attempts in ([target], [target[:, :1]], [target + 1]):
+        score_query(totals, attempts, canvas, target)
+    totals.tasks = 2
+    assert totals.summary()["exact_match"] == pytest.approx(1 / 3)
+
+
+def test_cli_flags_reach_voting_and_test_time_training(saved_run, capsys, monkeypatch):
+    """--vote_transforms reaches every prediction and --ttt_steps / --ttt_lr the tuning, not
+    only the printed summary."""
+    import qwenrl.ttt as ttt_mod
+    import qwenrl.voting as voting_mod
+
+    votes, tunings = [], []
+    real_predict, real_adapt = voting_mod.predict, ttt_mod.adapt_to_task
+    monkeypatch.setattr(
+        voting_mod, "predict", lambda *a, **kw: votes.append(kw) or real_predict(*a, **kw)
+    )
+    monkeypatch.setattr(
+        ttt_mod,
+        "adapt_to_task",
+        lambda m, d, cfg, **kw: tunings.append(cfg) or real_adapt(m, d, cfg, **kw),
+    )
+    run, _ = saved_run
+    argv = [str(run), "--tasks", "2", "--vote_transforms", "3", "--ttt_steps", "1", "--quiet"]
+    assert main([*argv, "--ttt_lr", "0.002"]) == 0
+    capsys.readouterr()
+    assert len(votes) == 4 and all(kw["vote_transforms"] == 3 for kw in votes)
+    assert len(tunings) == 2 and all((c.steps, c.lr) == (1, 0.002) for c in tunings)

@@ -91,3 +91,56 @@ def test_prompt_offset_reaches_the_prediction(fresh_models: QwenRLModels):
     finally:
         hook.remove()
     torch.testing.assert_close(seen[1], seen[0] + offset)  # [K, dim] + [dim]
+
+
+class _ScriptedModels:
+    """Stand-in for QwenRLModels with a scripted policy and agent, to check the vote itself.
+
+    Prompt i (augmentation i) gets the action distribution ``probs[i]``; under action a the
+    agent predicts ``grids[a]`` as seen through augmentation i, so every augmentation, mapped
+    back, proposes grids[a]. The prompt embedding carries i, the steering carries (i, a).
+    """
+
+    def __init__(self, probs: list[list[float]], grids: list[np.ndarray], augs):
+        from types import SimpleNamespace
+
+        from qwenrl.data import OUTSIDE, grid_to_canvas
+
+        self.probs = torch.tensor(probs, dtype=torch.float64)
+        self.canvases = [
+            [grid_to_canvas(aug.apply(g), OUTSIDE).reshape(-1) for g in grids] for aug in augs
+        ]
+        k = len(probs)
+        self.encoder = SimpleNamespace(
+            device=torch.device("cpu"), encode=lambda prompts: torch.arange(k)[:, None].float()
+        )
+        self.refiner = SimpleNamespace(apply=lambda prompt: prompt)
+        self.policy = SimpleNamespace(
+            distribution=lambda refined: torch.distributions.Categorical(
+                probs=self.probs[refined[:, 0].long()]
+            ),
+            steer=lambda refined, actions: torch.stack([refined[:, 0].long(), actions], 1),
+        )
+        self.agent = self._agent
+
+    def _agent(self, query, cond, hints):
+        tokens = torch.stack([self.canvases[i][a] for i, a in cond.tolist()])  # [N, 900]
+        return torch.nn.functional.one_hot(tokens, 12).float()
+
+
+def test_votes_are_each_augmentations_policy_probabilities_and_ties_go_to_it_first():
+    """Aug 0 votes 0.5 for grid A and 0.375 for B; aug 1 votes 0.375 for C and 0.3125 for A.
+    A wins with 0.8125; B and C tie at 0.375 (exact in binary) and B, proposed by aug 0 (its
+    second action), beats C, proposed by aug 1 (its first): augmentation first, then action."""
+    probs = [[0.5, 0.375, 0.0625, 0.0625], [0.3125, 0.25, 0.375, 0.0625]]
+    a, b, c, d = _grid([1, 2, 3]), _grid([4], [5]), _grid([6, 6], [7, 8]), _grid([9])
+    augs = [Augmentation.from_id(i, 0) for i in range(2)]
+    assert augs[0].d8 == 0 and augs[1].d8 != 0  # the second one really transforms
+    models = _ScriptedModels(probs, [a, b, c, d], augs)
+    task = _task(3)
+    pred = predict(models, task.train, task.test[0][0], vote_transforms=2)
+    np.testing.assert_array_equal(pred.attempts[0], a)
+    np.testing.assert_array_equal(pred.attempts[1], b)
+    assert pred.votes == [0.8125, 0.375]
+    # the canvas the cell accuracy scores: augmentation 0 (as it is), its likeliest action
+    np.testing.assert_array_equal(pred.canvas.numpy(), models.canvases[0][0].numpy())

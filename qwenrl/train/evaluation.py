@@ -228,7 +228,11 @@ def evaluate(
 
 @dataclass
 class TaskTotals:
-    """Sums over the test queries scored by :func:`evaluate_tasks`, and one row per task."""
+    """Sums over the test queries scored by :func:`evaluate_tasks`, and one row per task.
+
+    ``exact_match`` is averaged over queries, not tasks: a task with two test queries counts
+    twice, each query solved or not on its own.
+    """
 
     tasks: int = 0
     queries: int = 0
