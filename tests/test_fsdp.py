@@ -215,3 +215,40 @@ def test_fsdp_without_torchrun_names_torchrun(tmp_path, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.raises(ValueError, match="torchrun"):
         Trainer(TrainConfig(fsdp=True, out=str(tmp_path / "run")), quiet=True)
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_fsdp_reduces_gradients_in_float32(tmp_path, monkeypatch, bf16):
+    """Every FSDP unit reduces gradients in float32 (as docs/distributed.md says), computing
+    in bf16 only with --amp bf16, and the RL head is left out of the root's shards."""
+    import torch.distributed as dist
+    import torch.distributed.fsdp as fsdp_mod
+
+    from qwenrl.cache import EmbeddingCache
+    from qwenrl.models import ModelConfig, QwenRLModels
+    from qwenrl.train.distributed import shard_models
+    from qwenrl.train.step import StepForward
+
+    calls = []
+    real = fsdp_mod.fully_shard
+
+    def spy(module, **kwargs):
+        calls.append((module, kwargs))
+        return real(module, **kwargs)
+
+    monkeypatch.setattr(fsdp_mod, "fully_shard", spy)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        models = QwenRLModels(ModelConfig(dim=32, agent_layers=1, max_length=128))
+        root = StepForward(models, EmbeddingCache(8, 32))
+        shard_models(models, root, torch.device("cpu"), bf16=bf16)
+    finally:
+        dist.destroy_process_group()
+    units = [m for m, _ in calls]
+    assert units[-1] is root and models.agent in units and models.refiner in units
+    assert all(layer in units for layer in models.encoder.qwen.layers)
+    for _, kwargs in calls:
+        assert kwargs["mp_policy"].reduce_dtype == torch.float32
+        assert kwargs["mp_policy"].param_dtype == (torch.bfloat16 if bf16 else None)
+    assert set(calls[-1][1]["ignored_params"]) == set(models.rl_parameters())

@@ -481,6 +481,61 @@ def test_resume_mid_cache_window_restores_every_part(tmp_path, arc_dir):
     assert end_b["lr"] == pytest.approx(end_a["lr"])
 
 
+def test_resume_restores_the_grad_scaler(tmp_path, arc_dir, monkeypatch):
+    """An fp16 run's GradScaler (scale, growth tracker) comes back from the checkpoint. fp16
+    needs CUDA, so the CPU trainer gets an enabled scaler here, with a short growth interval
+    so that its state moves within a few steps."""
+    import qwenrl.train.trainer as trainer_mod
+
+    real = torch.amp.GradScaler
+
+    def enabled_scaler(device, enabled=True):
+        return real(device, enabled=True, init_scale=2.0**10, growth_interval=2)
+
+    monkeypatch.setattr(trainer_mod.torch.amp, "GradScaler", enabled_scaler)
+    first = Trainer(tiny_config(tmp_path / "run", arc_dir), quiet=True)
+    for s in range(5):
+        first.train_step(first.batch_at(s))
+    saved = first.scaler.state_dict()
+    assert saved["scale"] != 2.0**10 and saved["_growth_tracker"] == 1  # it moved: 5 = 2·2 + 1
+    path = first.save_checkpoint()
+    first.close()
+    resumed = Trainer(tiny_config(tmp_path / "run", arc_dir, resume=str(path)), quiet=True)
+    assert resumed.scaler.state_dict() == saved
+    resumed.close()
+
+
+def test_resume_with_max_batches_draws_the_uninterrupted_batches(tmp_path, arc_dir):
+    """With --max_batches capping each epoch, the sampler positions a resumed train() draws
+    after the checkpoint (mid-epoch 1) are the uninterrupted run's, in order; each epoch
+    starts a new pass of the sampler (the rest of the capped pass is skipped)."""
+    drawn: dict[str, list] = {"a": [], "b": []}
+
+    def spy(trainer: Trainer, name: str) -> None:
+        real = trainer.sampler.batch
+        trainer.sampler.batch = lambda i: drawn[name].append(i) or real(i)
+
+    cfg = dict(epochs=2, max_batches=3, save_every=4, val_tasks=1)
+    straight = Trainer(tiny_config(tmp_path / "a", arc_dir, **cfg), quiet=True)
+    spy(straight, "a")
+    straight.train()
+    straight.close()
+    cut = Trainer(tiny_config(tmp_path / "b", arc_dir, **cfg), quiet=True)
+    for s in range(4):
+        cut.train_step(cut.batch_at(s))
+    cut.save_checkpoint()
+    cut.close()
+    resumed = Trainer(tiny_config(tmp_path / "b", arc_dir, resume="auto", **cfg), quiet=True)
+    assert resumed.step == 4 and resumed.steps_per_epoch == 3
+    spy(resumed, "b")
+    resumed.train()
+    resumed.close()
+    per_pass = resumed.sampler.steps_per_epoch
+    assert per_pass > 3  # the cap is real
+    assert drawn["a"] == [0, 1, 2, per_pass, per_pass + 1, per_pass + 2]
+    assert drawn["b"] == drawn["a"][4:]
+
+
 def test_resumed_training_loop_logs_what_the_uninterrupted_one_logs(tmp_path, arc_dir):
     """Through train(): resuming in epoch 1 (τ = 0.3) gives the same log records and
     validation as the run that never stopped."""
