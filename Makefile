@@ -97,7 +97,8 @@ MUTANTS ?= *__mutmut_*[05]
 mutate: setup
 	$(PY) -m pip install -q -c $(CONSTRAINTS) "$(MUTMUT_PIN)"
 	rm -rf mutants && mkdir mutants
-	OMP_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children 2 "$(MUTANTS)" > mutants/run.log 2>&1 \
+	OMP_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children 2 $(foreach m,$(MUTANTS),'$(m)') \
+	  > mutants/run.log 2>&1 \
 	  || { tail -n 30 mutants/run.log; exit 1; }
 	$(VENV)/bin/mutmut export-cicd-stats
 	$(PY) -c 'import json; s = json.load(open("mutants/mutmut-cicd-stats.json")); \

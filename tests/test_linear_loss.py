@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from loss_inputs import seed_of
+from loss_inputs import seed_of, skip_under_mutmut
 
 import qwenrl
 from qwenrl._ext import load_extension
@@ -563,6 +563,7 @@ def test_module_takes_explicit_options():
 
 
 @needs_ext
+@skip_under_mutmut
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_compiles_fullgraph(reduction):
     """A projection, then the loss of an LM head, compiled with fullgraph=True: same loss and

@@ -11,7 +11,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from loss_inputs import assert_within_twice_torch_error, make_inputs, seed_of
+from loss_inputs import assert_within_twice_torch_error, make_inputs, seed_of, skip_under_mutmut
 
 import qwenrl
 from qwenrl._ext import load_extension
@@ -465,6 +465,7 @@ def test_float16_gradient_survives_a_loss_scale():
 
 
 @needs_ext
+@skip_under_mutmut
 def test_compiles_fullgraph_with_default_options():
     """The defaults (validate on the CPU) compile with fullgraph=True: the target check runs
     inside the custom op, not as a data-dependent branch in the graph."""
