@@ -14,6 +14,7 @@ from qwenrl.data import OUTSIDE, grid_to_canvas, load_json_dir
 from qwenrl.evaluate import find_checkpoint, load_run, main
 from qwenrl.train import TrainConfig, Trainer
 from qwenrl.train import evaluation as evaluation_mod
+from qwenrl.train.config import ConfigError
 from qwenrl.train.evaluation import TaskTotals, evaluate_tasks, score_query
 from qwenrl.ttt import TTTConfig
 
@@ -293,3 +294,66 @@ def test_cli_flags_reach_voting_and_test_time_training(saved_run, capsys, monkey
     capsys.readouterr()
     assert len(votes) == 4 and all(kw["vote_transforms"] == 3 for kw in votes)
     assert len(tunings) == 2 and all((c.steps, c.lr) == (1, 0.002) for c in tunings)
+
+
+# --- the CLI's wiring: help, messages, the checkpoint it reads, the run's precision ---------
+
+
+def test_help_describes_the_command_and_every_flag():
+    from qwenrl import evaluate as evaluate_mod
+
+    parser = evaluate_mod.build_parser()
+    assert parser.description == evaluate_mod.__doc__.split("\n\n")[0]
+    for action in parser._actions:
+        assert action.help, f"{action.dest} has no help"
+    assert "the first N evaluation tasks" in parser.format_help()
+    assert "default: the run's value" in parser.format_help()
+
+
+def test_negative_tasks_and_bad_overrides_are_named(saved_run, capsys):
+    run, _ = saved_run
+    with pytest.raises(SystemExit):
+        main([str(run), "--tasks", "-1"])
+    assert "--tasks must be >= 0, got -1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([str(run), "--device", "tpu"])
+    assert "--device must be cpu, cuda or cuda:N, got 'tpu'" in capsys.readouterr().err
+
+
+def test_a_checkpoint_directory_is_read_as_it_is(saved_run):
+    run, _ = saved_run
+    newest = find_checkpoint(run)
+    assert newest.parent == run and (newest / "state.pt").is_file()
+    assert find_checkpoint(newest) == newest
+
+
+def test_load_run_names_the_checkpoint_and_keeps_fp16_off_the_cpu(saved_run):
+    run, _ = saved_run
+    checkpoint = find_checkpoint(run)
+    with pytest.raises(ConfigError, match=str(checkpoint)):
+        load_run(checkpoint, {"no_such_option": 1})
+    _, cfg, _ = load_run(checkpoint, {"amp": "fp16"})
+    assert cfg.amp == "off"  # fp16 autocast needs CUDA: the CPU evaluates in fp32
+    _, cfg, _ = load_run(checkpoint, {"amp": "bf16"})
+    assert cfg.amp == "bf16"
+
+
+@pytest.mark.parametrize("amp", ["bf16", "off"])
+def test_predictions_run_under_the_runs_autocast(saved_run, monkeypatch, capsys, amp):
+    from qwenrl import evaluate as evaluate_mod
+
+    seen = []
+
+    def fake_evaluate_tasks(models, tasks, *, autocast, **kwargs):
+        with autocast():
+            seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return TaskTotals()
+
+    real_load = evaluate_mod.load_run
+    monkeypatch.setattr(evaluate_mod, "evaluate_tasks", fake_evaluate_tasks)
+    monkeypatch.setattr(evaluate_mod, "load_run", lambda c, o: real_load(c, {**o, "amp": amp}))
+    run, _ = saved_run
+    assert main([str(run), "--tasks", "1", "--quiet"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert isinstance(summary["wall_s"], float)
+    assert seen == [(True, torch.bfloat16)] if amp == "bf16" else seen[0][0] is False
