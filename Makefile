@@ -22,7 +22,7 @@ BUILD_ENV = PYTHONWARNINGS="$(BUILD_WARNINGS),ignore::ResourceWarning,ignore:Edi
 
 MUTMUT_PIN ?= mutmut==3.8.1
 
-.PHONY: setup ext train test bench gpu-check lint format mutate clean check-install lock test-latest
+.PHONY: setup ext train test bench gpu-check gpu-compile lint format mutate clean check-install lock test-latest test-floors
 
 # A venv that sees the system's packages only where the system has a torch to keep; otherwise
 # a bare one, holding exactly the lock.
@@ -148,3 +148,27 @@ test-latest:
 	  -q --upgrade --upgrade-strategy eager -e ".[dev,plot]" --no-build-isolation
 	$(LATEST_VENV)/bin/python -m pip list --format=freeze | grep -iE '^(torch|transformers|kernels|tokenizers|huggingface.hub|triton|numpy)=='
 	$(TEST_ENV) $(LATEST_VENV)/bin/python -m pytest -q tests $(ARGS)
+
+# The suite against the floors of pyproject.toml's ranges (uv's lowest-direct resolution: every
+# direct dependency at its lowest allowed release, torch at $(TORCH_LOCK)), in a throwaway
+# virtualenv (.cache/floor-venv), so that a floor is a tested version and not a guess.
+FLOOR_VENV := .cache/floor-venv
+UV_VENV := .cache/uv-venv
+# uv does not read pip's configuration: hand it pip's local wheel folder (the CPU torch), if any.
+FIND_LINKS = $(foreach d,$(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null),--find-links $(d))
+test-floors:
+	rm -rf $(FLOOR_VENV)
+	test -x $(UV_VENV)/bin/uv || { $(PYTHON) -m venv $(UV_VENV) && $(UV_VENV)/bin/pip install -q uv; }
+	$(UV_VENV)/bin/uv venv -q --python $(PYTHON) $(FLOOR_VENV)
+	$(UV_VENV)/bin/uv pip install -q --python $(FLOOR_VENV)/bin/python $(FIND_LINKS) \
+	  "torch==$(TORCH_LOCK)" setuptools wheel ninja numpy
+	$(UV_VENV)/bin/uv pip install -q --python $(FLOOR_VENV)/bin/python $(FIND_LINKS) \
+	  --resolution lowest-direct "torch==$(TORCH_LOCK)" -e ".[dev,plot]" --no-build-isolation
+	$(UV_VENV)/bin/uv pip freeze --python $(FLOOR_VENV)/bin/python | \
+	  grep -iE '^(torch|numpy|transformers|tokenizers|accelerate|triton|safetensors|pytest)=='
+	$(TEST_ENV) $(FLOOR_VENV)/bin/python -m pytest -q -p no:cacheprovider tests $(ARGS)
+
+# No GPU needed: compile every Triton kernel variant for sm_80/sm_90 (sm_100 where the bundled
+# ptxas has it) and check registers, spills and shared memory (bench/gpu_compile.py, ~2 min).
+gpu-compile: setup
+	$(PY) bench/gpu_compile.py

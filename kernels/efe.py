@@ -17,7 +17,9 @@ and the stats are per-program partial sums that torch ops reduce on the device a
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
+from typing import Any
 
 import torch
 import triton
@@ -307,6 +309,77 @@ def _num_warps(elems: int) -> int:
     return max(4, min(16, elems // 256))
 
 
+def picks_online(n_classes: int) -> bool:
+    """The default kernel: online when the padded row is wider than ``MAX_TILE_C``."""
+    return triton.next_power_of_2(n_classes) > MAX_TILE_C
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchConfig:
+    """How one [N, C] call is launched: which kernel, its grid and block sizes, num_warps."""
+
+    kernel: Any  # _efe_tile_kernel or _efe_online_kernel
+    programs: int  # grid = (programs,)
+    block_n: int | None  # rows per program (tile kernel); None for the online kernel
+    block_c: int  # padded row (tile kernel) or streamed C-block (online kernel)
+    num_warps: int
+
+    @property
+    def meta(self) -> dict[str, int]:
+        """The block sizes as the kernel's constexpr keyword arguments."""
+        if self.block_n is None:
+            return dict(BLOCK_C=self.block_c)
+        return dict(BLOCK_N=self.block_n, BLOCK_C=self.block_c)
+
+
+def launch_config(
+    n_rows: int,
+    n_classes: int,
+    *,
+    online: bool | None = None,
+    block_n: int | None = None,
+    block_c: int | None = None,
+) -> LaunchConfig:
+    """The launch :func:`_launch` makes for [n_rows, n_classes] logits.
+
+    Plain ints in, no tensors and no device: ``bench/gpu_compile.py`` compiles exactly these
+    configurations ahead of time. ``online``, ``block_n`` and ``block_c`` are the overrides of
+    :func:`efe_forward_triton` (``online=None``: :func:`picks_online`).
+    """
+    if online is None:
+        online = picks_online(n_classes)
+    if online:
+        block_c = block_c or min(ONLINE_BLOCK_C, triton.next_power_of_2(n_classes))
+        return LaunchConfig(_efe_online_kernel, n_rows, None, block_c, _num_warps(block_c))
+    block_c = triton.next_power_of_2(n_classes)
+    block_n = block_n or max(1, min(TILE_ELEMS // block_c, triton.next_power_of_2(n_rows)))
+    programs = triton.cdiv(n_rows, block_n)
+    return LaunchConfig(_efe_tile_kernel, programs, block_n, block_c, _num_warps(block_n * block_c))
+
+
+def kernel_flags(
+    *,
+    soft: bool,
+    log_target: bool,
+    label_smoothing: float,
+    reduction: str,
+    has_mask: bool,
+    has_grad: bool,
+) -> dict[str, bool]:
+    """The kernels' constexpr flags for one call of :func:`efe_forward_triton` (pure: the
+    ahead-of-time compile in ``bench/gpu_compile.py`` enumerates its reachable outputs)."""
+    return dict(
+        SOFT=bool(soft),
+        LOG_TARGET=bool(log_target),
+        SMOOTH=label_smoothing > 0.0,
+        HAS_MASK=bool(has_mask),
+        WRITE_GRAD=bool(has_grad),
+        WRITE_LOSS=reduction == "none",
+        # Class targets divide by N_valid on the device; soft targets by N (grad_scale).
+        MEAN_BY_NVALID=bool(has_grad) and reduction == "mean" and not soft,
+    )
+
+
 def _plogp_class(eps: float, n_classes: int) -> float:
     """Σ p log p of (1-ε)·onehot + ε/C, in float64 on the host (no tensor involved)."""
     if eps <= 0.0:
@@ -331,18 +404,10 @@ def _launch(
 ) -> Tensor:
     """Launches one kernel; returns its per-program partial sums [programs, N_PARTIALS]."""
     n, c = logits.shape
-    if online:
-        block_c = block_c or min(ONLINE_BLOCK_C, triton.next_power_of_2(c))
-        programs, meta = n, dict(BLOCK_C=block_c)
-        kernel, num_warps = _efe_online_kernel, _num_warps(block_c)
-    else:
-        block_c = triton.next_power_of_2(c)
-        block_n = block_n or max(1, min(TILE_ELEMS // block_c, triton.next_power_of_2(n)))
-        programs, meta = triton.cdiv(n, block_n), dict(BLOCK_N=block_n, BLOCK_C=block_c)
-        kernel, num_warps = _efe_tile_kernel, _num_warps(block_n * block_c)
-    part = torch.empty((programs, N_PARTIALS), dtype=torch.float32, device=logits.device)
+    cfg = launch_config(n, c, online=online, block_n=block_n, block_c=block_c)
+    part = torch.empty((cfg.programs, N_PARTIALS), dtype=torch.float32, device=logits.device)
     # Unused pointers get any valid tensor: their constexpr flag keeps them unread/unwritten.
-    kernel[(programs,)](
+    cfg.kernel[(cfg.programs,)](
         logits,
         target,
         mask if mask is not None else part,
@@ -354,8 +419,8 @@ def _launch(
         c,
         *scalars,
         **flags,
-        **meta,
-        num_warps=num_warps,
+        **cfg.meta,
+        num_warps=cfg.num_warps,
     )
     return part
 
@@ -402,8 +467,6 @@ def efe_forward_triton(
         loss = torch.zeros((0,) if reduction == "none" else (), dtype=torch.float32, device=device)
         return loss, torch.zeros(5, dtype=torch.float32, device=device)
     eps = float(label_smoothing)
-    mean_by_nvalid = grad is not None and reduction == "mean" and not soft
-    nvalid = (target != ignore_index).sum() if mean_by_nvalid else None  # stays on the device
     grad_scale = 1.0 / n if reduction == "mean" and soft else 1.0
     loss_rows = torch.empty(n, dtype=torch.float32, device=device) if reduction == "none" else None
     mask = hard_mask.view(torch.uint8) if hard_mask is not None else None
@@ -416,17 +479,18 @@ def efe_forward_triton(
         _plogp_class(eps, c),
         grad_scale,
     )
-    flags = dict(
-        SOFT=bool(soft),
-        LOG_TARGET=bool(log_target),
-        SMOOTH=eps > 0.0,
-        HAS_MASK=hard_mask is not None,
-        WRITE_GRAD=grad is not None,
-        WRITE_LOSS=loss_rows is not None,
-        MEAN_BY_NVALID=mean_by_nvalid,
+    flags = kernel_flags(
+        soft=soft,
+        log_target=log_target,
+        label_smoothing=eps,
+        reduction=reduction,
+        has_mask=hard_mask is not None,
+        has_grad=grad is not None,
     )
+    # N_valid stays on the device: the kernel loads it.
+    nvalid = (target != ignore_index).sum() if flags["MEAN_BY_NVALID"] else None
     if online is None:
-        online = triton.next_power_of_2(c) > MAX_TILE_C
+        online = picks_online(c)
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         part = _launch(
             logits,
