@@ -304,3 +304,66 @@ def test_compute_loss_func_patch_keeps_logits_in_eval_mode():
     model.train()
     out = model(input_ids=ids)
     assert out.logits is None and out["last_hidden_state"].shape == (BATCH, SEQ, HIDDEN)
+
+
+def test_parts_finds_the_decoder_by_attribute_and_names_what_is_missing():
+    from torch import nn
+
+    from qwenrl.hf import _parts, causal_lm_loss
+
+    qwen = tiny_qwen3(vocab=50)
+
+    class NoGetDecoder(nn.Module):  # a causal LM that only has the `model` attribute
+        def __init__(self):
+            super().__init__()
+            self.model, self.lm_head = qwen.model, qwen.lm_head
+
+        def get_output_embeddings(self):
+            return self.lm_head
+
+    decoder, head = _parts(NoGetDecoder())
+    assert decoder is qwen.model and head is qwen.lm_head
+    qwen.get_decoder = lambda: None  # a linear head but no decoder
+    with pytest.raises(TypeError, match="Qwen3ForCausalLM has no decoder"):
+        _parts(qwen)
+    with pytest.raises(ValueError, match="needs labels or shift_labels"):
+        causal_lm_loss(torch.zeros(1, 2, HIDDEN), head, None)
+
+
+def test_the_head_runs_on_no_positions_and_its_bias_counts():
+    """The patched training forward computes no logits (the head sees [B, 0, D]), and an LM
+    head with a bias trains as the materialised logits with that bias do."""
+    from qwenrl.hf import apply_linear_efe
+
+    model = tiny_qwen3(vocab=300)
+    torch.manual_seed(5)
+    head = torch.nn.Linear(HIDDEN, 300, bias=True)
+    torch.nn.init.normal_(head.bias, std=2.0)
+    model.lm_head = head
+    ids, labels = next(batches(1, vocab=300))
+    hidden = model.model(input_ids=ids).last_hidden_state
+    want = torch.nn.functional.cross_entropy(
+        (hidden @ head.weight.T + head.bias)[:, :-1].reshape(-1, 300), labels[:, 1:].reshape(-1)
+    )
+    seen = []
+    head.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
+    apply_linear_efe(model, **CE)
+    loss = model(input_ids=ids, labels=labels).loss
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+    assert seen == [(BATCH, 0, HIDDEN)]
+
+
+def test_patching_again_replaces_the_options_instead_of_stacking():
+    from qwenrl.hf import apply_linear_efe
+
+    ids, labels = next(batches(1, vocab=300))
+    once = tiny_qwen3(vocab=300)
+    apply_linear_efe(once, label_smoothing=0.2, entropy_weight=0.1, **CE)
+    twice = tiny_qwen3(vocab=300)
+    apply_linear_efe(twice, **CE)
+    apply_linear_efe(twice, label_smoothing=0.2, entropy_weight=0.1, **CE)
+    torch.testing.assert_close(
+        twice(input_ids=ids, labels=labels).loss, once(input_ids=ids, labels=labels).loss
+    )
+    # The model's own forward underneath, not a stack of patches (one more layer per call).
+    assert getattr(twice._linear_efe_original_forward, "__func__", None) is type(twice).forward
