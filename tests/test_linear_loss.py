@@ -708,3 +708,53 @@ def test_create_graph_raises_a_clear_error(reduction, grad_exists):
     loss = qwenrl.linear_efe_loss(h, w, t, reduction=reduction, backend="reference")
     with pytest.raises(RuntimeError, match="no double backward.*create_graph=True"):
         loss.sum().backward(create_graph=True)
+
+
+# --- the chunk rule and the module's pass-through --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "n, d, v, device, elem, rows",
+    [
+        # ceil(V/D) = 32 → 4096/32 = 128 rows; 64 MiB of fp32 logits hold 524 → 512 win
+        (4096, 1024, 32000, "cpu", 4, 512),
+        # V = 151,936: 149 → 28 → 32 rows; 64 MiB holds 110 → 64; the CPU floor 128 wins
+        (4096, 1024, 151936, "cpu", 4, 128),
+        # D ≥ V: the hidden-size rule gives every row (65,536) beyond the 4,096 of 64 MiB
+        (65536, 4096, 4096, "cpu", 4, 65536),
+        (65536, 4096, 4096, "cuda", 2, 65536),
+        # never more than N
+        (100, 64, 1000, "cuda", 2, 100),
+        # a device without its own floor takes 256
+        (1000, 4, 10**8, "meta", 4, 256),
+    ],
+)
+def test_default_chunk_size_follows_its_rule(n, d, v, device, elem, rows):
+    assert linear.default_chunk_size(n, d, v, torch.device(device), elem) == rows
+
+
+def test_module_defaults_and_options_reach_the_loss(monkeypatch):
+    import inspect
+
+    fn = inspect.signature(qwenrl.linear_efe_loss).parameters
+    module = inspect.signature(qwenrl.LinearEFELoss.__init__).parameters
+    for name, p in module.items():
+        if name != "self":
+            assert p.default == fn[name].default, name
+    crit = qwenrl.LinearEFELoss(validate=False, chunk_size=7, tau=0.3, entropy_weight=0.1)
+    assert crit.options()["validate"] is False
+    chunks = []
+    real = linear.chunked_forward
+    monkeypatch.setattr(
+        linear, "chunked_forward", lambda *a, **kw: chunks.append(a[7]) or real(*a, **kw)
+    )
+    h, w, b, t = make_linear_inputs(23, 8, 31, "class", seed_of("module-pass"))
+    mask = torch.rand(23, generator=torch.Generator().manual_seed(1)) < 0.5
+    got = crit(h, w, t, bias=b, hard_mask=mask)
+    assert chunks and set(chunks) == {7}
+    want = qwenrl.linear_efe_loss(
+        h, w, t, bias=b, hard_mask=mask, tau=0.3, entropy_weight=0.1, validate=False
+    )
+    torch.testing.assert_close(got, want)
+    other = qwenrl.linear_efe_loss(h, w, t, bias=b, tau=0.3, entropy_weight=0.1)
+    assert not torch.allclose(got, other)  # the mask mattered
