@@ -137,3 +137,73 @@ def test_ttt_settings_reach_the_loss_and_change_the_result(models: QwenRLModels,
             break
     else:
         pytest.fail("a different lr left the agent unchanged")
+
+
+def _few_colour_task(seed: int) -> ArcTask:
+    rng = np.random.default_rng(seed)
+
+    def pair():
+        g = rng.integers(0, 3, size=(3, 4))  # colours 0, 1, 2 only
+        return g, np.fliplr(g).copy()
+
+    return ArcTask(id=f"few{seed}", train=tuple(pair() for _ in range(3)), test=(pair(),))
+
+
+def test_ttt_feeds_embedding_plus_offset_and_trains_the_two_likeliest_actions(
+    models: QwenRLModels, monkeypatch
+):
+    """With a zero prompt embedding the refiner's input is the offset itself: at the second
+    step, the offset the first step made (added, not subtracted). Every trained action is one
+    of the two likeliest for its prompt. Augmentations are drawn: D8 × the configured colour
+    permutations (one: the task's own colours; more: others too)."""
+    import qwenrl.ttt as ttt
+
+    dim = models.config.dim
+    monkeypatch.setattr(models.encoder, "encode", lambda prompts: torch.zeros(len(prompts), dim))
+    refiner_inputs, offsets_before, prompts, picked = [], [], [], []
+
+    class SpyAdamW(torch.optim.AdamW):
+        def step(self, closure=None):
+            offsets_before.append(self.param_groups[0]["params"][-1].detach().clone())
+            return super().step(closure)
+
+    real_copy = ttt.tuned_copy
+
+    def spying_copy(m):
+        tuned = real_copy(m)
+        apply, steer = tuned.refiner.apply, tuned.policy.steer
+
+        def record_apply(prompt):
+            refiner_inputs.append(prompt.detach().clone())
+            return apply(prompt)
+
+        def record_steer(refined, action):
+            top2 = tuned.policy.distribution(refined).probs.argsort(-1, descending=True)[:, :2]
+            picked.append((top2 == action[:, None]).any(-1))
+            return steer(refined, action)
+
+        tuned.refiner.apply, tuned.policy.steer = record_apply, record_steer
+        return tuned
+
+    real_collate = ttt.collate
+
+    def recording_collate(samples):
+        prompts.extend(s.prompt for s in samples)
+        return real_collate(samples)
+
+    monkeypatch.setattr(torch.optim, "AdamW", SpyAdamW)
+    monkeypatch.setattr(ttt, "tuned_copy", spying_copy)
+    monkeypatch.setattr(ttt, "collate", recording_collate)
+    task = _few_colour_task(6)
+    adapt_to_task(models, task.train, TTTConfig(steps=4, lr=1e-2, num_colour_perms=1, seed=3))
+    assert len(refiner_inputs) == 4 and not refiner_inputs[0].any()
+    for inputs, offset in zip(refiner_inputs[1:], offsets_before[1:]):
+        assert offset.abs().sum() > 0
+        torch.testing.assert_close(inputs, offset.expand_as(inputs))
+    assert torch.cat(picked).all() and len(torch.cat(picked)) == 4 * 8
+    # one colour permutation: D8 only, so the prompts hold the task's colours, in many layouts
+    assert set("".join(prompts)) & set("3456789") == set()
+    assert len(set(prompts)) > len(task.train)  # augmented, not the three plain prompts
+    prompts.clear()
+    adapt_to_task(models, task.train, TTTConfig(steps=4, num_colour_perms=4, seed=3))
+    assert set("".join(prompts)) & set("3456789")  # other colour permutations drawn
