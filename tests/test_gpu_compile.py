@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import triton
 
 pytest.importorskip("triton")
 
@@ -31,11 +32,21 @@ KNOWN_SPILLS = {
 }
 
 
+# Register allocation (and so spills) is a property of the compiler: these checks hold for the
+# Triton of requirements.lock. An older Triton (pyproject.toml's floor, `make test-floors`)
+# still compiles every kernel but allocates differently (3.7 spills the training call).
+locked_triton = pytest.mark.skipif(
+    tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 9),
+    reason=f"spill checks are for the locked Triton 3.9, not {triton.__version__}",
+)
+
+
 def _pairs(combo: tuple[str, ...]) -> set[tuple]:
     values = [(name, name in combo) for name in gpu_compile.flag_names()]
     return set(itertools.combinations(values, 2))
 
 
+@locked_triton
 def test_sm90_compiles_one_variant_per_kernel_and_dtype():
     """The training call (class targets, 'mean', gradient) at C = 12 (tile) and 151936
     (online), each logits dtype, on sm_90: registers, no spill, smem within the limit, and the
@@ -132,6 +143,7 @@ def test_bytes_model_counts_the_online_kernels_second_read():
 
 
 @pytest.mark.slow
+@locked_triton
 def test_every_variant_compiles_for_every_supported_arch():
     """The pairwise variant set on every arch (about 2 minutes on 2 CPU cores)."""
     rows, _ = gpu_compile.compile_all()
