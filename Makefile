@@ -87,8 +87,9 @@ gpu-check: setup
 	$(PY) -m pip install -q -c $(CONSTRAINTS) liger-kernel || echo "liger-kernel could not be installed: its rows are skipped"
 	PY=$(PY) bash bench/gpu_check.sh
 
-# Mutation testing of the trainer, the RL policy and the loss API (scope and test selection:
-# [tool.mutmut] in pyproject.toml). Not part of `make test`. By default one mutant in five
+# Mutation testing of the trainer, the RL policy, the loss API and its linear form, the
+# Hugging Face patch, test-time training, voting, evaluation and the dataset (scope and test
+# selection: [tool.mutmut] in pyproject.toml), with a kill rate per module at the end. Not part of `make test`. By default one mutant in five
 # (those numbered ...0 and ...5: a systematic sample over every function and kind of
 # mutation), about 30 minutes on 2 cores; MUTANTS='*' runs all of them (about 5 times longer).
 # Afterwards `.venv/bin/mutmut results` lists the survivors, `.venv/bin/mutmut show NAME`
@@ -106,6 +107,7 @@ mutate: setup
 	  n = sum(s[x] for x in ("killed", "survived", "no_tests", "suspicious", "timeout", "segfault")); \
 	  print(f"mutation score: {k} of {n} mutants run killed = {k / max(n, 1):.1%} ({t} in scope)"); \
 	  print(s)'
+	$(PY) tools/mutation_report.py mutants
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

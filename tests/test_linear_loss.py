@@ -758,3 +758,37 @@ def test_module_defaults_and_options_reach_the_loss(monkeypatch):
     torch.testing.assert_close(got, want)
     other = qwenrl.linear_efe_loss(h, w, t, bias=b, tau=0.3, entropy_weight=0.1)
     assert not torch.allclose(got, other)  # the mask mattered
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_custom_op_eager_autograd_and_fake_match_the_function(reduction):
+    """The op torch.compile sees (qwenrl::linear_efe_fused), called eagerly: its registered
+    autograd (setup_context + backward, the rows backward for 'none') gives the Function's
+    loss and gradients, and its fake gives the real outputs' shapes and dtypes (opcheck)."""
+    h, w, b, t = make_linear_inputs(29, 8, 37, "class", seed_of("op", reduction))
+    go = torch.rand(29 if reduction == "none" else (), generator=torch.Generator().manual_seed(2))
+    want, _, want_grads = run(
+        h, w, b, t, grad_out=go + 0.5, reduction=reduction, backend="reference"
+    )
+    leaves = [x.detach().clone().requires_grad_() for x in (h, w, b)]
+    options = EFEOptions(
+        soft=False, log_target=False, tau=0.6, easy_weight=0.5, entropy_weight=0.0,
+        label_smoothing=0.0, ignore_index=-100, reduction=reduction, validate=True,
+    )  # fmt: skip
+    args = (*leaves[:2], leaves[2], t, None, "reference", 0, [True, True, True])
+    loss, sums, *_ = linear.linear_efe_fused(*args, **options.kernel_kwargs())
+    loss.backward(go + 0.5)
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+    for got, ref in zip((x.grad for x in leaves), want_grads):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    assert sums.shape == (5,)
+    torch.library.opcheck(
+        linear.linear_efe_fused,
+        args,
+        options.kernel_kwargs(),
+        test_utils=("test_autograd_registration",),
+    )
+    # The fake (what torch.compile traces with) promises the real outputs' shapes and dtypes.
+    real = linear.linear_efe_fused(*args, **options.kernel_kwargs())
+    fake = linear._linear_efe_fused_fake(*args, **options.kernel_kwargs())
+    assert [(x.shape, x.dtype) for x in fake] == [(x.shape, x.dtype) for x in real]

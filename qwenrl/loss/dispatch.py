@@ -123,8 +123,8 @@ def reference_forward(logits, target, hard_mask, grad, options: EFEOptions):
     body when the reference is the backend under ``torch.compile``)."""
     if options.validate and not options.soft:
         check_target_range(target, logits.shape[1], options.ignore_index)
-    with torch.enable_grad():
-        z = logits.detach().float().requires_grad_(grad is not None)
+
+    def loss_of(z: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         loss, sums = efe_loss_reference(
             z,
             target,
@@ -137,10 +137,17 @@ def reference_forward(logits, target, hard_mask, grad, options: EFEOptions):
             reduction=options.reduction,
             log_target=options.log_target,
         )
-        if grad is not None:
-            # For 'none' the convention is the gradient of each row's own loss.
-            (g,) = torch.autograd.grad(loss.sum(), z)
-            grad.copy_(g)
+        # For 'none' the convention is the gradient of each row's own loss.
+        return loss.sum(), (loss, sums)
+
+    z = logits.detach().float()
+    if grad is None:
+        _, (loss, sums) = loss_of(z)
+    else:
+        # torch.func.grad, not torch.autograd.grad: the custom op's body runs below autograd
+        # (torch.compile, or the op called eagerly), where no graph is recorded.
+        g, (loss, sums) = torch.func.grad(loss_of, has_aux=True)(z)
+        grad.copy_(g)
     return loss.detach().float(), sums
 
 
