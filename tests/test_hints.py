@@ -383,3 +383,24 @@ def test_a_held_out_demonstration_never_reaches_its_own_prompt():
             s, s_changed = ds[index], ds_changed[index]
             _assert_same_inputs(s, s_changed)
             assert not torch.equal(s.target, s_changed.target)
+
+
+def test_a_scaled_shape_may_fill_the_canvas_but_not_exceed_it():
+    """Outputs twice the input: a 15 × 14 query implies 30 × 28, the canvas's full height;
+    a 16-row query would need 32 rows, which no canvas holds."""
+    demos = [(np.zeros((2, 3)), np.zeros((4, 6))), (np.zeros((3, 1)), np.zeros((6, 2)))]
+    assert output_shape_hint(demos, (15, 14)) == (30, 28)
+    assert output_shape_hint(demos, (14, 15)) == (28, 30)
+    assert output_shape_hint(demos, (16, 3)) != (32, 6)
+
+
+def test_batches_keep_their_hints_on_the_move_and_splits_keep_their_keys_apart():
+    from qwenrl.data import build_datasets
+
+    train, val = build_datasets(val_limit=2, num_colour_perms=1)
+    assert (train.split, val.split) == ("train", "val")
+    batch = collate([val[0], val[1]])
+    moved = batch.to("cpu")
+    for a, b in zip(moved.hints, batch.hints, strict=True):
+        assert torch.equal(a, b)
+    assert moved.keys.dtype == moved.shapes.dtype == moved.aug_ids.dtype == torch.long
