@@ -163,11 +163,12 @@ test-floors:
 	test -x $(UV_VENV)/bin/uv || { $(PYTHON) -m venv $(UV_VENV) && $(UV_VENV)/bin/pip install -q uv; }
 	$(UV_VENV)/bin/uv venv -q --python $(PYTHON) $(FLOOR_VENV)
 	$(UV_VENV)/bin/uv pip install -q --python $(FLOOR_VENV)/bin/python $(FIND_LINKS) \
-	  "torch==$(TORCH_LOCK)" setuptools wheel ninja numpy
+	  "torch==$(TORCH_LOCK)" setuptools wheel ninja
+	@# numpy comes with the rest, at its floor (torch's import only warns until then).
 	$(UV_VENV)/bin/uv pip install -q --python $(FLOOR_VENV)/bin/python $(FIND_LINKS) \
 	  --resolution lowest-direct "torch==$(TORCH_LOCK)" -e ".[dev,plot]" --no-build-isolation
 	$(UV_VENV)/bin/uv pip freeze --python $(FLOOR_VENV)/bin/python | \
-	  grep -iE '^(torch|numpy|transformers|tokenizers|accelerate|triton|safetensors|pytest)=='
+	  grep -iE '^(torch|numpy|transformers|tokenizers|accelerate|triton|matplotlib|pytest)=='
 	$(TEST_ENV) $(FLOOR_VENV)/bin/python -m pytest -q -p no:cacheprovider tests $(ARGS)
 
 # No GPU needed: compile every Triton kernel variant for sm_80/sm_90 (sm_100 where the bundled
