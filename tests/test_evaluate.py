@@ -356,4 +356,8 @@ def test_predictions_run_under_the_runs_autocast(saved_run, monkeypatch, capsys,
     assert main([str(run), "--tasks", "1", "--quiet"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert isinstance(summary["wall_s"], float)
-    assert seen == [(True, torch.bfloat16)] if amp == "bf16" else seen[0][0] is False
+    (enabled, dtype), *rest = seen
+    assert not rest
+    assert enabled == (amp == "bf16")
+    if enabled:
+        assert dtype == torch.bfloat16
