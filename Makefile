@@ -22,7 +22,7 @@ BUILD_ENV = PYTHONWARNINGS="$(BUILD_WARNINGS),ignore::ResourceWarning,ignore:Edi
 
 MUTMUT_PIN ?= mutmut==3.8.1
 
-.PHONY: setup ext train test bench gpu-check gpu-compile lint format mutate clean check-install lock test-latest test-floors
+.PHONY: setup ext train test bench bench-full gpu-check gpu-compile lint format mutate clean check-install lock test-latest test-floors
 
 # A venv that sees the system's packages only where the system has a torch to keep; otherwise
 # a bare one, holding exactly the lock.
@@ -51,8 +51,13 @@ train: setup
 test: setup
 	$(TEST_ENV) $(PY) -m pytest -q tests $(ARGS)
 
+# The quick set (a few minutes on 2 cores): one row per baseline family at the quoted shapes.
 bench: setup
 	$(TEST_ENV) $(PY) -m pytest bench/ --benchmark-only $(ARGS)
+
+# Every benchmark: all option sets, bf16, V = 151,936, the larger encoder, DDP vs FSDP (~25 min).
+bench-full: setup
+	$(TEST_ENV) $(PY) -m pytest bench/ --benchmark-only --bench-full $(ARGS)
 
 # What a user of the library does: a plain `pip install .` (pip's build isolation, no torch in
 # the build) into a fresh virtualenv without system packages, then one loss call, which builds

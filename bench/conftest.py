@@ -2,6 +2,11 @@
 
 Each benchmark calls ``record(group, name, seconds, **extra)``; the first entry of a group is
 its baseline, and the terminal summary prints every entry's speed-up against it.
+
+Two sizes: by default (``make bench``) only the quick set runs, one row per baseline family at
+the shapes users quote, in a few minutes on a 2-core CPU. Benchmarks marked ``full`` (more
+option sets, dtypes, encoders, the two-rank runs) run with ``--bench-full`` (``make
+bench-full``).
 """
 
 from __future__ import annotations
@@ -18,6 +23,29 @@ sys.path.insert(0, str(_ROOT / "bench"))
 
 _rows: dict[str, list[tuple[str, float, dict]]] = {}
 
+FULL = pytest.mark.full  # a benchmark outside the quick set
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--bench-full",
+        action="store_true",
+        help="also run the benchmarks marked 'full' (make bench-full)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "full: a benchmark outside make bench's quick set")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--bench-full"):
+        return
+    skip = pytest.mark.skip(reason="outside the quick set: run with --bench-full")
+    for item in items:
+        if item.get_closest_marker("full"):
+            item.add_marker(skip)
+
 
 @pytest.fixture
 def record(benchmark):
@@ -29,7 +57,9 @@ def record(benchmark):
         baseline = rows[0][1] if rows else seconds
         ratio = baseline / seconds
         rows.append((name, seconds, extra))
-        benchmark.extra_info.update(extra, baseline=rows[0][0], speedup_vs_baseline=ratio)
+        benchmark.extra_info.update(
+            extra, impl=name, baseline=rows[0][0], speedup_vs_baseline=ratio
+        )
         return ratio
 
     return _record

@@ -30,6 +30,7 @@ def qwen_dir(tmp_path_factory):
     return path
 
 
+@pytest.mark.full  # two torchrun launches: --bench-full
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_fsdp_vs_ddp_two_cpu_ranks(benchmark, record, tmp_path, qwen_dir, mode):
     cfg = {

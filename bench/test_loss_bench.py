@@ -102,7 +102,13 @@ def _require_ext():
 
 # Baselines first in each group: the ratios are taken against them (bench/conftest.py).
 IMPLS = ("plain_eager", "plain_compile", "efe_loss", "efe_kernel")
-CASES = [(s, v, i) for s in SHAPES for v in VARIANTS for i in IMPLS]
+# The quick set (make bench) is the default options; the other option sets are --bench-full.
+CASES = [
+    pytest.param(s, v, i, marks=() if v == "default" else pytest.mark.full)
+    for s in SHAPES
+    for v in VARIANTS
+    for i in IMPLS
+]
 
 
 @pytest.mark.parametrize(("shape", "variant", "impl"), CASES)
@@ -146,6 +152,7 @@ def test_cross_entropy_case(benchmark, record, shape, impl):
     _run(benchmark, record, f"cross-entropy case {shape} fp32", impl, fn, z, t)
 
 
+@pytest.mark.full
 @pytest.mark.parametrize("impl", ["plain_compile", "efe_loss"])
 def test_bf16_llm_vocab(benchmark, record, impl):
     """bf16 logits (the usual LLM training dtype), default options."""

@@ -44,7 +44,11 @@ def _qwen_path(out_dir, encoder: str) -> str | None:
 
 
 # Baseline first (cache off): the ratio of the cached run is taken against it.
-@pytest.mark.parametrize("encoder", list(ENCODERS))
+@pytest.mark.parametrize(
+    "encoder",
+    # the quick set: the default encoder (the larger one is --bench-full)
+    [pytest.param(e, marks=() if e == "tiny" else pytest.mark.full) for e in ENCODERS],
+)
 @pytest.mark.parametrize("refresh_every", [0, 10])
 def test_train_steps_per_second(benchmark, record, out_dir, encoder, refresh_every):
     cfg = TrainConfig(

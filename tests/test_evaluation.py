@@ -7,7 +7,13 @@ import torch
 
 from qwenrl.data import CANVAS, NUM_CLASSES, OUTSIDE, Batch
 from qwenrl.train.distributed import DistInfo
-from qwenrl.train.evaluation import GRID_KEYS, ValTotals, check_val_grids, score_batch
+from qwenrl.train.evaluation import (
+    GRID_KEYS,
+    TaskTotals,
+    ValTotals,
+    check_val_grids,
+    score_batch,
+)
 
 
 def _batch() -> Batch:
@@ -77,6 +83,33 @@ def test_totals_add_reduce_and_survive_empty_shards():
     assert ValTotals.from_tensor(big.to_tensor()) == big
     empty = ValTotals().summary()
     assert empty["cell_accuracy"] == 0.0 and empty["samples"] == 0
+
+
+def test_summary_divides_by_the_counts_themselves_down_to_one():
+    """The guards against an empty shard divide by max(count, 1): with one sample, one target
+    cell and one counted cell the rates are the raw sums, not halved or otherwise scaled."""
+    one = ValTotals(
+        correct_cells=1, target_cells=1, correct_canvas=450, exact=1, samples=1,
+        hard_cells=1, loss_cells=1,
+    ).summary()  # fmt: skip
+    assert one == {
+        "cell_accuracy": 1.0,
+        "canvas_accuracy": 0.5,
+        "exact_match": 1.0,
+        "exact": 1,
+        "mask_ratio": 1.0,
+        "samples": 1,
+    }
+    per_task = TaskTotals(tasks=1, queries=1, exact=1, target_cells=1, correct_cells=1,
+                          attempt_cells=1).summary()  # fmt: skip
+    assert per_task == {
+        "tasks": 1,
+        "queries": 1,
+        "exact": 1,
+        "exact_match": 1.0,
+        "cell_accuracy": 1.0,
+        "attempt_cell_accuracy": 1.0,
+    }
 
 
 @pytest.mark.parametrize(("n", "world"), [(7, 2), (419, 3), (2, 4)])

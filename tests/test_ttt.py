@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from qwenrl import ttt
 from qwenrl.data import ArcDataset, ArcTask, collate
 from qwenrl.loss import EFELoss
 from qwenrl.models import ModelConfig, QwenRLModels
@@ -76,6 +77,50 @@ def test_ttt_config_rejects_bad_values():
     for bad in ({"steps": -1}, {"batch_size": 0}, {"lr": 0.0}, {"num_colour_perms": 0}):
         with pytest.raises(ValueError, match="test-time training"):
             TTTConfig(**bad)
+    # the smallest valid values are accepted
+    smallest = TTTConfig(steps=0, batch_size=1, num_colour_perms=1, lr=1e-9)
+    assert (smallest.batch_size, smallest.num_colour_perms) == (1, 1)
+
+
+def test_ttt_batch_size_is_the_number_of_samples_per_step(models: QwenRLModels, monkeypatch):
+    sizes = []
+    real_collate = ttt.collate
+
+    def recording_collate(samples):
+        sizes.append(len(samples))
+        return real_collate(samples)
+
+    monkeypatch.setattr(ttt, "collate", recording_collate)
+    task = _flip_task(4)
+    adapt_to_task(models, task.train, TTTConfig(steps=2, batch_size=1, seed=1))
+    adapt_to_task(models, task.train, TTTConfig(steps=3, batch_size=5, seed=1))
+    assert sizes == [1, 1, 5, 5, 5]
+
+
+def test_ttt_seed_chooses_the_augmentations(models: QwenRLModels, monkeypatch):
+    """cfg.seed seeds the colour permutations (the dataset's aug_seed), not only the draws:
+    the same sample indices under two seeds give different prompts."""
+    prompts: dict[int, list[str]] = {}
+    real_collate = ttt.collate
+    seed = {"now": 0}
+
+    def recording_collate(samples):
+        prompts.setdefault(seed["now"], []).extend(s.prompt for s in samples)
+        return real_collate(samples)
+
+    monkeypatch.setattr(ttt, "collate", recording_collate)
+    real_rng = np.random.default_rng
+
+    def same_draws(seed):  # TTT's draws ([seed, 3, task_seed]) fixed; the augmentations' not
+        return real_rng(0) if isinstance(seed, list) and seed[1:2] == [3] else real_rng(seed)
+
+    monkeypatch.setattr(np.random, "default_rng", same_draws)
+    task = _few_colour_task(7)
+    for seed["now"] in (1, 2, 1):
+        adapt_to_task(models, task.train, TTTConfig(steps=2, num_colour_perms=4, seed=seed["now"]))
+    assert len(prompts[1]) == 2 * 2 * 8  # seed 1 ran twice: the same prompts both times
+    assert prompts[1][:16] == prompts[1][16:]
+    assert prompts[1][:16] != prompts[2]
 
 
 def test_one_ttt_step_is_a_hand_written_adamw_step_from_zeroed_gradients(
