@@ -25,7 +25,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <mutex>
@@ -33,9 +32,7 @@
 #include <type_traits>
 #include <vector>
 
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
+#include "huge_pages.h"
 
 namespace {
 
@@ -219,158 +216,195 @@ inline void transpose_out(float (*)[kTileRows], int32_t, int, float*) {}
 #endif
 
 // --- narrow rows: kTileRows rows per step, one SIMD lane per row ---------------------------
+//
+// tile_rows is a sequence of steps over one tile's stack arrays. The steps are force-inlined,
+// so that the compiled tile_rows is one function, as if written in one piece: no calls, and
+// the compiler sees that the arrays do not overlap.
+#define TILE_STEP __attribute__((always_inline)) inline
 
-template <typename scalar_t, typename grad_t, typename target_t>
-void tile_rows(const Problem<scalar_t, grad_t, target_t>& pb, const Options& o, int64_t i0,
-               Sums& part) {
-  constexpr int R = kTileRows;
-  const int64_t C = pb.C;
-  const int rows = static_cast<int>(std::min<int64_t>(R, pb.N - i0));
-  const float inv_c = 1.0f / static_cast<float>(C);
-
-  alignas(64) float x[kTileMaxC][R];  // logits, then z - m clamped at kExpFloor
-  alignas(64) float e[kTileMaxC][R];  // exp(z - m), later the gradient
-  alignas(64) float pt[kTileMaxC][R];  // soft targets: p
+// One value per row of a tile (a SIMD lane each), handed from step to step of tile_rows.
+struct TileLanes {
+  static constexpr int R = kTileRows;
   alignas(64) float m[R], S[R], U[R], x_y[R], e_y[R], sum_x[R], plogp[R], sum_p[R], p_x[R];
+  alignas(64) float log_s[R], inv_s[R], H[R], risk[R], coef[R], valid_f[R];
   alignas(64) int32_t arg[R], yy[R];
   bool valid[R], bad[R];
+};
 
-  for (int r = 0; r < R; ++r) {
+// Per row: valid (in the tile and not ignore_index), bad (NaN row) and the class target yy.
+template <typename scalar_t, typename grad_t, typename target_t>
+TILE_STEP void tile_targets(const Problem<scalar_t, grad_t, target_t>& pb, const Options& o,
+                            int64_t i0, int rows, TileLanes& L) {
+  const int64_t C = pb.C;
+  for (int r = 0; r < kTileRows; ++r) {
     const int64_t i = i0 + r;
     const bool in = r < rows;
     int64_t y = 0;
-    valid[r] = in;
+    L.valid[r] = in;
     if (!o.soft && in) {
       y = pb.y[i];
-      valid[r] = y != o.ignore_index;
-      bad[r] = valid[r] && (y < 0 || y >= C);  // unvalidated out-of-range target: NaN row
-      if (!valid[r] || bad[r]) y = 0;
+      L.valid[r] = y != o.ignore_index;
+      L.bad[r] = L.valid[r] && (y < 0 || y >= C);  // unvalidated out-of-range target: NaN row
+      if (!L.valid[r] || L.bad[r]) y = 0;
     } else {
-      bad[r] = false;
+      L.bad[r] = false;
     }
-    yy[r] = static_cast<int32_t>(y);
+    L.yy[r] = static_cast<int32_t>(y);
   }
-  // Transpose the tile's rows (one contiguous block) in.
-  const scalar_t* zb = pb.z + i0 * C;
-  const int32_t Ci = static_cast<int32_t>(C);
-  if constexpr (kHasTranspose16 && std::is_same_v<scalar_t, float>) {
-    transpose_in(zb, Ci, rows, x);
-  } else {
-    for (int32_t c = 0; c < Ci; ++c)
-      for (int32_t r = 0; r < R; ++r) x[c][r] = r < rows ? to_float(zb[r * Ci + c]) : 0.0f;
-  }
+}
 
-  // Max and the NaN / +inf check, then the argmax (first maximum) in a pass of its own: float
-  // selects only, so that each loop is one SIMD lane per row.
+// rows [rows][C] (row-major, any dtype) -> x[c][r] in fp32, one value at a time; rows past
+// `rows` read as 0.
+template <typename T>
+TILE_STEP void convert_tile(const T* src, int32_t C, int rows, float (*x)[kTileRows]) {
+  for (int32_t c = 0; c < C; ++c)
+    for (int32_t r = 0; r < kTileRows; ++r) x[c][r] = r < rows ? to_float(src[r * C + c]) : 0.0f;
+}
+
+// As convert_tile, with the 16 x 16 AVX-512 transposes where the rows are fp32 already.
+template <typename T>
+TILE_STEP void load_tile(const T* src, int32_t C, int rows, float (*x)[kTileRows]) {
+  if constexpr (kHasTranspose16 && std::is_same_v<T, float>) {
+    transpose_in(src, C, rows, x);
+  } else {
+    convert_tile(src, C, rows, x);
+  }
+}
+
+// Max and the NaN / +inf check, then the argmax (first maximum) in a pass of its own: float
+// selects only, so that each loop is one SIMD lane per row. Then per row: the NaN-row flag,
+// m = 0 on a NaN row, and x_y = z_y - m (read here, before x is clamped).
+TILE_STEP void tile_max_argmax(const float (*x)[kTileRows], int64_t C, TileLanes& L) {
+  constexpr int R = kTileRows;
   alignas(64) float ok[R], argf[R];
-  for (int r = 0; r < R; ++r) m[r] = -kInf, ok[r] = 1.0f;
+  for (int r = 0; r < R; ++r) L.m[r] = -kInf, ok[r] = 1.0f;
   for (int64_t c = 0; c < C; ++c) {
 #pragma omp simd
     for (int r = 0; r < R; ++r) {
       const float v = x[c][r];
       ok[r] = (v == v && v != kInf) ? ok[r] : 0.0f;
-      m[r] = v > m[r] ? v : m[r];
+      L.m[r] = v > L.m[r] ? v : L.m[r];
     }
   }
   for (int r = 0; r < R; ++r) argf[r] = 0.0f;
   for (int64_t c = C - 1; c >= 0; --c) {
     const float cf = static_cast<float>(c);
 #pragma omp simd
-    for (int r = 0; r < R; ++r) argf[r] = x[c][r] == m[r] ? cf : argf[r];
+    for (int r = 0; r < R; ++r) argf[r] = x[c][r] == L.m[r] ? cf : argf[r];
   }
   for (int r = 0; r < R; ++r) {
-    arg[r] = static_cast<int32_t>(argf[r]);
-    bad[r] = bad[r] | (ok[r] == 0.0f) | (m[r] == -kInf);  // m = -inf: every class masked
-    if (bad[r]) m[r] = 0.0f;
-    x_y[r] = x[yy[r]][r] - m[r];  // -inf when the target class is masked: infinite risk
+    L.arg[r] = static_cast<int32_t>(argf[r]);
+    L.bad[r] = L.bad[r] | (ok[r] == 0.0f) | (L.m[r] == -kInf);  // m = -inf: every class masked
+    if (L.bad[r]) L.m[r] = 0.0f;
+    L.x_y[r] = x[L.yy[r]][r] - L.m[r];  // -inf when the target class is masked: infinite risk
   }
+}
 
-  if (o.soft) {
-    const bool log_target = o.log_target;
-    const float eps = o.eps;
-    alignas(64) float best[R], yf[R], tt[kTileMaxC][R];
-    for (int r = 0; r < R; ++r) plogp[r] = 0.0f, sum_p[r] = 0.0f, best[r] = -kInf, yf[r] = 0.0f;
-    const target_t* tb = pb.p + i0 * C;  // transposed in like the logits
-    for (int32_t c = 0; c < Ci; ++c)
-      for (int32_t r = 0; r < R; ++r) tt[c][r] = r < rows ? to_float(tb[r * Ci + c]) : 0.0f;
-    for (int64_t c = 0; c < C; ++c) {
+// Soft targets: p (after log_target and smoothing) into pt; per row Σ p log p, Σ p, and the
+// most probable class as yy.
+template <typename target_t>
+TILE_STEP void tile_soft_targets(const target_t* tb, const Options& o, int64_t C, int rows,
+                                 float (*pt)[kTileRows], TileLanes& L) {
+  constexpr int R = kTileRows;
+  const int32_t Ci = static_cast<int32_t>(C);
+  const float inv_c = 1.0f / static_cast<float>(C);
+  const bool log_target = o.log_target;
+  const float eps = o.eps;
+  alignas(64) float best[R], yf[R], tt[kTileMaxC][R];
+  for (int r = 0; r < R; ++r) L.plogp[r] = 0.0f, L.sum_p[r] = 0.0f, best[r] = -kInf, yf[r] = 0.0f;
+  convert_tile(tb, Ci, rows, tt);  // transposed in like the logits
+  for (int64_t c = 0; c < C; ++c) {
 #pragma omp simd
-      for (int r = 0; r < R; ++r) pt[c][r] = soft_p(tt[c][r], log_target, eps, inv_c);
-    }
-    for (int64_t c = 0; c < C; ++c) {
-      const float cf = static_cast<float>(c);
-#pragma omp simd
-      for (int r = 0; r < R; ++r) {
-        const float p = pt[c][r];
-        plogp[r] += soft_plogp(p);
-        sum_p[r] += p;
-        yf[r] = p > best[r] ? cf : yf[r];
-        best[r] = p > best[r] ? p : best[r];
-      }
-    }
-    for (int r = 0; r < R; ++r) yy[r] = static_cast<int32_t>(yf[r]);
+    for (int r = 0; r < R; ++r) pt[c][r] = soft_p(tt[c][r], log_target, eps, inv_c);
   }
+  for (int64_t c = 0; c < C; ++c) {
+    const float cf = static_cast<float>(c);
+#pragma omp simd
+    for (int r = 0; r < R; ++r) {
+      const float p = pt[c][r];
+      L.plogp[r] += soft_plogp(p);
+      L.sum_p[r] += p;
+      yf[r] = p > best[r] ? cf : yf[r];
+      best[r] = p > best[r] ? p : best[r];
+    }
+  }
+  for (int r = 0; r < R; ++r) L.yy[r] = static_cast<int32_t>(yf[r]);
+}
 
-  // Exponentials and the sums behind log S, H(q) and the risk.
-  for (int r = 0; r < R; ++r) S[r] = 0.0f, U[r] = 0.0f, sum_x[r] = 0.0f, p_x[r] = 0.0f;
+// Exponentials and the sums behind log S, H(q) and the risk: e = exp(z - m), S = Σe,
+// U = Σ e·(z - m), Σ (z - m) and Σ p·(z - m); x becomes z - m clamped at kExpFloor.
+TILE_STEP void tile_exp_sums(float (*x)[kTileRows], const float (*pt)[kTileRows],
+                             const Options& o, int64_t C, float (*e)[kTileRows], TileLanes& L) {
+  constexpr int R = kTileRows;
+  for (int r = 0; r < R; ++r) L.S[r] = 0.0f, L.U[r] = 0.0f, L.sum_x[r] = 0.0f, L.p_x[r] = 0.0f;
   for (int64_t c = 0; c < C; ++c) {
 #pragma omp simd
     for (int r = 0; r < R; ++r) {
-      const float raw = x[c][r] - m[r];
+      const float raw = x[c][r] - L.m[r];
       const float xc = std::max(raw, kExpFloor);
       const float ex_c = fast_exp(xc);  // computed unconditionally: a conditional call blocks SIMD
       const float ex = raw > kExpFloor ? ex_c : 0.0f;  // exactly 0 for a masked class
       e[c][r] = ex;
-      S[r] += ex;
-      U[r] += ex * xc;
-      sum_x[r] += raw;
-      if (o.soft) p_x[r] += pt[c][r] != 0.0f ? pt[c][r] * raw : 0.0f;  // 0·log 0 = 0
+      L.S[r] += ex;
+      L.U[r] += ex * xc;
+      L.sum_x[r] += raw;
+      if (o.soft) L.p_x[r] += pt[c][r] != 0.0f ? pt[c][r] * raw : 0.0f;  // 0·log 0 = 0
       x[c][r] = xc;
     }
   }
+}
 
-  alignas(64) float log_s[R], inv_s[R], H[R], risk[R], coef[R];
+// Per row: log S, 1/S, H(q) = log S - U/S, e_y = e at the target, and the risk
+// Σ p log p - Σ p log q with log q_c = (z_c - m) - log S.
+TILE_STEP void tile_entropy_risk(const float (*e)[kTileRows], const Options& o, TileLanes& L) {
+  constexpr int R = kTileRows;
 #pragma omp simd
   for (int r = 0; r < R; ++r) {
-    log_s[r] = fast_log(S[r]);
-    inv_s[r] = 1.0f / S[r];
-    H[r] = log_s[r] - U[r] * inv_s[r];
+    L.log_s[r] = fast_log(L.S[r]);
+    L.inv_s[r] = 1.0f / L.S[r];
+    L.H[r] = L.log_s[r] - L.U[r] * L.inv_s[r];
   }
   for (int r = 0; r < R; ++r) {
-    e_y[r] = e[yy[r]][r];
+    L.e_y[r] = e[L.yy[r]][r];
     if (o.soft) {
-      risk[r] = plogp[r] - p_x[r] + log_s[r] * sum_p[r];
+      L.risk[r] = L.plogp[r] - L.p_x[r] + L.log_s[r] * L.sum_p[r];
     } else {
-      const float cross = (o.eps > 0.0f) ? o.lo * sum_x[r] : 0.0f;
-      risk[r] = o.plogp_class - ((1.0f - o.eps) * x_y[r] + cross) + log_s[r];
+      const float cross = (o.eps > 0.0f) ? o.lo * L.sum_x[r] : 0.0f;
+      L.risk[r] = o.plogp_class - ((1.0f - o.eps) * L.x_y[r] + cross) + L.log_s[r];
     }
   }
+}
 
-  // Row weights, losses and stats: one lane per row; the tile's sums reach `part` once.
+// Row weights, losses and stats: one lane per row; the tile's sums reach `part` once. Also
+// the per-row loss ('none'), and for the gradient valid_f and coef = w·row_scale (NaN row: NaN).
+template <typename scalar_t, typename grad_t, typename target_t>
+TILE_STEP void tile_losses(const Problem<scalar_t, grad_t, target_t>& pb, const Options& o,
+                           int64_t i0, int rows, TileLanes& L, Sums& part) {
+  constexpr int R = kTileRows;
   const float nan = std::numeric_limits<float>::quiet_NaN();
-  alignas(64) float maskf[R], valid_f[R], live_f[R];
+  alignas(64) float maskf[R], live_f[R];
   alignas(64) float loss_r[R], hard_r[R], correct_r[R], risk_r[R], ent_r[R];
   for (int r = 0; r < R; ++r) {
     maskf[r] = pb.mask && r < rows ? static_cast<float>(pb.mask[i0 + r]) : 0.0f;
-    valid_f[r] = valid[r] ? 1.0f : 0.0f;
-    live_f[r] = valid[r] && !bad[r] ? 1.0f : 0.0f;  // valid and computable
-    correct_r[r] = static_cast<float>(valid[r] && !bad[r] && arg[r] == yy[r]);
+    L.valid_f[r] = L.valid[r] ? 1.0f : 0.0f;
+    live_f[r] = L.valid[r] && !L.bad[r] ? 1.0f : 0.0f;  // valid and computable
+    correct_r[r] = static_cast<float>(L.valid[r] && !L.bad[r] && L.arg[r] == L.yy[r]);
   }
   const bool has_mask = pb.mask != nullptr;
   const float tau = o.tau, easy_weight = o.easy_weight, beta = o.beta, row_scale = pb.row_scale;
 #pragma omp simd
   for (int r = 0; r < R; ++r) {
-    const float q_y = e_y[r] * inv_s[r];
+    const float q_y = L.e_y[r] * L.inv_s[r];
     const bool hard = has_mask ? maskf[r] != 0.0f : q_y < tau;
     const float w = hard ? 1.0f : easy_weight;
-    const float row_loss = w * (risk[r] + beta * H[r]);
+    const float row_loss = w * (L.risk[r] + beta * L.H[r]);
     const bool live = live_f[r] != 0.0f;
-    const float dead = valid_f[r] != 0.0f ? nan : 0.0f;  // NaN row, or an ignored row's 0
+    const float dead = L.valid_f[r] != 0.0f ? nan : 0.0f;  // NaN row, or an ignored row's 0
     loss_r[r] = live ? row_loss : dead;
-    risk_r[r] = live ? risk[r] : dead;
-    ent_r[r] = live ? H[r] : dead;
+    risk_r[r] = live ? L.risk[r] : dead;
+    ent_r[r] = live ? L.H[r] : dead;
     hard_r[r] = live && hard ? 1.0f : 0.0f;
-    coef[r] = live ? w * row_scale : dead;
+    L.coef[r] = live ? w * row_scale : dead;
   }
   float t_loss = 0.0f, t_hard = 0.0f, t_correct = 0.0f, t_risk = 0.0f, t_ent = 0.0f;
   for (int r = 0; r < R; ++r) {
@@ -380,30 +414,68 @@ void tile_rows(const Problem<scalar_t, grad_t, target_t>& pb, const Options& o, 
   part.loss += t_loss, part.n_hard += t_hard, part.n_correct += t_correct;
   part.risk += t_risk, part.entropy += t_ent;
   if (pb.loss_rows) std::copy(loss_r, loss_r + rows, pb.loss_rows + i0);
-  if (!pb.grad) return;
+}
 
-  // Gradient (into e; 0 on ignored rows whatever their logits), then written back row-major.
+// Gradient (into e; 0 on ignored rows whatever their logits):
+// coef·[(q·Σp - p) - β·q⊙(log q + H)], with log q = x - log S.
+TILE_STEP void tile_gradient(const float (*x)[kTileRows], const float (*pt)[kTileRows],
+                             const Options& o, int64_t C, float (*e)[kTileRows],
+                             const TileLanes& L) {
+  constexpr int R = kTileRows;
   for (int64_t c = 0; c < C; ++c) {
 #pragma omp simd
     for (int r = 0; r < R; ++r) {
-      const float q = e[c][r] * inv_s[r];
+      const float q = e[c][r] * L.inv_s[r];
       float d;
       if (o.soft) {
-        d = q * sum_p[r] - pt[c][r];
+        d = q * L.sum_p[r] - pt[c][r];
       } else {
-        d = q - (c == yy[r] ? o.hi : o.lo);
+        d = q - (c == L.yy[r] ? o.hi : o.lo);
       }
-      if (o.beta != 0.0f) d -= o.beta * q * (x[c][r] - log_s[r] + H[r]);
-      e[c][r] = valid_f[r] != 0.0f ? coef[r] * d : 0.0f;
+      if (o.beta != 0.0f) d -= o.beta * q * (x[c][r] - L.log_s[r] + L.H[r]);
+      e[c][r] = L.valid_f[r] != 0.0f ? L.coef[r] * d : 0.0f;
     }
   }
-  grad_t* gb = pb.grad + i0 * C;
-  if constexpr (kHasTranspose16 && std::is_same_v<grad_t, float>) {
-    transpose_out(e, Ci, rows, gb);
+}
+
+// x[c][r] -> rows [rows][C] (row-major) in dst's dtype, with the AVX-512 transposes where it is
+// fp32; nothing is written past `rows`.
+template <typename T>
+TILE_STEP void store_tile(float (*x)[kTileRows], int32_t C, int rows, T* dst) {
+  if constexpr (kHasTranspose16 && std::is_same_v<T, float>) {
+    transpose_out(x, C, rows, dst);
   } else {
     for (int32_t r = 0; r < rows; ++r)
-      for (int32_t c = 0; c < Ci; ++c) gb[r * Ci + c] = static_cast<grad_t>(e[c][r]);
+      for (int32_t c = 0; c < C; ++c) dst[r * C + c] = static_cast<T>(x[c][r]);
   }
+}
+
+#undef TILE_STEP
+
+// Rows [i0, i0 + kTileRows) (fewer in the last tile): loss, stats and gradient, step by step.
+template <typename scalar_t, typename grad_t, typename target_t>
+void tile_rows(const Problem<scalar_t, grad_t, target_t>& pb, const Options& o, int64_t i0,
+               Sums& part) {
+  constexpr int R = kTileRows;
+  const int64_t C = pb.C;
+  const int32_t Ci = static_cast<int32_t>(C);
+  const int rows = static_cast<int>(std::min<int64_t>(R, pb.N - i0));
+
+  alignas(64) float x[kTileMaxC][R];  // logits, then z - m clamped at kExpFloor
+  alignas(64) float e[kTileMaxC][R];  // exp(z - m), later the gradient
+  alignas(64) float pt[kTileMaxC][R];  // soft targets: p
+  TileLanes L;                         // the per-row values
+
+  tile_targets(pb, o, i0, rows, L);
+  load_tile(pb.z + i0 * C, Ci, rows, x);  // the tile's rows (one contiguous block), transposed in
+  tile_max_argmax(x, C, L);
+  if (o.soft) tile_soft_targets(pb.p + i0 * C, o, C, rows, pt, L);
+  tile_exp_sums(x, pt, o, C, e, L);
+  tile_entropy_risk(e, o, L);
+  tile_losses(pb, o, i0, rows, L, part);
+  if (!pb.grad) return;
+  tile_gradient(x, pt, o, C, e, L);
+  store_tile(e, Ci, rows, pb.grad + i0 * C);  // the gradient, written back row-major
 }
 
 // --- wide rows: one row at a time, SIMD along the row --------------------------------------
@@ -716,26 +788,6 @@ std::tuple<at::Tensor, at::Tensor> efe_forward(
        static_cast<float>(n_valid)},
       opts_f);
   return {loss, sums};
-}
-
-// An uninitialised [sizes] buffer for a fused gradient. A fresh buffer of hundreds of MB (an LLM
-// vocabulary's logits) is page-faulted in 4 KiB at a time as the kernel first writes it, which
-// can cost more than the kernel; backed by transparent huge pages (2 MiB) it costs a fraction.
-at::Tensor empty_grad(at::IntArrayRef sizes, at::ScalarType dtype) {
-  const auto options = at::TensorOptions().dtype(dtype);
-  const size_t bytes = static_cast<size_t>(c10::multiply_integers(sizes)) * c10::elementSize(dtype);
-  constexpr size_t kHugePage = size_t{2} << 20;
-#ifdef __linux__
-  if (bytes >= 16 * kHugePage) {
-    const size_t rounded = (bytes + kHugePage - 1) / kHugePage * kHugePage;
-    void* ptr = nullptr;
-    TORCH_CHECK(posix_memalign(&ptr, kHugePage, rounded) == 0, "efe_loss: cannot allocate ",
-                rounded, " bytes for the gradient");
-    madvise(ptr, rounded, MADV_HUGEPAGE);  // advice only: without huge pages it still works
-    return at::from_blob(ptr, sizes, [](void* p) { std::free(p); }, options);
-  }
-#endif
-  return at::empty(sizes, options);
 }
 
 void init_efe_loss(pybind11::module_& m) {

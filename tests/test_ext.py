@@ -63,4 +63,6 @@ def test_build_dir_per_torch_and_cpu_and_overridable(monkeypatch, tmp_path):
 
 def test_sources_are_found_in_the_checkout():
     src = ext.source_dir()
-    assert src is not None and (src / "efe_loss.cpp").exists() and (src / "bindings.cpp").exists()
+    assert src is not None
+    for name in ("bindings.cpp", "efe_loss.cpp", "huge_pages.cpp", "huge_pages.h"):
+        assert (src / name).exists(), name
