@@ -94,9 +94,10 @@ gpu-check: setup
 
 # Mutation testing of the trainer, the RL policy, the loss API and its linear form, the
 # Hugging Face patch, test-time training, voting, evaluation and the dataset (scope and test
-# selection: [tool.mutmut] in pyproject.toml), with a kill rate per module at the end. Not part of `make test`. By default one mutant in five
-# (those numbered ...0 and ...5: a systematic sample over every function and kind of
-# mutation), about 30 minutes on 2 cores; MUTANTS='*' runs all of them (about 5 times longer).
+# selection: [tool.mutmut] in pyproject.toml), with a kill rate per module at the end. Not part
+# of `make test`. By default one mutant in five (those numbered ...0 and ...5: a systematic
+# sample over every function and kind of mutation), over an hour on 2 cores for today's scope;
+# MUTANTS='*' runs all of them (about 5 times longer); docs/testing.md has a per-module sample.
 # Afterwards `.venv/bin/mutmut results` lists the survivors, `.venv/bin/mutmut show NAME`
 # shows one.
 MUTANTS ?= *__mutmut_*[05]
