@@ -30,7 +30,7 @@ from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
 from qwenrl.data.grids import OUTSIDE, PAD, decode_grid  # noqa: E402
-from qwenrl.train.evaluation import GRID_KEYS, VAL_GRIDS_FILE, check_val_grids  # noqa: E402
+from qwenrl.eval.scoring import GRID_KEYS, VAL_GRIDS_FILE, check_val_grids  # noqa: E402
 
 __all__ = ["PlotError", "main", "plot_run"]
 

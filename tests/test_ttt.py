@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from qwenrl import ttt
 from qwenrl.data import ArcDataset, ArcTask, collate
+from qwenrl.eval import ttt
+from qwenrl.eval.ttt import TTTConfig, adapt_to_task
 from qwenrl.loss import EFELoss
 from qwenrl.models import ModelConfig, QwenRLModels
-from qwenrl.ttt import TTTConfig, adapt_to_task
 
 
 def _flip_task(seed: int, n_train: int = 3) -> ArcTask:
@@ -167,7 +167,7 @@ def test_one_ttt_step_is_a_hand_written_adamw_step_from_zeroed_gradients(
 
 
 def test_ttt_settings_reach_the_loss_and_change_the_result(models: QwenRLModels, monkeypatch):
-    import qwenrl.ttt as ttt
+    import qwenrl.eval.ttt as ttt
 
     made = []
     real = ttt.EFELoss
@@ -201,7 +201,7 @@ def test_ttt_feeds_embedding_plus_offset_and_trains_the_two_likeliest_actions(
     step, the offset the first step made (added, not subtracted). Every trained action is one
     of the two likeliest for its prompt. Augmentations are drawn: D8 × the configured colour
     permutations (one: the task's own colours; more: others too)."""
-    import qwenrl.ttt as ttt
+    import qwenrl.eval.ttt as ttt
 
     dim = models.config.dim
     monkeypatch.setattr(models.encoder, "encode", lambda prompts: torch.zeros(len(prompts), dim))

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from qwenrl.data import ArcDataset, ArcTask, Augmentation
+from qwenrl.eval.voting import augment_query, predict, rank_candidates
 from qwenrl.models import ModelConfig, QwenRLModels
-from qwenrl.voting import augment_query, predict, rank_candidates
 
 
 def _grid(*rows: list[int]) -> np.ndarray:

@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
+from qwenrl.eval.ttt import TTTConfig
 from qwenrl.models import ModelConfig
-from qwenrl.ttt import TTTConfig
 
 __all__ = [
     "ConfigError",

@@ -21,6 +21,13 @@ from tqdm import tqdm
 
 from qwenrl.cache import CachePlan, EmbeddingCache
 from qwenrl.data import Batch, WorkingSetSampler, build_datasets, cell_accuracy, collate
+from qwenrl.eval.scoring import (
+    VAL_GRIDS_FILE,
+    ValTotals,
+    evaluate,
+    evaluate_tasks,
+    val_grids_record,
+)
 from qwenrl.loss import EFELoss
 from qwenrl.models import QwenRLModels
 from qwenrl.train import distributed as D
@@ -31,13 +38,6 @@ from qwenrl.train.checkpoint import (
     write_text_atomic,
 )
 from qwenrl.train.config import TrainConfig, loss_options, model_config, ttt_config
-from qwenrl.train.evaluation import (
-    VAL_GRIDS_FILE,
-    ValTotals,
-    evaluate,
-    evaluate_tasks,
-    val_grids_record,
-)
 from qwenrl.train.monitor import Monitor, RedFlags
 from qwenrl.train.step import (
     METRIC_NAMES,

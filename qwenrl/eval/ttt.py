@@ -75,7 +75,7 @@ def adapt_to_task(
 
     Returns:
         ``(tuned, prompt_offset)``: the fine-tuned copy in eval mode and the task's prompt
-        offset [dim], to pass to :func:`qwenrl.voting.predict`. With ``cfg.steps == 0`` or
+        offset [dim], to pass to :func:`qwenrl.eval.voting.predict`. With ``cfg.steps == 0`` or
         fewer than two demonstrations (no leave-one-out sample exists) ``models`` itself and a
         zero offset.
     """

@@ -135,7 +135,7 @@ def predict(
         vote_transforms: K, the augmentations voted over (aug ids 0..K-1).
         aug_seed: seed of the colour permutations (the run's seed).
         prompt_offset: [dim] added to every prompt embedding (the task's embedding learned by
-            test-time training, :mod:`qwenrl.ttt`); ``None`` = none.
+            test-time training, :mod:`qwenrl.eval.ttt`); ``None`` = none.
     """
     if vote_transforms < 1:
         raise ValueError(f"vote_transforms must be >= 1, got {vote_transforms}")

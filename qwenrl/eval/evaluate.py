@@ -1,13 +1,13 @@
 """Score a saved run on the evaluation tasks, with augmentation voting and test-time training.
 
-    python -m qwenrl.evaluate runs/default                                 # as validation does
-    python -m qwenrl.evaluate runs/default --tasks 100 --vote_transforms 8
-    python -m qwenrl.evaluate runs/default --tasks 100 --vote_transforms 8 --ttt_steps 32
+    python -m qwenrl.eval.evaluate runs/default                                 # as validation does
+    python -m qwenrl.eval.evaluate runs/default --tasks 100 --vote_transforms 8
+    python -m qwenrl.eval.evaluate runs/default --tasks 100 --vote_transforms 8 --ttt_steps 32
 
-For each task: test-time training on its demonstration pairs (``--ttt_steps``, :mod:`qwenrl.ttt`),
+For each task: test-time training on its demonstration pairs (``--ttt_steps``, :mod:`qwenrl.eval.ttt`),
 then each test query predicted under ``--vote_transforms`` augmentations and voted into two
-attempts (:mod:`qwenrl.voting`); only then is the test output read, to score
-(:func:`qwenrl.train.evaluation.evaluate_tasks`):
+attempts (:mod:`qwenrl.eval.voting`); only then is the test output read, to score
+(:func:`qwenrl.eval.scoring.evaluate_tasks`):
 
 * ``exact_match``: ARC's pass@2, one of the two attempts equals the output exactly;
 * ``cell_accuracy``: the target grid's cells right in the per-cell argmax on the task as it is
@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from qwenrl.data import load_tasks
+from qwenrl.eval.scoring import evaluate_tasks
 from qwenrl.models import QwenRLModels
 from qwenrl.train.checkpoint import (
     Checkpointer,
@@ -49,7 +50,6 @@ from qwenrl.train.config import (
     model_config,
     ttt_config,
 )
-from qwenrl.train.evaluation import evaluate_tasks
 
 
 def find_checkpoint(path: str | Path) -> Path:
@@ -88,7 +88,7 @@ def load_run(
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m qwenrl.evaluate",
+        prog="python -m qwenrl.eval.evaluate",
         description=__doc__.split("\n\n")[0],
     )
     parser.add_argument("run", help="a run directory (its newest checkpoint) or a checkpoint")

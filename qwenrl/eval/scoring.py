@@ -11,8 +11,8 @@ Scores per epoch (all summed over the ranks' shards, then divided once):
 
 With voting or test-time training (``--vote_transforms`` > 1, ``--ttt_steps`` > 0), the test
 queries are scored task by task instead (:func:`evaluate_tasks`): test-time training on the
-task's demonstrations (:mod:`qwenrl.ttt`), then each query predicted under the augmentations
-and voted into two attempts (:mod:`qwenrl.voting`); only then is its output read. Cell accuracy
+task's demonstrations (:mod:`qwenrl.eval.ttt`), then each query predicted under the augmentations
+and voted into two attempts (:mod:`qwenrl.eval.voting`); only then is its output read. Cell accuracy
 and exact match come from there (after test-time training, the tuned models' per-cell argmax
 on the task as it is); canvas accuracy and mask ratio stay those of the trained models.
 """
@@ -33,9 +33,9 @@ from qwenrl.data import CANVAS, OUTSIDE, Batch, collate, decode_grid, exact_matc
 
 if TYPE_CHECKING:
     from qwenrl.data import ArcDataset, ArcTask
+    from qwenrl.eval.ttt import TTTConfig
     from qwenrl.loss import EFELoss
     from qwenrl.models import QwenRLModels
-    from qwenrl.ttt import TTTConfig
 
 __all__ = [
     "GRID_KEYS",
@@ -284,8 +284,8 @@ def evaluate_tasks(
     """Test-time training (``ttt``, optional), then every test query predicted with voting over
     ``vote_transforms`` augmentations, then scored (module docstring). Restores the models'
     train/eval mode; a progress bar over the tasks goes to stderr when ``progress``."""
-    from qwenrl.ttt import TTTConfig, adapt_to_task
-    from qwenrl.voting import predict
+    from qwenrl.eval.ttt import TTTConfig, adapt_to_task
+    from qwenrl.eval.voting import predict
 
     ttt = ttt or TTTConfig()
     was_training = models.training

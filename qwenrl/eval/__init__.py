@@ -1,0 +1,1 @@
+"""Evaluation: validation scores, test-time training, voting and ``python -m qwenrl.eval.evaluate``."""
