@@ -144,7 +144,7 @@ def test_gradient_accumulation_with_tied_embeddings(monkeypatch):
     the first, the head's gradient is added in place during the backward, and the embedding's
     own gradient is added to the same .grad by autograd. Equal to the model's own loss."""
     from qwenrl.hf import apply_linear_efe
-    from qwenrl.loss import linear
+    from qwenrl.loss import grad_engine
 
     def accumulated(patch: bool):
         model = tiny_qwen3(vocab=400, tie=True)
@@ -156,8 +156,8 @@ def test_gradient_accumulation_with_tied_embeddings(monkeypatch):
         return {n: p.grad.clone() for n, p in model.named_parameters()}
 
     calls = []
-    real = linear.writable_grad
-    monkeypatch.setattr(linear, "writable_grad", lambda w: calls.append(real(w)) or real(w))
+    real = grad_engine.writable_grad
+    monkeypatch.setattr(grad_engine, "writable_grad", lambda w: calls.append(real(w)) or real(w))
     ours = accumulated(True)
     assert any(g is not None for g in calls)  # the in-place path ran
     own = accumulated(False)

@@ -13,7 +13,15 @@ from loss_inputs import seed_of, skip_under_mutmut
 
 import qwenrl
 from qwenrl._ext import load_extension
-from qwenrl.loss import efe_loss, efe_loss_reference, linear, stats_from_sums
+from qwenrl.loss import (
+    chunks,
+    efe_loss,
+    efe_loss_reference,
+    grad_engine,
+    linear,
+    linear_op,
+    stats_from_sums,
+)
 from qwenrl.loss.dispatch import resolve_backend
 from qwenrl.loss.options import EFEOptions
 from qwenrl.loss.reference import STAT_NAMES
@@ -122,12 +130,12 @@ def test_default_chunk_size(device, n, d, v):
     power of two, never more than N, and no more logits than the larger of the two rules."""
     dev = torch.device(device)
     rows = linear.default_chunk_size(n, d, v, dev, 4)
-    floor = linear.MIN_CHUNK_ROWS[device]
+    floor = chunks.MIN_CHUNK_ROWS[device]
     assert rows <= n and (rows == n or rows & (rows - 1) == 0)
     assert rows >= min(n, floor)
-    assert rows * v * 4 >= min(n * v * 4, linear.CHUNK_LOGITS_BYTES / 2)  # budget used
+    assert rows * v * 4 >= min(n * v * 4, chunks.CHUNK_LOGITS_BYTES / 2)  # budget used
     if rows > floor:  # above the floor: at most 2× the hidden states or the budget
-        assert rows * v * 4 <= max(2 * n * d * 4, linear.CHUNK_LOGITS_BYTES)
+        assert rows * v * 4 <= max(2 * n * d * 4, chunks.CHUNK_LOGITS_BYTES)
     # half-size logits fit twice as many rows in the budget
     assert linear.default_chunk_size(n, d, v, dev, 2) >= rows
 
@@ -206,13 +214,19 @@ def spy_forward(calls):
     return spy
 
 
+def problem(h, w, b, t, mask, forward_fn, options, chunk, drop_ignored=None):
+    """A chunks.LinearProblem of these flattened inputs."""
+    settings = chunks.ChunkSettings(forward_fn, options, chunk, drop_ignored)
+    return chunks.LinearProblem(h, w, b, t, mask, settings)
+
+
 def test_never_more_than_a_chunk_of_logits_and_ignored_rows_skip_the_matmul():
     h, w, b, t = make_linear_inputs(50, 8, 33, "class", seed_of("spy"), ignore_frac=0.0)
     t[::3] = -100  # 17 ignored rows, 33 valid
     calls = []
     options = EFEOptions(entropy_weight=0.2)
-    loss, sums, gh, gw, gb = linear.chunked_forward(
-        h, w, b, t, None, spy_forward(calls), options, 8, (True, True, True)
+    loss, sums, gh, gw, gb = chunks.chunked_loss_and_grads(
+        problem(h, w, b, t, None, spy_forward(calls), options, 8), (True, True, True)
     )
     assert [c[0] for c in calls] == [(8, 33)] * 4 + [(1, 33)]  # only the 33 valid rows
     assert all(c[1] and c[2] == "sum" for c in calls)
@@ -228,10 +242,14 @@ def test_ignored_rows_kept_in_the_matmul(reduction):
     h, w, b, t = make_linear_inputs(30, 8, 20, "class", seed_of("keep", reduction), ignore_frac=0.4)
     calls = []
     options = EFEOptions(entropy_weight=0.3, reduction=reduction)
-    loss, _, gh, gw, gb = linear.chunked_forward(
-        h, w, b, t, None, spy_forward(calls), options, 8, (True, True, True),
-        row_weight=torch.ones(30) if reduction == "none" else None, drop_ignored=False,
-    )  # fmt: skip
+    p = problem(h, w, b, t, None, spy_forward(calls), options, 8, drop_ignored=False)
+    if reduction == "none":  # the loss in one pass, the gradients (upstream 1) in another
+        loss, _ = chunks.chunked_loss(p)
+        gh, gw, gb = chunks.chunked_grads(p, (True, True, True), torch.ones(30))
+        assert sum(c[0][0] for c in calls) == 60
+        calls = calls[: len(calls) // 2]
+    else:
+        loss, _, gh, gw, gb = chunks.chunked_loss_and_grads(p, (True, True, True))
     assert sum(c[0][0] for c in calls) == 30
     truth = run_reference64(h, w, b, t, entropy_weight=0.3, reduction=reduction)
     torch.testing.assert_close(loss.double(), truth[0], rtol=1e-5, atol=1e-6)
@@ -253,8 +271,8 @@ def test_triton_backend(reduction):
 def test_frozen_weight_and_bias_cost_nothing(monkeypatch):
     h, w, b, t = make_linear_inputs(20, 8, 30, "class", seed_of("frozen"))
     mms = []
-    real = linear._accumulate_mm
-    monkeypatch.setattr(linear, "_accumulate_mm", lambda *a: (mms.append(1), real(*a)))
+    real = chunks._accumulate_mm
+    monkeypatch.setattr(chunks, "_accumulate_mm", lambda *a: (mms.append(1), real(*a)))
     hh = h.clone().requires_grad_()
     loss = qwenrl.linear_efe_loss(hh, w, t, bias=b, chunk_size=6)  # w, b: requires_grad False
     loss.backward()
@@ -264,7 +282,7 @@ def test_frozen_weight_and_bias_cost_nothing(monkeypatch):
     torch.testing.assert_close(hh.grad, hh2.grad, rtol=1e-4, atol=1e-6)
     # no gradient at all: the kernel gets no gradient buffer
     calls = []
-    linear.chunked_forward(h, w, b, t, None, spy_forward(calls), EFEOptions(), 6, (False,) * 3)
+    chunks.chunked_loss(problem(h, w, b, t, None, spy_forward(calls), EFEOptions(), 6))
     assert calls and not any(c[1] for c in calls)
 
 
@@ -304,15 +322,27 @@ def _with_grad(x, prev):
 
 
 def _record_modes(monkeypatch):
-    """Records, per chunked_forward call, (gradients asked for, added into .grad or not)."""
+    """Records, per pass of the chunk loop, (gradients asked for, added into .grad or not)."""
     modes = []
-    real = linear.chunked_forward
+    real_loss, real_both, real_grads = (
+        chunks.chunked_loss, chunks.chunked_loss_and_grads, chunks.chunked_grads,
+    )  # fmt: skip
 
-    def spy(*args, grad_w_into=None, **kwargs):
-        modes.append((tuple(args[8]), grad_w_into is not None))
-        return real(*args, grad_w_into=grad_w_into, **kwargs)
+    def loss_only(p):
+        modes.append(((False, False, False), False))
+        return real_loss(p)
 
-    monkeypatch.setattr(linear, "chunked_forward", spy)
+    def loss_and_grads(p, needs):
+        modes.append((tuple(needs), False))
+        return real_both(p, needs)
+
+    def grads_only(p, needs, upstream, grad_w_into=None):
+        modes.append((tuple(needs), grad_w_into is not None))
+        return real_grads(p, needs, upstream, grad_w_into=grad_w_into)
+
+    monkeypatch.setattr(chunks, "chunked_loss", loss_only)
+    monkeypatch.setattr(chunks, "chunked_loss_and_grads", loss_and_grads)
+    monkeypatch.setattr(chunks, "chunked_grads", grads_only)
     return modes
 
 
@@ -450,34 +480,35 @@ def test_in_place_under_activation_checkpointing(use_reentrant):
 def test_no_in_place_for_low_precision_or_non_leaf_weights():
     h, w, _, t = make_linear_inputs(12, 8, 20, "class", seed_of("nonleaf"), bias=False)
     base = w.clone().requires_grad_()
-    assert linear.writable_grad(base) is None  # no .grad yet
+    assert grad_engine.writable_grad(base) is None  # no .grad yet
     base.grad = torch.zeros_like(base)
-    assert linear.writable_grad(base) is base.grad
-    assert linear.writable_grad(base * 1.0) is None  # not a leaf
+    assert grad_engine.writable_grad(base) is base.grad
+    assert grad_engine.writable_grad(base * 1.0) is None  # not a leaf
     low = w.to(torch.bfloat16).requires_grad_()
     low.grad = torch.zeros_like(low)
-    assert linear.writable_grad(low) is None  # bf16: its .grad cannot accumulate in float32
+    assert grad_engine.writable_grad(low) is None  # bf16: its .grad cannot accumulate in float32
     base.grad = torch.zeros(w.shape[1], w.shape[0]).t()  # a transposed .grad
-    assert linear.writable_grad(base) is None
+    assert grad_engine.writable_grad(base) is None
 
 
-def test_chunked_forward_into_needs_a_scaled_float32_weight_gradient():
+def test_chunk_entry_points_check_their_mode():
     h, w, b, t = make_linear_inputs(10, 8, 12, "class", seed_of("into-args"))
     _, fwd = resolve_backend("auto", torch.device("cpu"))
     into = torch.zeros_like(w)
-    with pytest.raises(ValueError, match="grad_w_into needs"):  # no row_weight
-        linear.chunked_forward(
-            h, w, b, t, None, fwd, EFEOptions(), 4, (True,) * 3, grad_w_into=into
-        )
-    with pytest.raises(ValueError, match="row_weight must be"):
-        linear.chunked_forward(
-            h, w, b, t, None, fwd, EFEOptions(), 4, (True,) * 3, row_weight=torch.ones(10)
-        )
+    p = problem(h, w, b, t, None, fwd, EFEOptions(), 4)
+    with pytest.raises(ValueError, match="upstream must be"):  # [N] upstream for 'mean'
+        chunks.chunked_grads(p, (True,) * 3, torch.ones(10))
+    with pytest.raises(ValueError, match="grad_w_into needs"):  # no weight gradient asked
+        chunks.chunked_grads(p, (True, False, True), torch.tensor(1.0), grad_w_into=into)
+    with pytest.raises(ValueError, match="grad_w_into needs"):  # bf16 inputs
+        low = problem(h.bfloat16(), w.bfloat16(), None, t, None, fwd, EFEOptions(), 4)
+        chunks.chunked_grads(low, (True,) * 3, torch.tensor(1.0), grad_w_into=into)
+    with pytest.raises(ValueError, match="needs reduction 'sum' or 'mean'"):
+        none = problem(h, w, b, t, None, fwd, EFEOptions(reduction="none"), 4)
+        chunks.chunked_loss_and_grads(none, (True,) * 3)
     # 'mean' without dropping ignored rows (the CUDA way): 1/N_valid stays a tensor
-    _, _, gh, gw, gb = linear.chunked_forward(
-        h, w, b, t, None, fwd, EFEOptions(), 4, (True,) * 3,
-        row_weight=torch.tensor(2.0), drop_ignored=False, grad_w_into=into,
-    )  # fmt: skip
+    p = problem(h, w, b, t, None, fwd, EFEOptions(), 4, drop_ignored=False)
+    gh, gw, gb = chunks.chunked_grads(p, (True,) * 3, torch.tensor(2.0), grad_w_into=into)
     assert gw is None
     _, _, (gh64, gw64, gb64) = run_reference64(h, w, b, t, torch.tensor(2.0))
     torch.testing.assert_close(into.double(), gw64, rtol=1e-4, atol=1e-5)
@@ -624,13 +655,23 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str, as_view: bo
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     into = []
-    real = linear.chunked_forward
+    real = chunks.chunked_loss, chunks.chunked_loss_and_grads, chunks.chunked_grads
 
-    def spy(*args, grad_w_into=None, **kwargs):  # records which calls add into .grad
+    def loss_only(p):  # records which passes add into .grad
+        into.append(False)
+        return real[0](p)
+
+    def loss_and_grads(p, needs):
+        into.append(False)
+        return real[1](p, needs)
+
+    def grads_only(p, needs, upstream, grad_w_into=None):
         into.append(grad_w_into is not None)
-        return real(*args, grad_w_into=grad_w_into, **kwargs)
+        return real[2](p, needs, upstream, grad_w_into=grad_w_into)
 
-    linear.chunked_forward = spy
+    chunks.chunked_loss, chunks.chunked_loss_and_grads, chunks.chunked_grads = (
+        loss_only, loss_and_grads, grads_only,
+    )  # fmt: skip
     try:
         model = DistributedDataParallel(_Head(), gradient_as_bucket_view=as_view)
         x, t = _ddp_batch()
@@ -640,7 +681,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str, as_view: bo
         grads = {n: p.grad for n, p in model.module.named_parameters()}
         torch.save((grads, into), f"{out_dir}/grads{rank}.pt")
     finally:
-        linear.chunked_forward = real
+        chunks.chunked_loss, chunks.chunked_loss_and_grads, chunks.chunked_grads = real
         dist.destroy_process_group()
 
 
@@ -682,17 +723,10 @@ def test_no_gradient_buffers_under_no_grad(mode, monkeypatch):
     grad_W, even though the inputs require grad."""
     h, w, b, t = make_linear_inputs(37, 16, 53, "class", seed_of(mode))
     h, w, b = (x.requires_grad_() for x in (h, w, b))
-    asked = []
-    real = linear.chunked_forward
-
-    def spy(*args, **kwargs):
-        asked.append(tuple(args[8]))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(linear, "chunked_forward", spy)
+    modes = _record_modes(monkeypatch)
     with torch.no_grad() if mode == "no_grad" else torch.inference_mode():
         loss = qwenrl.linear_efe_loss(h, w, t, bias=b, backend="reference")
-    assert asked == [(False, False, False)]
+    assert modes == [((False, False, False), False)]  # chunked_loss alone
     assert not loss.requires_grad
     ref, _ = efe_loss_reference((h @ w.T + b).detach().double(), t)
     torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
@@ -743,15 +777,15 @@ def test_module_defaults_and_options_reach_the_loss(monkeypatch):
             assert p.default == fn[name].default, name
     crit = qwenrl.LinearEFELoss(validate=False, chunk_size=7, tau=0.3, entropy_weight=0.1)
     assert crit.options()["validate"] is False
-    chunks = []
-    real = linear.chunked_forward
+    sizes = []
+    real = chunks.chunked_loss
     monkeypatch.setattr(
-        linear, "chunked_forward", lambda *a, **kw: chunks.append(a[7]) or real(*a, **kw)
+        chunks, "chunked_loss", lambda p: sizes.append(p.settings.chunk_size) or real(p)
     )
     h, w, b, t = make_linear_inputs(23, 8, 31, "class", seed_of("module-pass"))
     mask = torch.rand(23, generator=torch.Generator().manual_seed(1)) < 0.5
     got = crit(h, w, t, bias=b, hard_mask=mask)
-    assert chunks and set(chunks) == {7}
+    assert sizes and set(sizes) == {7}
     want = qwenrl.linear_efe_loss(
         h, w, t, bias=b, hard_mask=mask, tau=0.3, entropy_weight=0.1, validate=False
     )
@@ -776,19 +810,63 @@ def test_custom_op_eager_autograd_and_fake_match_the_function(reduction):
         label_smoothing=0.0, ignore_index=-100, reduction=reduction, validate=True,
     )  # fmt: skip
     args = (*leaves[:2], leaves[2], t, None, "reference", 0, [True, True, True])
-    loss, sums, *_ = linear.linear_efe_fused(*args, **options.kernel_kwargs())
+    loss, sums, *_ = linear_op.linear_efe_fused(*args, **options.kernel_kwargs())
     loss.backward(go + 0.5)
     torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
     for got, ref in zip((x.grad for x in leaves), want_grads):
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
     assert sums.shape == (5,)
     torch.library.opcheck(
-        linear.linear_efe_fused,
+        linear_op.linear_efe_fused,
         args,
         options.kernel_kwargs(),
         test_utils=("test_autograd_registration",),
     )
     # The fake (what torch.compile traces with) promises the real outputs' shapes and dtypes.
-    real = linear.linear_efe_fused(*args, **options.kernel_kwargs())
-    fake = linear._linear_efe_fused_fake(*args, **options.kernel_kwargs())
+    real = linear_op.linear_efe_fused(*args, **options.kernel_kwargs())
+    fake = linear_op._linear_efe_fused_fake(*args, **options.kernel_kwargs())
     assert [(x.shape, x.dtype) for x in fake] == [(x.shape, x.dtype) for x in real]
+
+
+# --- the autograd internals the in-place mode reads (qwenrl/loss/grad_engine.py) ------------
+
+
+class _EngineProbe(torch.autograd.Function):
+    """Records, inside its backward, whether the engine will accumulate into ``w.grad``."""
+
+    @staticmethod
+    def forward(ctx, x, w, seen):
+        ctx.w, ctx.seen = w, seen
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, g):
+        ctx.seen.append(grad_engine.engine_accumulates(ctx.w))
+        return g * 2, None, None
+
+
+def test_torch_still_answers_what_the_in_place_mode_asks():
+    """If this fails after a torch upgrade, the private API grad_engine reads has changed:
+    fix grad_engine.py (the in-place weight-gradient mode would otherwise switch silently)."""
+    assert grad_engine.IN_PLACE_AVAILABLE, "torch._C._will_engine_execute_node is gone"
+    w = torch.randn(3, requires_grad=True)
+    assert not grad_engine.has_tensor_hooks(w)
+    handle = w.register_hook(lambda g: g)
+    assert grad_engine.has_tensor_hooks(w)
+    handle.remove()
+    assert not grad_engine.has_tensor_hooks(w)
+
+    def probe(seen):
+        x = torch.randn(3, requires_grad=True)
+        return x, (_EngineProbe.apply(x, w, seen) * w).sum()
+
+    seen = []
+    probe(seen)[1].backward()  # the engine accumulates into w.grad: True
+    x, out = probe(seen)
+    torch.autograd.grad(out, [x])  # .grad untouched: False
+    x, out = probe(seen)
+    out.backward(inputs=[x])  # w not among the inputs: False
+    x, out = probe(seen)
+    out.backward(create_graph=True)  # grad mode on in the backward: False
+    assert seen == [True, False, False, False]
+    assert not grad_engine.engine_accumulates(w)  # outside any backward (grad mode on)

@@ -12,52 +12,30 @@ Under ``torch.compile`` ``inplace=True`` is ignored (the gradient goes to a fres
 custom op may not write behind autograd's back into a tensor it returns a gradient for.
 """
 
-from typing import Optional
-
 import torch
-from torch import Tensor
 
 from qwenrl.loss.dispatch import apply_upstream, grad_dtype, resolve_backend
-from qwenrl.loss.options import EFEOptions
+from qwenrl.loss.options import EFEOptions, op_schema
 
 
-@torch.library.custom_op("qwenrl::efe_fused", mutates_args=())
-def efe_fused(
-    logits: Tensor,
-    target: Tensor,
-    hard_mask: Optional[Tensor],  # noqa: UP045  (the custom-op schema parser wants Optional)
-    backend: str,
-    needs_grad: bool,
-    *,
-    soft: bool,
-    log_target: bool,
-    tau: float,
-    easy_weight: float,
-    entropy_weight: float,
-    label_smoothing: float,
-    ignore_index: int,
-    reduction: str,
-    validate: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Fused forward on flattened inputs (logits [N, C]); the options are :class:`EFEOptions`.
+@torch.library.custom_op(
+    "qwenrl::efe_fused",
+    mutates_args=(),
+    schema=op_schema(
+        "Tensor logits, Tensor target, Tensor? hard_mask, str backend, bool needs_grad",
+        "(Tensor, Tensor, Tensor)",
+    ),
+)
+def efe_fused(logits, target, hard_mask, backend, needs_grad, **options):
+    """Fused forward on flattened inputs (logits [N, C]); ``options`` are :class:`EFEOptions`'
+    fields, by name (the schema is :func:`op_schema`'s).
 
     Returns (loss fp32 [N] or [], sums fp32 [5], grad [N, C] in :func:`grad_dtype`, or an
     empty tensor when ``needs_grad`` is False).
     """
-    options = EFEOptions(
-        soft=soft,
-        log_target=log_target,
-        tau=tau,
-        easy_weight=easy_weight,
-        entropy_weight=entropy_weight,
-        label_smoothing=label_smoothing,
-        ignore_index=ignore_index,
-        reduction=reduction,
-        validate=validate,
-    )
     _, forward_fn = resolve_backend(backend, logits.device)
     grad = logits.new_empty(logits.shape, dtype=grad_dtype(logits.dtype)) if needs_grad else None
-    loss, sums = forward_fn(logits, target, hard_mask, grad, options)
+    loss, sums = forward_fn(logits, target, hard_mask, grad, EFEOptions(**options))
     return loss, sums, grad if grad is not None else logits.new_empty(0)
 
 

@@ -67,3 +67,16 @@ class EFEOptions:
 
     def replace(self, **changes: Any) -> EFEOptions:
         return dataclasses.replace(self, **changes)
+
+
+def op_schema(arguments: str, returns: str) -> str:
+    """A ``torch.library`` schema whose keyword-only arguments are :class:`EFEOptions`' fields.
+
+    ``op_schema("Tensor logits", "Tensor")`` is ``"(Tensor logits, *, bool soft, ...) ->
+    Tensor"``: the custom ops declare their own tensors and take the options from this one
+    declaration, by name, so an option added to :class:`EFEOptions` reaches every op.
+    """
+    # The annotations are strings (``from __future__ import annotations``) and name the schema
+    # types directly: bool, float, int, str.
+    options = ", ".join(f"{f.type} {f.name}" for f in dataclasses.fields(EFEOptions))
+    return f"({arguments}, *, {options}) -> {returns}"
