@@ -30,7 +30,7 @@ from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
 from qwenrl.data.grids import OUTSIDE, PAD, decode_grid  # noqa: E402
-from qwenrl.eval.scoring import GRID_KEYS, VAL_GRIDS_FILE, check_val_grids  # noqa: E402
+from qwenrl.eval.val_grids import GRID_KEYS, VAL_GRIDS_FILE, read_val_grids  # noqa: E402
 
 __all__ = ["PlotError", "main", "plot_run"]
 
@@ -187,8 +187,8 @@ def _sample_arrays(sample: dict[str, Any], path: Path, i: int) -> tuple[np.ndarr
 def plot_grids(path: Path, out: Path) -> None:
     """Input / prediction / target of up to four samples of ``val_grids.json``."""
     try:
-        data = json.loads(path.read_text())
-        samples = check_val_grids(data)[:MAX_GRID_ROWS]
+        data = read_val_grids(path)
+        samples = data["samples"][:MAX_GRID_ROWS]
     except json.JSONDecodeError as e:
         raise PlotError(f"{path}: malformed validation grids ({e.msg})") from None
     except ValueError as e:

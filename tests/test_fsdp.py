@@ -11,6 +11,7 @@ import pytest
 import torch
 from distributed_worker import launch
 
+from qwenrl.eval.run import load_run
 from qwenrl.models import QwenPromptEncoder, TinyQwenConfig
 from qwenrl.train import Checkpointer, TrainConfig, Trainer, latest_checkpoint, parse_args
 from qwenrl.train import checkpoint as checkpoint_mod
@@ -162,6 +163,20 @@ def test_export_consolidates_a_sharded_checkpoint(resumed, tmp_path, capsys):
     torch.testing.assert_close(flat, params, rtol=0, atol=0)
     assert export_main([str(tmp_path / "nothing")]) == 2
     assert "no complete checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_load_run_reads_a_sharded_checkpoint(resumed):
+    """Evaluation reads a two-rank FSDP checkpoint in one process, with no export first: the
+    full weights the ranks held at the save, the step, the run's options for one process."""
+    full, _ = resumed
+    path, params = full[0]["saved"][4]
+    for where in (Path(path), Path(path).parent):  # the checkpoint, or the run's newest
+        models, cfg, step = load_run(where)
+        assert step == 4 and not cfg.fsdp and cfg.amp == "bf16" and not models.training
+        groups = models.main_param_groups(agent_lr=0.0, qwen_lr=0.0)
+        flat = torch.cat([p.detach().flatten() for g in groups for p in g["params"]])
+        torch.testing.assert_close(flat, params, rtol=0, atol=0)
 
 
 # --- without processes ---------------------------------------------------------------------

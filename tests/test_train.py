@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import qwenrl
-from qwenrl.eval.scoring import check_val_grids
+from qwenrl.eval.val_grids import check_val_grids
 from qwenrl.train import (
     NonFiniteLossError,
     TrainConfig,

@@ -1,13 +1,15 @@
 """Score a saved run on the evaluation tasks, with augmentation voting and test-time training.
 
-    python -m qwenrl.eval.evaluate runs/default                                 # as validation does
+    python -m qwenrl.eval.evaluate runs/default                            # as validation does
     python -m qwenrl.eval.evaluate runs/default --tasks 100 --vote_transforms 8
     python -m qwenrl.eval.evaluate runs/default --tasks 100 --vote_transforms 8 --ttt_steps 32
 
-For each task: test-time training on its demonstration pairs (``--ttt_steps``, :mod:`qwenrl.eval.ttt`),
-then each test query predicted under ``--vote_transforms`` augmentations and voted into two
-attempts (:mod:`qwenrl.eval.voting`); only then is the test output read, to score
-(:func:`qwenrl.eval.scoring.evaluate_tasks`):
+(``python -m qwenrl.evaluate`` is the same command.) The run is read by
+:func:`qwenrl.eval.run.load_run`: a run directory (its newest checkpoint) or a checkpoint,
+single-process or sharded (``--fsdp``). For each task: test-time training on its demonstration
+pairs (``--ttt_steps``, :mod:`qwenrl.eval.ttt`), then each test query predicted under
+``--vote_transforms`` augmentations and voted into two attempts (:mod:`qwenrl.eval.voting`);
+only then is the test output read, to score (:func:`qwenrl.eval.tasks.evaluate_tasks`):
 
 * ``exact_match``: ARC's pass@2, one of the two attempts equals the output exactly;
 * ``cell_accuracy``: the target grid's cells right in the per-cell argmax on the task as it is
@@ -34,56 +36,12 @@ from typing import Any
 import torch
 
 from qwenrl.data import load_tasks
-from qwenrl.eval.scoring import evaluate_tasks
-from qwenrl.models import QwenRLModels
-from qwenrl.train.checkpoint import (
-    Checkpointer,
-    is_sharded_checkpoint,
-    latest_checkpoint,
-    write_json_atomic,
-)
-from qwenrl.train.config import (
-    ConfigError,
-    TrainConfig,
-    check_config,
-    config_from_dict,
-    model_config,
-    ttt_config,
-)
+from qwenrl.eval.run import find_checkpoint, load_run
+from qwenrl.eval.tasks import evaluate_tasks
+from qwenrl.train.checkpoint import write_json_atomic
+from qwenrl.train.config import ConfigError, TrainConfig, check_config, config_from_dict, ttt_config
 
-
-def find_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory itself, or the newest complete ``checkpoint-*`` of a run."""
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such run directory")
-    if (path / "state.pt").is_file():
-        return path
-    found = latest_checkpoint(path)
-    if found is None:
-        raise FileNotFoundError(f"{path}: no complete checkpoint-* in this run directory")
-    return found
-
-
-def load_run(
-    checkpoint: Path, overrides: dict[str, Any] | None = None
-) -> tuple[QwenRLModels, TrainConfig, int]:
-    """The models (eval mode, on the config's device), the run's config with ``overrides``
-    (checked as the trainer checks it: :class:`ConfigError` names a bad one) and the step."""
-    if is_sharded_checkpoint(checkpoint):
-        raise ValueError(
-            f"{checkpoint} is a sharded (--fsdp) checkpoint; evaluation reads whole checkpoints"
-        )
-    weights, state = Checkpointer.load(checkpoint)  # on the CPU
-    # One process evaluates: the run's --fsdp does not apply here.
-    values = {**state["config"], "fsdp": False, **(overrides or {})}
-    cfg = config_from_dict(values, where=str(checkpoint))
-    if cfg.amp == "fp16" and not cfg.device.startswith("cuda"):
-        cfg = dataclasses.replace(cfg, amp="off")  # fp16 autocast is a CUDA-only path
-    check_config(cfg)
-    models = QwenRLModels(model_config(cfg))
-    models.load_state_dict(weights)
-    return models.to(cfg.device).eval(), cfg, int(state["step"])
+__all__ = ["build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,15 +5,15 @@ Modules, in the order a step uses them (docs/trainer-layout.md has the map):
 * :mod:`~qwenrl.train.config` — :class:`TrainConfig`: the flags, ``--config FILE``, checks;
 * :mod:`~qwenrl.train.trainer` — :class:`Trainer`: setup phases, ``train_step``, ``train``;
 * :mod:`~qwenrl.train.step` — the DDP-wrapped forward, step metrics, LR and τ schedules;
-* :mod:`~qwenrl.train.evaluation` — validation scores and the ``val_grids.json`` schema;
 * :mod:`~qwenrl.train.monitor` — console line, ``metrics.jsonl``, TensorBoard, red flags;
 * :mod:`~qwenrl.train.checkpoint` — atomic checkpoints, newest checkpoint, fsync helpers;
 * :mod:`~qwenrl.train.distributed` — torchrun group, averaging, teardown, FSDP2 sharding;
 * :mod:`~qwenrl.train.export` — a checkpoint's weights as one safetensors file;
 * :mod:`~qwenrl.train.cli` — :func:`main`.
 
-Names are imported on first use, so ``qwenrl.plot`` can read the ``val_grids.json`` schema
-from :mod:`~qwenrl.train.evaluation` without loading the models (and transformers).
+Validation scores, test-time training, voting, the ``val_grids.json`` schema and loading a
+saved run for evaluation are in :mod:`qwenrl.eval`, which the trainer imports. Names are
+imported on first use (``import qwenrl.train`` loads no models).
 """
 
 from __future__ import annotations

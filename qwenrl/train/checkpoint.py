@@ -12,7 +12,8 @@ Under FSDP (``--fsdp``) a checkpoint is *sharded*: ``torch.distributed.checkpoin
 each rank writing its own shards; ``state.pt`` holds the rest, as above, and ``rank-<r>.pt``
 each rank's own embedding cache and RNG states. Every rank writes into the same temp directory
 (a file system all ranks share), and rank 0 renames it into place only after every rank has
-finished. ``python -m qwenrl.train.export`` consolidates the weights into one safetensors file.
+finished. :meth:`Checkpointer.load_weights` reads the full weights of either kind in one
+process (``qwenrl.eval.run.load_run``, ``python -m qwenrl.train.export``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import os
 import shutil
 import sys
 import time
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +35,7 @@ from qwenrl.train.distributed import DistInfo, barrier
 
 __all__ = [
     "Checkpointer",
+    "find_checkpoint",
     "fsync_dir",
     "fsync_file",
     "is_sharded_checkpoint",
@@ -85,6 +89,19 @@ def latest_checkpoint(out: str | Path) -> Path | None:
     """The newest complete checkpoint in a run dir (temp dirs of a killed save are ignored)."""
     done = sorted(p for p in Path(out).glob("checkpoint-*") if (p / STATE).is_file())
     return done[-1] if done else None
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory itself, or the newest complete ``checkpoint-*`` of a run."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such run directory")
+    if (path / STATE).is_file():
+        return path
+    found = latest_checkpoint(path)
+    if found is None:
+        raise FileNotFoundError(f"{path}: no complete checkpoint-* in this run directory")
+    return found
 
 
 def move_earlier_run(out: Path) -> Path | None:
@@ -227,3 +244,33 @@ class Checkpointer:
         weights = load_file(str(path / WEIGHTS), device=str(device))
         state = torch.load(path / STATE, map_location="cpu", weights_only=True)
         return weights, state
+
+    @staticmethod
+    def load_state(path: str | Path) -> dict[str, Any]:
+        """``state.pt`` of a checkpoint directory, sharded or not (on the CPU)."""
+        path = Path(path)
+        if not (path / STATE).is_file():
+            raise FileNotFoundError(f"{path} is not a complete qwenrl checkpoint (no {STATE})")
+        return torch.load(path / STATE, map_location="cpu", weights_only=True)
+
+    @staticmethod
+    def load_weights(
+        path: str | Path, like: Callable[[], dict[str, torch.Tensor]]
+    ) -> dict[str, torch.Tensor]:
+        """The full weights of a checkpoint, in this one process and on the CPU, whether one
+        process saved them (``model.safetensors``) or FSDP ranks, any number of them (their
+        shards joined into full tensors). ``like()`` gives the full tensors' names and shapes
+        (e.g. a ``state_dict()`` of the run's models), which DCP fills in place; it is called
+        for a sharded checkpoint only."""
+        path = Path(path)
+        if not is_sharded_checkpoint(path):
+            if not (path / WEIGHTS).is_file():
+                raise FileNotFoundError(f"{path} is not a complete qwenrl checkpoint")
+            return load_file(str(path / WEIGHTS))
+        import torch.distributed.checkpoint as dcp
+
+        weights = like()
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
+            warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
+            dcp.load({"model": weights}, storage_reader=dcp.FileSystemReader(path), no_dist=True)
+        return weights

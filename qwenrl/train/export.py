@@ -7,9 +7,10 @@ A sharded (FSDP) checkpoint is read in this one process, whatever number of rank
 its shards are joined into full tensors; a single-process checkpoint's weights are copied. The
 result is the directory ``<run>/export-<step>`` (or ``--out``), written atomically: the weights
 under the names of ``QwenRLModels.state_dict()`` and the run's options. :func:`load_models`
-builds the models from it (evaluation, ``qwenrl.train.evaluation.evaluate``); the run
-directory's ``metrics.jsonl`` and ``val_grids.json`` stay where ``python -m qwenrl.plot``
-reads them.
+builds the models from it; the run directory's ``metrics.jsonl`` and ``val_grids.json`` stay
+where ``python -m qwenrl.plot`` reads them. Evaluation needs no export:
+:func:`qwenrl.eval.run.load_run` reads sharded checkpoints with the same reader
+(:meth:`~qwenrl.train.checkpoint.Checkpointer.load_weights`).
 
 Memory: the full model once, in host memory (a run with ``--qwen DIR`` also needs DIR, from
 which the models are built before the checkpoint's weights replace Qwen's).
@@ -21,7 +22,6 @@ import argparse
 import os
 import shutil
 import sys
-import warnings
 from pathlib import Path
 
 import torch
@@ -31,10 +31,10 @@ from qwenrl.models import QwenRLModels
 from qwenrl.train.checkpoint import (
     STATE,
     WEIGHTS,
+    Checkpointer,
+    find_checkpoint,
     fsync_dir,
     fsync_file,
-    is_sharded_checkpoint,
-    latest_checkpoint,
 )
 from qwenrl.train.config import ConfigError, TrainConfig, config_from_dict, model_config
 
@@ -43,28 +43,16 @@ __all__ = ["CONFIG_FILE", "consolidated_weights", "export", "load_models", "main
 CONFIG_FILE = "config.yaml"
 
 
-def _checkpoint_config(checkpoint: Path) -> TrainConfig:
-    state = torch.load(checkpoint / STATE, map_location="cpu", weights_only=True)
-    return config_from_dict(state["config"], where=str(checkpoint / STATE))
-
-
 def consolidated_weights(checkpoint: str | Path) -> tuple[dict[str, torch.Tensor], TrainConfig]:
     """(full weights by ``QwenRLModels.state_dict()`` name, the run's options) of a
     checkpoint directory, sharded or not."""
     checkpoint = Path(checkpoint)
-    if not (checkpoint / STATE).is_file():
-        raise FileNotFoundError(f"{checkpoint} is not a complete qwenrl checkpoint (no {STATE})")
-    cfg = _checkpoint_config(checkpoint)
-    if not is_sharded_checkpoint(checkpoint):
-        return load_file(str(checkpoint / WEIGHTS)), cfg
-    import torch.distributed.checkpoint as dcp
-
-    # The models of the run give the names and full shapes; DCP fills them from the shards
-    # (in this one process: no process group).
-    weights = QwenRLModels(model_config(cfg)).state_dict()
-    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": yes
-        warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
-        dcp.load({"model": weights}, storage_reader=dcp.FileSystemReader(checkpoint), no_dist=True)
+    state = Checkpointer.load_state(checkpoint)
+    cfg = config_from_dict(state["config"], where=str(checkpoint / STATE))
+    # The models of the run give the names and full shapes of a sharded checkpoint's tensors.
+    weights = Checkpointer.load_weights(
+        checkpoint, lambda: QwenRLModels(model_config(cfg)).state_dict()
+    )
     return weights, cfg
 
 
@@ -118,8 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     path = Path(args.path)
-    checkpoint = path if (path / STATE).is_file() else latest_checkpoint(path)
-    if not path.is_dir() or checkpoint is None:
+    try:
+        checkpoint = find_checkpoint(path)
+    except FileNotFoundError:
         print(f"error: {path}: no complete checkpoint there", file=sys.stderr)
         return 2
     try:

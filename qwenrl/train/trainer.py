@@ -8,7 +8,6 @@ docs/trainer-layout.md.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import random
 import sys
 import time
@@ -21,20 +20,13 @@ from tqdm import tqdm
 
 from qwenrl.cache import CachePlan, EmbeddingCache
 from qwenrl.data import Batch, WorkingSetSampler, build_datasets, cell_accuracy, collate
-from qwenrl.eval.scoring import (
-    VAL_GRIDS_FILE,
-    ValTotals,
-    evaluate,
-    evaluate_tasks,
-    val_grids_record,
-)
+from qwenrl.eval.validation import log_validation, validation_totals
 from qwenrl.loss import EFELoss
 from qwenrl.models import QwenRLModels
 from qwenrl.train import distributed as D
 from qwenrl.train.checkpoint import (
     Checkpointer,
     move_earlier_run,
-    write_json_atomic,
     write_text_atomic,
 )
 from qwenrl.train.config import TrainConfig, loss_options, model_config, ttt_config
@@ -382,60 +374,45 @@ class Trainer:
 
     def validate(self, epoch: int) -> dict[str, Any]:
         """Scores the validation set (sharded over the ranks); logs and returns the summary."""
+        cfg = self.cfg
         rounds = 0
-        if self.cfg.fsdp:
+        if cfg.fsdp:
             # Each call of a sharded module is a collective: every rank runs as many batches as
             # the largest share needs. The steering vectors belong to the root, which gathers
             # them only in its own forward: gather them for validation.
             most = -(-len(self.val_set) // self.dist.world_size)
-            rounds = -(-most // self.cfg.val_batch_size)
+            rounds = -(-most // cfg.val_batch_size)
             self.forward.unshard()  # type: ignore[operator]
         try:
-            totals, shown = evaluate(
+            totals, shown = validation_totals(
                 self.models,
                 self.criterion,
                 self.val_set,
-                self.dist.shard(len(self.val_set)),
-                batch_size=self.cfg.val_batch_size,
+                self.dist,
+                batch_size=cfg.val_batch_size,
                 device=self.device,
                 autocast=self._autocast,
                 min_batches=rounds,
-            )
-        finally:
-            if self.cfg.fsdp:
-                self.forward.reshard()  # type: ignore[operator]
-        cfg = self.cfg
-        if cfg.vote_transforms > 1 or cfg.ttt_steps > 0:
-            # Cells and exact matches task by task, after test-time training and voting; this
-            # rank's tasks replace its samples' counts (both shards partition the queries).
-            tasks = self.val_set.tasks
-            voted = evaluate_tasks(
-                self.models,
-                [tasks[i] for i in self.dist.shard(len(tasks))],
                 vote_transforms=cfg.vote_transforms,
                 ttt=ttt_config(cfg),
                 aug_seed=cfg.seed,
-                autocast=self._autocast,
                 progress=not self.monitor.quiet,
             )
-            totals = dataclasses.replace(
-                totals,
-                correct_cells=float(voted.correct_cells),
-                target_cells=float(voted.target_cells),
-                exact=float(voted.exact),
-            )
-        if self.dist.enabled:
-            t = totals.to_tensor().to(self.device)  # NCCL reduces device tensors only
-            torch.distributed.all_reduce(t)
-            totals = ValTotals.from_tensor(t.cpu())
-        summary = {"kind": "val", "step": self.step, "epoch": epoch, **totals.summary()}
-        if cfg.vote_transforms > 1 or cfg.ttt_steps > 0:
-            summary |= {"vote_transforms": cfg.vote_transforms, "ttt_steps": cfg.ttt_steps}
-        self.monitor.log(summary)
-        if self.dist.is_main and shown:
-            record = val_grids_record(self.step, epoch, self.criterion.tau, shown)
-            write_json_atomic(self.out / VAL_GRIDS_FILE, record)
-        return summary
+        finally:
+            if cfg.fsdp:
+                self.forward.reshard()  # type: ignore[operator]
+        return log_validation(
+            self.monitor,
+            self.out,
+            totals,
+            shown,
+            step=self.step,
+            epoch=epoch,
+            tau=self.criterion.tau,
+            vote_transforms=cfg.vote_transforms,
+            ttt_steps=cfg.ttt_steps,
+            is_main=self.dist.is_main,
+        )
 
     # --- checkpoints -----------------------------------------------------------------------
 
