@@ -64,7 +64,7 @@ def _status(field: str) -> int:
 def train(mode: str, steps: int) -> dict:
     """Trains the tiny model ``steps`` steps; returns the losses and the extra peak RSS of
     steps 2.. over the state after step 1 (parameters, gradients, Adam moments allocated)."""
-    from qwenrl.hf import apply_linear_efe
+    from qwenrl.loss.hf import apply_linear_efe
 
     torch.set_num_threads(1)
     model = tiny_qwen3()
@@ -109,7 +109,7 @@ def test_qwen3_trains_like_cross_entropy_with_less_memory():
 
 
 def test_patched_forward_loss_equals_the_models_own():
-    from qwenrl.hf import apply_linear_efe
+    from qwenrl.loss.hf import apply_linear_efe
 
     model = tiny_qwen3(vocab=500)
     ids, labels = next(batches(1, vocab=500))
@@ -143,8 +143,8 @@ def test_gradient_accumulation_with_tied_embeddings(monkeypatch):
     """Micro-batches accumulated into .grad, with the head tied to the input embedding: after
     the first, the head's gradient is added in place during the backward, and the embedding's
     own gradient is added to the same .grad by autograd. Equal to the model's own loss."""
-    from qwenrl.hf import apply_linear_efe
     from qwenrl.loss import grad_engine
+    from qwenrl.loss.hf import apply_linear_efe
 
     def accumulated(patch: bool):
         model = tiny_qwen3(vocab=400, tie=True)
@@ -166,7 +166,7 @@ def test_gradient_accumulation_with_tied_embeddings(monkeypatch):
 
 
 def test_unknown_option_and_model_without_head():
-    from qwenrl.hf import apply_linear_efe
+    from qwenrl.loss.hf import apply_linear_efe
 
     with pytest.raises(TypeError, match="eassy_weight"):
         apply_linear_efe(tiny_qwen3(vocab=50), eassy_weight=1.0)
@@ -181,7 +181,7 @@ def test_trainer_compute_loss_func(tmp_path, accumulation):
     pytest.importorskip("accelerate")
     from transformers import Trainer, TrainingArguments
 
-    from qwenrl.hf import linear_efe_compute_loss
+    from qwenrl.loss.hf import linear_efe_compute_loss
 
     data = [
         {"input_ids": ids[0], "labels": labels[0]}
@@ -226,7 +226,7 @@ def test_trainer_compute_loss_func(tmp_path, accumulation):
 
 def test_compute_loss_func_follows_a_resized_lm_head():
     """After resize_token_embeddings the loss trains the new head and accepts the new ids."""
-    from qwenrl.hf import linear_efe_compute_loss
+    from qwenrl.loss.hf import linear_efe_compute_loss
 
     model = tiny_qwen3(vocab=300)
     model.train()
@@ -248,7 +248,7 @@ def test_compute_loss_func_follows_a_resized_lm_head():
 
 def test_patched_forward_return_dict_false_puts_the_loss_first():
     """return_dict=False: the model's own tuple with the loss first and no logits."""
-    from qwenrl.hf import apply_linear_efe
+    from qwenrl.loss.hf import apply_linear_efe
 
     model = tiny_qwen3(vocab=300)
     ids, labels = next(batches(1, vocab=300))
@@ -265,7 +265,7 @@ def test_patched_forward_return_dict_false_puts_the_loss_first():
 def test_non_default_ignore_index(patch):
     """ignore_index=-1: those labels are not scored, and the shifted last position (padded
     with the same ignore_index) is not either."""
-    import qwenrl.hf as hf
+    import qwenrl.loss.hf as hf
 
     model = tiny_qwen3(vocab=300)
     ids, labels = next(batches(1, vocab=300))
@@ -288,7 +288,7 @@ def test_non_default_ignore_index(patch):
 def test_compute_loss_func_patch_keeps_logits_in_eval_mode():
     """The compute_loss_func patch skips the logits only for a training call without labels:
     eval mode (and generation) gets the model's own logits."""
-    from qwenrl.hf import linear_efe_compute_loss
+    from qwenrl.loss.hf import linear_efe_compute_loss
 
     model = tiny_qwen3(vocab=300)
     ids, labels = next(batches(1, vocab=300))
@@ -309,7 +309,7 @@ def test_compute_loss_func_patch_keeps_logits_in_eval_mode():
 def test_parts_finds_the_decoder_by_attribute_and_names_what_is_missing():
     from torch import nn
 
-    from qwenrl.hf import _parts, causal_lm_loss
+    from qwenrl.loss.hf import _parts, causal_lm_loss
 
     qwen = tiny_qwen3(vocab=50)
 
@@ -333,7 +333,7 @@ def test_parts_finds_the_decoder_by_attribute_and_names_what_is_missing():
 def test_the_head_runs_on_no_positions_and_its_bias_counts():
     """The patched training forward computes no logits (the head sees [B, 0, D]), and an LM
     head with a bias trains as the materialised logits with that bias do."""
-    from qwenrl.hf import apply_linear_efe
+    from qwenrl.loss.hf import apply_linear_efe
 
     model = tiny_qwen3(vocab=300)
     torch.manual_seed(5)
@@ -354,7 +354,7 @@ def test_the_head_runs_on_no_positions_and_its_bias_counts():
 
 
 def test_patching_again_replaces_the_options_instead_of_stacking():
-    from qwenrl.hf import apply_linear_efe
+    from qwenrl.loss.hf import apply_linear_efe
 
     ids, labels = next(batches(1, vocab=300))
     once = tiny_qwen3(vocab=300)

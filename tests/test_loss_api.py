@@ -118,3 +118,24 @@ def test_soft_targets_in_float64_match_float32():
         a = qwenrl.efe_loss(logits, probs, backend=backend)
         b = qwenrl.efe_loss(logits, probs.double(), backend=backend)
         torch.testing.assert_close(a, b)
+
+
+def test_options_are_declared_once_and_reach_every_op_by_name():
+    """The custom ops' schemas take EFEOptions' fields as keyword arguments (op_schema), and
+    a loss module holds one EFEOptions whose fields are its attributes."""
+    import dataclasses
+
+    from qwenrl.loss.options import EFEOptions
+
+    fields = [f.name for f in dataclasses.fields(EFEOptions)]
+    for name in ("efe_fused", "linear_efe_fused", "linear_efe_rows_backward"):
+        schema = getattr(torch.ops.qwenrl, name).default._schema
+        kwargs = [a.name for a in schema.arguments if a.kwarg_only]
+        assert kwargs == fields, name
+    crit = qwenrl.EFELoss(tau=0.3, label_smoothing=0.1)
+    assert crit.efe_options.tau == 0.3 and crit.label_smoothing == 0.1
+    crit.tau = 0.45
+    assert crit.efe_options.tau == 0.45 and crit.options()["tau"] == 0.45
+    with pytest.raises(ValueError, match="label_smoothing must be in"):
+        crit.label_smoothing = 1.5
+    assert crit.label_smoothing == 0.1  # a rejected value leaves the options as they were

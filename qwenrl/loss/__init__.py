@@ -5,7 +5,10 @@
 * :mod:`qwenrl.loss.dispatch`: which backend runs and the calling convention they share.
 * :mod:`qwenrl.loss.compile`: the ``torch.compile`` custom op.
 * :mod:`qwenrl.loss.linear`: :func:`linear_efe_loss`, the loss of a linear layer's output
-  (a language model's head) without materialising the logits.
+  (a language model's head) without materialising the logits; its chunk loop
+  (:mod:`~qwenrl.loss.chunks`), autograd (:mod:`~qwenrl.loss.linear_function`,
+  :mod:`~qwenrl.loss.grad_engine`) and custom ops (:mod:`~qwenrl.loss.linear_op`).
+* :mod:`qwenrl.loss.hf`: the Hugging Face integration (a causal LM's loss without its logits).
 * :mod:`qwenrl.loss.reference`: the math in plain PyTorch, the spec every kernel is tested on.
 """
 

@@ -125,18 +125,7 @@ def reference_forward(logits, target, hard_mask, grad, options: EFEOptions):
         check_target_range(target, logits.shape[1], options.ignore_index)
 
     def loss_of(z: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        loss, sums = efe_loss_reference(
-            z,
-            target,
-            hard_mask=hard_mask,
-            tau=options.tau,
-            easy_weight=options.easy_weight,
-            entropy_weight=options.entropy_weight,
-            label_smoothing=options.label_smoothing,
-            ignore_index=options.ignore_index,
-            reduction=options.reduction,
-            log_target=options.log_target,
-        )
+        loss, sums = efe_loss_reference(z, target, hard_mask=hard_mask, **options.loss_kwargs())
         # For 'none' the convention is the gradient of each row's own loss.
         return loss.sum(), (loss, sums)
 

@@ -6,6 +6,8 @@ The kernels behind it, and the calling convention they share, are in
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -194,62 +196,45 @@ def efe_loss(
 
 
 class OptionsModule(nn.Module):
-    """The keyword options a loss module stores (``EFELoss``, ``LinearEFELoss``), checked when
-    the module is built so that a bad value fails there, not at the first step."""
+    """What a loss module (``EFELoss``, ``LinearEFELoss``) stores: one :class:`EFEOptions`,
+    checked when the module is built so that a bad value fails there, not at the first step,
+    plus ``backend`` and ``validate`` (None: per device). Each option is also an attribute that
+    reads and writes that one object: ``crit.tau = 0.3`` between calls (a curriculum) checks
+    the new value and takes effect at the next call."""
 
-    def _set_options(
-        self,
-        *,
-        tau: float,
-        easy_weight: float,
-        entropy_weight: float,
-        label_smoothing: float,
-        ignore_index: int,
-        reduction: str,
-        log_target: bool,
-        backend: str,
-        validate: bool | None,
-    ) -> None:
-        # Whether a target is soft is only known per call: soft=True lets log_target pass.
-        EFEOptions(
-            soft=True,
-            log_target=log_target,
-            tau=tau,
-            easy_weight=easy_weight,
-            entropy_weight=entropy_weight,
-            label_smoothing=label_smoothing,
-            ignore_index=ignore_index,
-            reduction=reduction,
-        )
+    def _set_options(self, *, backend: str, validate: bool | None, **options: Any) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        self.tau = float(tau)
-        self.easy_weight = float(easy_weight)
-        self.entropy_weight = float(entropy_weight)
-        self.label_smoothing = float(label_smoothing)
-        self.ignore_index = int(ignore_index)
-        self.reduction = reduction
-        self.log_target = bool(log_target)
+        # Whether a target is soft is only known per call: soft=True lets log_target pass.
+        self.efe_options = EFEOptions(soft=True, **options)
         self.backend = backend
         self.validate = validate
         self.last_stats: dict[str, Tensor] | None = None
 
-    def options(self) -> dict:
+    def options(self) -> dict[str, Any]:
         """The stored options as keyword arguments of :func:`efe_loss`."""
-        return dict(
-            tau=self.tau,
-            easy_weight=self.easy_weight,
-            entropy_weight=self.entropy_weight,
-            label_smoothing=self.label_smoothing,
-            ignore_index=self.ignore_index,
-            reduction=self.reduction,
-            log_target=self.log_target,
-            backend=self.backend,
-            validate=self.validate,
-        )
+        return {
+            **self.efe_options.loss_kwargs(),
+            "backend": self.backend,
+            "validate": self.validate,
+        }
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options().items())
+
+
+def _option_attribute(name: str) -> property:
+    def get(self: OptionsModule) -> Any:
+        return getattr(self.efe_options, name)
+
+    def set_(self: OptionsModule, value: Any) -> None:
+        self.efe_options = self.efe_options.replace(**{name: value})
+
+    return property(get, set_, doc=f"This module's ``{name}`` (in ``efe_options``).")
+
+
+for _name in EFEOptions().loss_kwargs():
+    setattr(OptionsModule, _name, _option_attribute(_name))
 
 
 class EFELoss(OptionsModule):

@@ -65,6 +65,14 @@ class EFEOptions:
         op all take these names)."""
         return dataclasses.asdict(self)
 
+    def loss_kwargs(self) -> dict[str, Any]:
+        """The options a caller chooses, as keyword arguments of :func:`qwenrl.efe_loss` and
+        the reference: every field but ``soft`` (the target's dtype decides it) and
+        ``validate``."""
+        kwargs = dataclasses.asdict(self)
+        del kwargs["soft"], kwargs["validate"]
+        return kwargs
+
     def replace(self, **changes: Any) -> EFEOptions:
         return dataclasses.replace(self, **changes)
 

@@ -23,6 +23,7 @@ valid tokens, or their sum divided by ``num_items_in_batch`` when the Trainer pa
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -32,17 +33,14 @@ from torch import Tensor, nn
 
 from qwenrl.loss.linear import linear_efe_loss
 
-# Options of linear_efe_loss a causal LM patch accepts (everything but the tensors).
-_OPTION_NAMES = (
-    "tau",
-    "easy_weight",
-    "entropy_weight",
-    "label_smoothing",
-    "ignore_index",
-    "chunk_size",
-    "backend",
-    "validate",
-    "weight_grad_in_place",
+# What a patch decides itself: the tensors, the reduction (from num_items_in_batch), class
+# labels (so no log_target), the stats (kept in model.linear_efe_stats).
+_SET_BY_THE_PATCH = {"bias", "hard_mask", "reduction", "log_target", "return_stats"}
+# The options a causal LM patch accepts: every other keyword of linear_efe_loss.
+_OPTION_NAMES = tuple(
+    name
+    for name, p in inspect.signature(linear_efe_loss).parameters.items()
+    if p.kind is p.KEYWORD_ONLY and name not in _SET_BY_THE_PATCH
 )
 
 
@@ -152,24 +150,17 @@ def apply_linear_efe(model: nn.Module, **options: Any) -> nn.Module:
     Args:
         model: a transformers ``*ForCausalLM`` with ``get_decoder()`` and an ``nn.Linear``
             head whose forward accepts ``logits_to_keep``.
-        options: ``tau``, ``easy_weight``, ``entropy_weight``, ``label_smoothing``,
-            ``ignore_index``, ``chunk_size``, ``backend``, ``validate``,
-            ``weight_grad_in_place`` (see :func:`qwenrl.linear_efe_loss`). ``tau=0, easy_weight=1`` is cross-entropy.
+        options: the options of :func:`qwenrl.linear_efe_loss` (``tau``, ``easy_weight``,
+            ...): every keyword but the tensors, ``reduction``, ``log_target`` and
+            ``return_stats``, which the patch sets (``_OPTION_NAMES``). ``tau=0,
+            easy_weight=1`` is cross-entropy.
     """
     options = _check_options(options)
-    _parts(model)  # fail now, not at the first step
-    original = getattr(model, "_linear_efe_original_forward", None) or model.forward
-    model._linear_efe_original_forward = original
-    model.linear_efe_stats = None
 
-    @functools.wraps(original)
-    def forward(*args: Any, labels: Tensor | None = None, logits_to_keep: Any = 0, **kwargs: Any):
-        if labels is None or not model.training or not _keeps_all(logits_to_keep):
-            return original(*args, labels=labels, logits_to_keep=logits_to_keep, **kwargs)
-        out, hidden = _run_without_logits(model, original, args, kwargs)
+    def with_loss(out: Any, hidden: Tensor, labels: Tensor, kwargs: dict) -> Any:
         loss, model.linear_efe_stats = causal_lm_loss(
             hidden,
-            _parts(model)[1],
+            _parts(model)[1],  # this call's head: resize_token_embeddings() replaces it
             labels,
             shift_labels=kwargs.get("shift_labels"),
             num_items_in_batch=kwargs.get("num_items_in_batch"),
@@ -177,8 +168,30 @@ def apply_linear_efe(model: nn.Module, **options: Any) -> nn.Module:
         )
         return _replace(out, loss=loss, logits=None)
 
-    model.forward = forward
+    _patch_forward(model, with_labels=True, run=with_loss)
     return model
+
+
+def _patch_forward(model: nn.Module, *, with_labels: bool, run: Callable[..., Any]) -> None:
+    """What both patchers share. Checks the model now (not at the first step), keeps its own
+    forward (patching twice replaces the patch instead of stacking), and routes a
+    training-mode call that keeps every position, with labels (``with_labels``) or without,
+    to ``run(output, last_hidden_state, labels, kwargs)`` after running the model with its head
+    on no positions. Every other call (eval, generation, the other kind) is the model's own."""
+    _parts(model)
+    original = getattr(model, "_linear_efe_original_forward", None) or model.forward
+    model._linear_efe_original_forward = original
+    model.linear_efe_stats = None
+
+    @functools.wraps(original)
+    def forward(*args: Any, labels: Tensor | None = None, logits_to_keep: Any = 0, **kwargs: Any):
+        ours = (labels is not None) == with_labels and model.training
+        if not (ours and _keeps_all(logits_to_keep)):
+            return original(*args, labels=labels, logits_to_keep=logits_to_keep, **kwargs)
+        out, hidden = _run_without_logits(model, original, args, kwargs)
+        return run(out, hidden, labels, kwargs)
+
+    model.forward = forward
 
 
 def _keeps_all(logits_to_keep: Any) -> bool:
@@ -204,21 +217,13 @@ def linear_efe_compute_loss(model: nn.Module, **options: Any) -> Callable[..., T
         last call are in ``model.linear_efe_stats``.
     """
     options = _check_options(options)
-    _parts(model)  # fails now, not at the first step, for a model without a linear LM head
-    original = getattr(model, "_linear_efe_original_forward", None) or model.forward
-    model._linear_efe_original_forward = original
-    model.linear_efe_stats = None
 
-    @functools.wraps(original)
-    def forward(*args: Any, labels: Tensor | None = None, logits_to_keep: Any = 0, **kwargs: Any):
-        if labels is not None or not model.training or not _keeps_all(logits_to_keep):
-            return original(*args, labels=labels, logits_to_keep=logits_to_keep, **kwargs)
-        out, hidden = _run_without_logits(model, original, args, kwargs)
+    def with_hidden_state(out: Any, hidden: Tensor, _labels: None, _kwargs: dict) -> Any:
         out = _replace(out, logits=None)
         out["last_hidden_state"] = hidden
         return out
 
-    model.forward = forward
+    _patch_forward(model, with_labels=False, run=with_hidden_state)
 
     def compute_loss(outputs: Any, labels: Tensor, num_items_in_batch: Any = None) -> Tensor:
         hidden = outputs["last_hidden_state"] if "last_hidden_state" in outputs else None
