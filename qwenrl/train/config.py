@@ -1,10 +1,11 @@
 """The run configuration: one dataclass is the command line, the help text, the checks and the
 saved ``config.yaml`` of a run.
 
-Each field's metadata carries its ``help`` and, where it has them, ``choices``, a lower bound
-``min`` (``min_open`` for a strict one), the :class:`~qwenrl.models.ModelConfig` field it sets
-(``model``) or the :class:`~qwenrl.loss.EFELoss` keyword it sets (``loss``). Precedence, lowest
-first: the dataclass defaults, ``--config FILE`` (YAML or JSON), the command-line flags.
+Each field's metadata carries its ``help`` and, where it has them, ``choices``, inclusive
+bounds ``min`` and ``max`` (a strict bound, such as ``ttt_lr > 0``, is checked by hand in
+:func:`check_config`), the :class:`~qwenrl.models.ModelConfig` field it sets (``model``) or the
+:class:`~qwenrl.loss.EFELoss` keyword it sets (``loss``). Precedence, lowest first: the
+dataclass defaults, ``--config FILE`` (YAML or JSON), the command-line flags.
 """
 
 from __future__ import annotations
