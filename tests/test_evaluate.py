@@ -11,7 +11,7 @@ import pytest
 import torch
 from sealed import SealedGrid, seal_test_outputs
 
-from qwenrl.data import OUTSIDE, grid_to_canvas, load_json_dir
+from qwenrl.data import OUTSIDE, grid_to_canvas, load_json_dir, load_tasks
 from qwenrl.eval import tasks as evaluation_mod
 from qwenrl.eval.evaluate import main
 from qwenrl.eval.run import find_checkpoint, load_run
@@ -352,8 +352,57 @@ def test_help_describes_the_command_and_every_flag():
     assert parser.description == evaluate_mod.__doc__.split("\n\n")[0]
     for action in parser._actions:
         assert action.help, f"{action.dest} has no help"
-    assert "the first N evaluation tasks" in parser.format_help()
-    assert "default: the run's value" in parser.format_help()
+    text = parser.format_help()
+    assert text.startswith("usage: python -m qwenrl.eval.evaluate ")
+    for phrase in (
+        "the first N evaluation tasks (0: all)",
+        "default: the run's value",
+        "cpu, cuda or cuda:N; default: the run's",
+        "result JSON; default: RUN_DIR/eval/...",
+        "no progress bar",
+    ):
+        assert phrase in " ".join(text.split()), phrase
+    assert parser.parse_args(["runs/x"]).tasks == 0  # all tasks by default
+
+
+def test_the_result_file_and_line_name_what_was_run(saved_run, capsys, tmp_path):
+    """The summary names the checkpoint, device and settings it ran with and its wall time;
+    --out may point into folders that do not exist yet; one row per task; a progress bar on
+    stderr unless --quiet."""
+    import time
+
+    run, _ = saved_run
+    out = tmp_path / "deeper" / "still" / "result.json"
+    start = time.perf_counter()
+    argv = [str(run), "--tasks", "2", "--ttt_steps", "1", "--ttt_lr", "0.003", "--out", str(out)]
+    assert main(argv) == 0
+    elapsed = time.perf_counter() - start
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out.strip().splitlines()[-1])
+    assert "Evaluating" in captured.err and "task" in captured.err  # tqdm: "Evaluating: ... task/s"
+    saved = json.loads(out.read_text())
+    assert summary["checkpoint"] == str(find_checkpoint(run)) == saved["checkpoint"]
+    assert (summary["device"], summary["ttt_steps"], summary["ttt_lr"]) == ("cpu", 1, 0.003)
+    assert 0 < summary["wall_s"] <= elapsed and summary["wall_s"] == round(summary["wall_s"], 2)
+    assert [set(r) for r in saved["per_task"]] == [{"task_id", "solved"}] * 2
+    assert [r["task_id"] for r in saved["per_task"]] == ["eval000", "eval001"]
+    assert main([str(run), "--tasks", "1", "--quiet", "--out", str(out)]) == 0
+    assert "Evaluating" not in capsys.readouterr().err
+
+
+def test_evaluate_tasks_passes_the_augmentation_seed_to_voting(saved_run, monkeypatch):
+    import qwenrl.eval.voting as voting_mod
+
+    seeds = []
+    real = voting_mod.predict
+    monkeypatch.setattr(
+        voting_mod, "predict", lambda *a, **kw: seeds.append(kw["aug_seed"]) or real(*a, **kw)
+    )
+    run, _ = saved_run
+    models, cfg, _ = load_run(find_checkpoint(run), {})
+    _, eval_tasks = load_tasks(cfg.data)
+    evaluate_tasks(models, eval_tasks[:1], vote_transforms=2, aug_seed=7, progress=False)
+    assert seeds and set(seeds) == {7}
 
 
 def test_negative_tasks_and_bad_overrides_are_named(saved_run, capsys):

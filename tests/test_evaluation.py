@@ -147,3 +147,26 @@ def test_attempts_are_the_two_likeliest_actions_with_hints():
             steer = models.policy.steer(refined, torch.full((2,), action))
             expected = models.agent(batch.query, steer, batch.hints).float()
             torch.testing.assert_close(attempt, expected)
+
+
+def test_grid_examples_mark_hard_cells_by_the_targets_probability():
+    """'hard' is q[target] < tau per cell (a tie is easy), the prediction is the argmax, each
+    on the 30×30 canvas of its own sample."""
+    from qwenrl.eval.val_grids import grid_examples
+
+    batch = _batch()
+    g = torch.Generator().manual_seed(11)
+    logits = torch.randn(2, CANVAS * CANVAS, NUM_CLASSES, generator=g)
+    q = logits.softmax(-1).gather(-1, batch.target.reshape(2, -1, 1)).squeeze(-1)
+    tau = float(q[1, 7])  # one cell exactly at tau: easy
+    shown = grid_examples(batch, logits, tau)
+    assert [s["task_id"] for s in shown] == ["a", "b"]
+    for i, sample in enumerate(shown):
+        assert set(sample) == set(GRID_KEYS) | {"task_id"}
+        hard = torch.tensor(sample["hard"])
+        assert hard.shape == (CANVAS, CANVAS)
+        assert torch.equal(hard.reshape(-1), q[i] < tau)
+        assert torch.equal(torch.tensor(sample["prediction"]).reshape(-1), logits[i].argmax(-1))
+        assert sample["target"] == batch.target[i].tolist()
+    assert shown[1]["hard"][0][7] is False
+    assert len(grid_examples(batch, logits, tau, k=1)) == 1

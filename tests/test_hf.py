@@ -326,7 +326,7 @@ def test_parts_finds_the_decoder_by_attribute_and_names_what_is_missing():
     qwen.get_decoder = lambda: None  # a linear head but no decoder
     with pytest.raises(TypeError, match="Qwen3ForCausalLM has no decoder"):
         _parts(qwen)
-    with pytest.raises(ValueError, match="needs labels or shift_labels"):
+    with pytest.raises(ValueError, match="^causal_lm_loss needs labels or shift_labels$"):
         causal_lm_loss(torch.zeros(1, 2, HIDDEN), head, None)
 
 
@@ -367,3 +367,25 @@ def test_patching_again_replaces_the_options_instead_of_stacking():
     )
     # The model's own forward underneath, not a stack of patches (one more layer per call).
     assert getattr(twice._linear_efe_original_forward, "__func__", None) is type(twice).forward
+
+
+def test_compute_loss_func_patch_twice_tuples_and_missing_hidden_state():
+    """Patching again wraps the model's own forward (no stack); a tuple output (return_dict=
+    False) and outputs without the hidden state are named, not silently mis-read."""
+    from qwenrl.loss.hf import _replace, linear_efe_compute_loss
+
+    model = tiny_qwen3(vocab=300)
+    ids, labels = next(batches(1, vocab=300))
+    linear_efe_compute_loss(model, **CE)
+    compute = linear_efe_compute_loss(model, **CE)
+    assert getattr(model._linear_efe_original_forward, "__func__", None) is type(model).forward
+    model.train()
+    loss = compute(model(input_ids=ids), labels)
+    assert torch.isfinite(loss)
+    with pytest.raises(ValueError, match="called with return_dict=False"):
+        model(input_ids=ids, return_dict=False)
+    with pytest.raises(ValueError, match="^linear_efe_compute_loss: the outputs carry no last_"):
+        compute({"logits": None}, labels)
+    logits, past = torch.zeros(1), torch.ones(1)
+    assert _replace((logits, past), logits=None) == (past,)  # the logits (first) dropped
+    assert _replace((logits, past), loss=logits)[1] is past

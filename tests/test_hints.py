@@ -404,3 +404,16 @@ def test_batches_keep_their_hints_on_the_move_and_splits_keep_their_keys_apart()
     for a, b in zip(moved.hints, batch.hints, strict=True):
         assert torch.equal(a, b)
     assert moved.keys.dtype == moved.shapes.dtype == moved.aug_ids.dtype == torch.long
+
+
+def test_a_scaled_shape_may_be_one_cell_wide_or_high():
+    """Scale factors that give a one-wide (or one-high) output are kept: 1 is a valid side."""
+    from qwenrl.data.hints import output_shape_hint
+
+    def pair(i: tuple[int, int], o: tuple[int, int]):
+        return np.zeros(i, dtype=np.int64), np.zeros(o, dtype=np.int64)
+
+    wide = [pair((2, 4), (4, 1)), pair((3, 8), (6, 2))]  # h × 2, w / 4
+    assert output_shape_hint(wide, (5, 4)) == (10, 1)
+    high = [pair((4, 2), (1, 4)), pair((8, 3), (2, 6))]
+    assert output_shape_hint(high, (4, 5)) == (1, 10)

@@ -54,8 +54,10 @@ def test_augment_query_matches_the_dataset_layout():
         for got, want in zip(aq.hints, s.hints, strict=True):
             assert torch.equal(got[row], want)
         assert aq.augmentations[row] == Augmentation.from_id(aug_id, 4)
-    with pytest.raises(ValueError, match="demonstration"):
+    with pytest.raises(ValueError, match="^a query needs at least one demonstration pair$"):
         augment_query([], task.test[0][0], [0])
+    with pytest.raises(ValueError, match=r"^aug_ids is empty: at least one augmentation \(0 ="):
+        augment_query(task.train, task.test[0][0], [])
 
 
 @pytest.fixture(scope="module")

@@ -219,6 +219,11 @@ def linear_efe_compute_loss(model: nn.Module, **options: Any) -> Callable[..., T
     options = _check_options(options)
 
     def with_hidden_state(out: Any, hidden: Tensor, _labels: None, _kwargs: dict) -> Any:
+        if isinstance(out, tuple):
+            raise ValueError(
+                "linear_efe_compute_loss: the model was called with return_dict=False; its "
+                "outputs must be a ModelOutput to carry the last hidden state to the loss"
+            )
         out = _replace(out, logits=None)
         out["last_hidden_state"] = hidden
         return out
