@@ -826,6 +826,12 @@ def test_custom_op_eager_autograd_and_fake_match_the_function(reduction):
     real = linear_op.linear_efe_fused(*args, **options.kernel_kwargs())
     fake = linear_op._linear_efe_fused_fake(*args, **options.kernel_kwargs())
     assert [(x.shape, x.dtype) for x in fake] == [(x.shape, x.dtype) for x in real]
+    # float16 inputs: the gradients are float32 (grad_dtype), in the fake as in the op
+    half = (leaves[0].detach().half(), leaves[1].detach().half(), leaves[2].detach().half())
+    args16 = (*half, t, None, "reference", 0, [True, True, True])
+    real = linear_op.linear_efe_fused(*args16, **options.kernel_kwargs())
+    fake = linear_op._linear_efe_fused_fake(*args16, **options.kernel_kwargs())
+    assert [(x.shape, x.dtype) for x in fake] == [(x.shape, x.dtype) for x in real]
 
 
 # --- the autograd internals the in-place mode reads (qwenrl/loss/grad_engine.py) ------------
@@ -870,3 +876,111 @@ def test_torch_still_answers_what_the_in_place_mode_asks():
     out.backward(create_graph=True)  # grad mode on in the backward: False
     assert seen == [True, False, False, False]
     assert not grad_engine.engine_accumulates(w)  # outside any backward (grad mode on)
+
+
+# --- what the mutation sample found unguarded -----------------------------------------------
+
+
+@needs_ext
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_the_compiled_branch_passes_every_input_to_the_op(monkeypatch, reduction):
+    """Under torch.compile linear_efe_loss calls the custom op: with is_compiling() forced on,
+    eagerly, the op gets the hidden states, weight, bias, target, mask, chunk size and which
+    inputs need a gradient (grad mode and requires_grad), and equals the eager path."""
+    h, w, b, t = make_linear_inputs(33, 8, 29, "class", seed_of("compiled", reduction))
+    mask = torch.rand(33, generator=torch.Generator().manual_seed(3)) < 0.5
+    go = torch.rand(33 if reduction == "none" else (), generator=torch.Generator().manual_seed(4))
+    opts = dict(reduction=reduction, hard_mask=mask, chunk_size=5, entropy_weight=0.2)
+    want = run(h, w, b, t, go, **opts)
+    calls = []
+    real = linear_op.linear_efe_fused
+
+    def spy(*args, **kwargs):
+        calls.append(args[5:8])  # backend, chunk_size, needs
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(linear, "linear_efe_fused", spy)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    got = run(h, w, b, t, go, **opts)
+    torch.testing.assert_close(got[0], want[0])
+    for g, g_want in zip(got[2], want[2]):
+        torch.testing.assert_close(g, g_want, rtol=1e-5, atol=1e-6)
+    assert calls == [("auto", 5, [True, True, True])]
+    # a frozen weight: no weight gradient asked for; no grad mode: none at all
+    hh = h.clone().requires_grad_()
+    qwenrl.linear_efe_loss(hh, w, t, bias=b, reduction=reduction).sum().backward()
+    assert calls[-1][2] == [True, False, False]
+    with torch.no_grad():
+        qwenrl.linear_efe_loss(hh, w.requires_grad_(), t, bias=b, reduction=reduction)
+    assert calls[-1][2] == [False, False, False]
+
+
+@needs_ext
+def test_low_precision_gradients_accumulate_in_float32():
+    """bf16 inputs: grad_W sums 512 rows in float32 and rounds once, so it is as close to the
+    float64 truth as bf16 rounding of that truth allows (a bf16 accumulator is not)."""
+    h, w, b, t = make_linear_inputs(512, 16, 40, "class", seed_of("acc32"), ignore_frac=0.0)
+    h, w, b = (x.bfloat16() for x in (h, w, b))
+    _, _, (gh, gw, gb) = run(h, w, b, t, reduction="sum", chunk_size=64)
+    _, _, (gh64, gw64, gb64) = run_reference64(h, w, b, t, reduction="sum")
+    for g, g64 in ((gw, gw64), (gb, gb64)):
+        rounding = (g64.bfloat16().double() - g64).abs().max()
+        assert (g.double() - g64).abs().max() <= 2 * rounding + 1e-6
+
+
+def test_input_errors_name_the_problem():
+    h, w, b, t = make_linear_inputs(6, 8, 12, "class", seed_of("errors"), bias=True)
+    with pytest.raises(TypeError, match="^hidden and weight must be torch.Tensors$"):
+        qwenrl.linear_efe_loss(h.tolist(), w, t)
+    h3 = h.reshape(2, 3, 8)
+    with pytest.raises(ValueError, match=r"D=8 \(expected \[V, 8\]\)$"):
+        qwenrl.linear_efe_loss(h3, w[:, :5], t.reshape(2, 3))
+    with pytest.raises(ValueError, match="^weight is on meta but hidden is on cpu$"):
+        qwenrl.linear_efe_loss(h, w.to("meta"), t)
+    with pytest.raises(ValueError, match="^bias is on meta but hidden is on cpu$"):
+        qwenrl.linear_efe_loss(h, w, t, bias=b.to("meta"))
+    with pytest.raises(ValueError, match=r"bias must have shape \[V\] = \(12,\), got list$"):
+        qwenrl.linear_efe_loss(h, w, t, bias=b.tolist())
+    with pytest.raises(ValueError, match=r"bias must have shape \[V\] = \(12,\), got \(5,\)$"):
+        qwenrl.linear_efe_loss(h, w, t, bias=b[:5])
+    # one row as a 1-D hidden state [D] with a 0-dim target is a valid call
+    one = qwenrl.linear_efe_loss(h[0], w, t[0].clamp(min=0), bias=b)
+    torch.testing.assert_close(one, qwenrl.linear_efe_loss(h[:1], w, t[:1].clamp(min=0), bias=b))
+
+
+@needs_ext
+def test_int32_targets_equal_int64():
+    h, w, b, t = make_linear_inputs(21, 8, 17, "class", seed_of("int32"))
+    (loss32, _, grads32), (loss64, _, grads64) = run(h, w, b, t.int()), run(h, w, b, t)
+    assert torch.equal(loss32, loss64)
+    assert all(torch.equal(a, c) for a, c in zip(grads32, grads64))
+
+
+def test_module_defaults_are_the_options_defaults():
+    """LinearEFELoss() holds EFEOptions' defaults (what linear_efe_loss defaults to), the
+    in-place weight gradient on and the chunk rule; one row per chunk is allowed."""
+    crit = qwenrl.LinearEFELoss()
+    assert crit.efe_options == EFEOptions(soft=True)
+    assert crit.weight_grad_in_place is True and crit.chunk_size is None
+    assert (crit.backend, crit.validate) == ("auto", None)
+    assert qwenrl.LinearEFELoss(chunk_size=1).chunk_size == 1
+    with pytest.raises(ValueError, match="chunk_size must be a positive int or None, got 0"):
+        qwenrl.LinearEFELoss(chunk_size=0)
+
+
+@needs_ext
+def test_double_backward_and_reuse_messages_say_what_to_do():
+    h, w, b, t = make_linear_inputs(8, 4, 12, "class", seed_of("messages"))
+    hh = h.clone().requires_grad_()
+    with pytest.raises(RuntimeError) as err:
+        qwenrl.linear_efe_loss(hh, w, t).backward(create_graph=True)
+    assert str(err.value) == (
+        "linear_efe_loss has no double backward: backward(create_graph=True) and "
+        "torch.autograd.grad(..., create_graph=True) are not supported. For higher-order "
+        "gradients compute the logits (hidden @ weight.T) and use "
+        "qwenrl.efe_loss(..., backend='reference')"
+    )
+    loss = qwenrl.linear_efe_loss(hh, w, t)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="; compute the loss again to backward twice$"):
+        loss.backward()
