@@ -38,6 +38,12 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "full: a benchmark outside make bench's quick set")
 
 
+@pytest.fixture(scope="session")
+def bench_full(request) -> bool:
+    """True under --bench-full: a benchmark may then take more rounds or steps."""
+    return bool(request.config.getoption("--bench-full"))
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if config.getoption("--bench-full"):
         return

@@ -47,6 +47,7 @@ CPU_METHODS = [
     "linear_efe_loss",
     "linear_efe_loss_fresh_grad",
 ]
+QUICK_SKIPS = ("torch_reference", "linear_efe_loss_fresh_grad")  # run with --bench-full
 GPU_CASES = {"bf16_h8192x4096xV151936": (8192, 4096, 151936)}
 GPU_METHODS = ["liger_flce", "torch_chunked", "linear_efe_loss", "linear_efe_loss_fresh_grad"]
 CE = {"tau": 0.0, "easy_weight": 1.0}
@@ -133,7 +134,11 @@ def _child(case_name: str, method: str) -> None:
     # the quick set: V = 32000 (the 151,936 vocabulary is --bench-full)
     [pytest.param(c, marks=() if c == "h4096xV32000" else pytest.mark.full) for c in CPU_CASES],
 )
-@pytest.mark.parametrize("method", CPU_METHODS)
+@pytest.mark.parametrize(
+    "method",
+    # the quick set: torch's chunked path, the unfused linear + efe_loss and the default call
+    [pytest.param(m, marks=pytest.mark.full if m in QUICK_SKIPS else ()) for m in CPU_METHODS],
+)
 def test_cpu_linear_loss(benchmark, record, case_name, method):
     mem = measure_in_fresh_process(case_name, method)
     h, w, t = inputs(CPU_CASES[case_name], "cpu", torch.float32)

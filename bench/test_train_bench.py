@@ -7,7 +7,8 @@ Two prompt encoders, each its own group (cache off is the baseline):
   random Qwen3), where Qwen is only about half of an uncached step;
 * ``qwen_8x384``: a larger random Qwen3 saved with ``save_pretrained`` and loaded through
   ``--qwen`` (8 layers, width 384), whose forward dominates the step as a real Qwen's does.
-Each round times two full cache windows (20 optimiser steps), so both settings do the same
+Each round times whole cache windows (two, 20 optimiser steps, under --bench-full; one, 10
+steps, in make bench's quick set), so both settings do the same
 work per round; data loading is not timed.
 """
 
@@ -19,7 +20,8 @@ from qwenrl.models import QwenPromptEncoder
 from qwenrl.models.encoder import TinyQwenConfig
 from qwenrl.train import TrainConfig, Trainer
 
-STEPS = 20
+STEPS = 20  # per round under --bench-full: two cache windows
+QUICK_STEPS = 10  # make bench: one window
 ENCODERS = {
     "tiny": None,
     "qwen_8x384": TinyQwenConfig(
@@ -50,14 +52,15 @@ def _qwen_path(out_dir, encoder: str) -> str | None:
     [pytest.param(e, marks=() if e == "tiny" else pytest.mark.full) for e in ENCODERS],
 )
 @pytest.mark.parametrize("refresh_every", [0, 10])
-def test_train_steps_per_second(benchmark, record, out_dir, encoder, refresh_every):
+def test_train_steps_per_second(benchmark, record, out_dir, encoder, refresh_every, bench_full):
     cfg = TrainConfig(
         refresh_every=refresh_every,
         qwen=_qwen_path(out_dir, encoder),
         out=str(out_dir / f"{encoder}-r{refresh_every}"),
     )
     trainer = Trainer(cfg, quiet=True)
-    batches = [trainer.batch_at(s) for s in range(STEPS)]  # data loading is not timed
+    steps = STEPS if bench_full else QUICK_STEPS
+    batches = [trainer.batch_at(s) for s in range(steps)]  # data loading is not timed
     state = {"round": 0}
 
     def run_window():
@@ -66,12 +69,13 @@ def test_train_steps_per_second(benchmark, record, out_dir, encoder, refresh_eve
             trainer.train_step(batch)
         state["round"] += 1
 
-    benchmark.pedantic(run_window, rounds=3, warmup_rounds=1, iterations=1)
+    rounds = 3 if bench_full else 2
+    benchmark.pedantic(run_window, rounds=rounds, warmup_rounds=1, iterations=1)
     seconds = benchmark.stats.stats.median
     record(
         f"train steps (batch 16, encoder {encoder})",
         f"refresh_every={refresh_every}",
-        steps_per_s=STEPS / seconds,
+        steps_per_s=steps / seconds,
         cache_hit_rate=trainer.cache.stats.hit_rate,
     )
     trainer.close()
