@@ -693,8 +693,11 @@ int64_t count_valid(const at::Tensor& target, int64_t C, int64_t ignore_index, b
 
 }  // namespace
 
+// The names of the sums efe_forward returns, in order (qwenrl.loss.options.SUM_FIELDS).
+constexpr const char* kSumFields[] = {"n_hard", "n_correct", "risk", "entropy", "n_valid"};
+
 // Returns (loss, sums): loss fp32 [N] for reduction 'none', else a 0-dim fp32 tensor; sums fp32
-// [5] = (n_hard, n_correct, Σ risk, Σ entropy, n_valid). Writes the gradient into `grad` if
+// [5] = kSumFields: (n_hard, n_correct, Σ risk, Σ entropy, n_valid). Writes the gradient into `grad` if
 // given: same shape as the logits, their dtype or float32.
 std::tuple<at::Tensor, at::Tensor> efe_forward(
     const at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& hard_mask,
@@ -782,6 +785,7 @@ std::tuple<at::Tensor, at::Tensor> efe_forward(
     loss = at::scalar_tensor(o.reduction == Reduction::kMean ? total.loss / denom : total.loss,
                              opts_f);
   }
+  // In the order of kSumFields (exported as SUM_FIELDS, checked against Python's at load).
   at::Tensor sums = at::tensor(
       {static_cast<float>(total.n_hard), static_cast<float>(total.n_correct),
        static_cast<float>(total.risk), static_cast<float>(total.entropy),
@@ -799,6 +803,9 @@ void init_efe_loss(pybind11::module_& m) {
         py::kw_only(), py::arg("soft"), py::arg("log_target"), py::arg("tau"),
         py::arg("easy_weight"), py::arg("entropy_weight"), py::arg("label_smoothing"),
         py::arg("ignore_index"), py::arg("reduction"), py::arg("validate"));
+  py::tuple sum_fields(std::size(kSumFields));
+  for (std::size_t i = 0; i < std::size(kSumFields); ++i) sum_fields[i] = kSumFields[i];
+  m.attr("SUM_FIELDS") = sum_fields;
   m.def("empty_grad", &empty_grad,
         "Uninitialised buffer for a fused gradient (huge-page backed when large)",
         py::arg("sizes"), py::arg("dtype"));

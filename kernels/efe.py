@@ -26,6 +26,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from qwenrl.loss.options import SUM_FIELDS
+
 MAX_TILE_C = 8192  # widest row the tile kernel keeps whole in registers
 TILE_ELEMS = 2048  # BLOCK_N · BLOCK_C of a tile-kernel program
 # The online kernel streams C-blocks of 4096 with 8 warps (16 elements per thread per block).
@@ -34,7 +36,14 @@ TILE_ELEMS = 2048  # BLOCK_N · BLOCK_C of a tile-kernel program
 # and 8192 with 8 warps (128) in 8; 4096 with 8 warps spills in none (bench/gpu_compile.py).
 ONLINE_BLOCK_C = 4096
 ONLINE_NUM_WARPS = 8
-N_PARTIALS = tl.constexpr(6)  # per program: n_hard, n_correct, Σ risk, Σ entropy, n_valid, Σ loss
+# Per program: the sums of qwenrl.loss.options.SUM_FIELDS at these indices, then Σ loss.
+_HARD = tl.constexpr(SUM_FIELDS.index("n_hard"))
+_CORRECT = tl.constexpr(SUM_FIELDS.index("n_correct"))
+_RISK = tl.constexpr(SUM_FIELDS.index("risk"))
+_ENTROPY = tl.constexpr(SUM_FIELDS.index("entropy"))
+_VALID = tl.constexpr(SUM_FIELDS.index("n_valid"))
+_LOSS = tl.constexpr(len(SUM_FIELDS))
+N_PARTIALS = tl.constexpr(len(SUM_FIELDS) + 1)
 
 
 @triton.jit
@@ -156,12 +165,12 @@ def _efe_tile_kernel(
         tl.store(grad_ptr + offs, g.to(grad_ptr.dtype.element_ty), mask=tile_in)
 
     out = part_ptr + pid * N_PARTIALS
-    tl.store(out + 0, tl.sum(hard.to(tl.float32), 0))
-    tl.store(out + 1, tl.sum(correct.to(tl.float32), 0))
-    tl.store(out + 2, tl.sum(tl.where(valid, risk, 0.0), 0))
-    tl.store(out + 3, tl.sum(tl.where(valid, entropy, 0.0), 0))
-    tl.store(out + 4, tl.sum(valid.to(tl.float32), 0))
-    tl.store(out + 5, tl.sum(loss_row, 0))
+    tl.store(out + _HARD, tl.sum(hard.to(tl.float32), 0))
+    tl.store(out + _CORRECT, tl.sum(correct.to(tl.float32), 0))
+    tl.store(out + _RISK, tl.sum(tl.where(valid, risk, 0.0), 0))
+    tl.store(out + _ENTROPY, tl.sum(tl.where(valid, entropy, 0.0), 0))
+    tl.store(out + _VALID, tl.sum(valid.to(tl.float32), 0))
+    tl.store(out + _LOSS, tl.sum(loss_row, 0))
 
 
 @triton.jit
@@ -302,12 +311,12 @@ def _efe_online_kernel(
             tl.store(g_row + offs, g.to(grad_ptr.dtype.element_ty), mask=inb)
 
     out = part_ptr + row * N_PARTIALS
-    tl.store(out + 0, hard.to(tl.float32))
-    tl.store(out + 1, correct.to(tl.float32))
-    tl.store(out + 2, tl.where(valid, risk, 0.0))
-    tl.store(out + 3, tl.where(valid, entropy, 0.0))
-    tl.store(out + 4, valid.to(tl.float32))
-    tl.store(out + 5, loss_row)
+    tl.store(out + _HARD, hard.to(tl.float32))
+    tl.store(out + _CORRECT, correct.to(tl.float32))
+    tl.store(out + _RISK, tl.where(valid, risk, 0.0))
+    tl.store(out + _ENTROPY, tl.where(valid, entropy, 0.0))
+    tl.store(out + _VALID, valid.to(tl.float32))
+    tl.store(out + _LOSS, loss_row)
 
 
 def _num_warps(elems: int) -> int:
@@ -514,11 +523,11 @@ def efe_forward_triton(
             block_c=block_c,
         )
     # Reduced on the device, each into a fresh tensor (not a view of one [6] total).
-    sums = part[:, :5].sum(0)
+    sums = part[:, : len(SUM_FIELDS)].sum(0)
     if reduction == "none":
         loss = loss_rows
     elif reduction == "sum":
-        loss = part[:, 5].sum()
+        loss = part[:, len(SUM_FIELDS)].sum()
     else:
-        loss = part[:, 5].sum() / sums[4].clamp(min=1.0)
+        loss = part[:, len(SUM_FIELDS)].sum() / sums[SUM_FIELDS.index("n_valid")].clamp(min=1.0)
     return loss, sums

@@ -139,3 +139,23 @@ def test_options_are_declared_once_and_reach_every_op_by_name():
     with pytest.raises(ValueError, match="label_smoothing must be in"):
         crit.label_smoothing = 1.5
     assert crit.label_smoothing == 0.1  # a rejected value leaves the options as they were
+
+
+def test_every_backend_returns_its_sums_in_the_declared_order():
+    """SUM_FIELDS is the one declaration of the sums' order: the C++ kernel exports the same
+    tuple, and stats_from_sums reads the sums by those names."""
+    from qwenrl._ext import load_extension
+    from qwenrl.loss.options import SUM_FIELDS
+    from qwenrl.loss.reference import stats_from_sums, sums_by_name
+
+    ext = load_extension()
+    if ext is not None:
+        assert tuple(ext.SUM_FIELDS) == SUM_FIELDS
+    sums = torch.tensor([3.0, 2.0, 5.0, 7.0, 4.0])  # n_hard, n_correct, Σ risk, Σ H, n_valid
+    assert {k: float(v) for k, v in sums_by_name(sums).items()} == dict(
+        zip(SUM_FIELDS, [3.0, 2.0, 5.0, 7.0, 4.0])
+    )
+    stats = stats_from_sums(sums)
+    assert {k: float(v) for k, v in stats.items()} == {
+        "mask_ratio": 0.75, "accuracy": 0.5, "risk": 1.25, "entropy": 1.75, "n_valid": 4.0,
+    }  # fmt: skip

@@ -28,7 +28,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from qwenrl.loss.options import EFEOptions
+from qwenrl.loss.options import SUM_FIELDS, EFEOptions
 from qwenrl.loss.reference import efe_loss_reference
 
 BACKENDS = ("auto", "triton", "cpu", "reference")
@@ -150,7 +150,12 @@ def _load(name: str) -> str | None:
         if name == "cpu":
             from qwenrl._ext import require_extension
 
-            require_extension("the C++ EFE loss backend")
+            ext = require_extension("the C++ EFE loss backend")
+            if tuple(getattr(ext, "SUM_FIELDS", ())) != SUM_FIELDS:
+                raise ImportError(
+                    f"qwenrl._C returns its sums as {getattr(ext, 'SUM_FIELDS', 'unnamed')}, "
+                    f"not {SUM_FIELDS}: a stale build; rebuild it with `make ext`"
+                )
         else:
             import qwenrl.kernels.efe  # noqa: F401
     except ImportError as exc:

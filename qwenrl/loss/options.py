@@ -12,6 +12,10 @@ from dataclasses import dataclass
 from typing import Any
 
 REDUCTIONS = ("none", "mean", "sum")
+# What every backend returns as ``sums`` [5], in this order: the C++ kernel exports the same
+# tuple (checked when it loads), the Triton kernels store at these indices, and
+# :func:`qwenrl.loss.reference.stats_from_sums` reads them by name.
+SUM_FIELDS = ("n_hard", "n_correct", "risk", "entropy", "n_valid")
 
 
 @dataclass(frozen=True)

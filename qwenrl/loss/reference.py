@@ -18,25 +18,31 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from qwenrl.loss.options import REDUCTIONS
+from qwenrl.loss.options import REDUCTIONS, SUM_FIELDS
 
 STAT_NAMES = ("mask_ratio", "accuracy", "risk", "entropy", "n_valid")
+
+
+def sums_by_name(sums: Tensor) -> dict[str, Tensor]:
+    """The [5] sums every backend returns, by name (:data:`SUM_FIELDS`)."""
+    return {name: sums[i] for i, name in enumerate(SUM_FIELDS)}
 
 
 def stats_from_sums(sums: Tensor) -> dict[str, Tensor]:
     """Turns the per-call sums every backend produces into the loss's stats.
 
-    ``sums`` is a float32 tensor [5]: (n_hard, n_correct, Σ risk, Σ entropy, n_valid). The
-    divisions stay on the device (no host sync); with no valid rows every mean is 0.
+    ``sums`` is a float32 tensor [5] (:data:`SUM_FIELDS`: n_hard, n_correct, Σ risk, Σ entropy,
+    n_valid). The divisions stay on the device (no host sync); with no valid rows every mean
+    is 0.
     """
-    n_valid = sums[4]
-    denom = n_valid.clamp(min=1.0)
+    s = sums_by_name(sums)
+    denom = s["n_valid"].clamp(min=1.0)
     return {
-        "mask_ratio": sums[0] / denom,
-        "accuracy": sums[1] / denom,
-        "risk": sums[2] / denom,
-        "entropy": sums[3] / denom,
-        "n_valid": n_valid,
+        "mask_ratio": s["n_hard"] / denom,
+        "accuracy": s["n_correct"] / denom,
+        "risk": s["risk"] / denom,
+        "entropy": s["entropy"] / denom,
+        "n_valid": s["n_valid"],
     }
 
 
