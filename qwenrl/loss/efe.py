@@ -20,7 +20,7 @@ from qwenrl.loss.dispatch import (
     new_grad_buffer,
     resolve_backend,
 )
-from qwenrl.loss.options import EFEOptions
+from qwenrl.loss.options import EFEOptions, caller_options
 from qwenrl.loss.reference import stats_from_sums
 
 
@@ -150,17 +150,9 @@ def efe_loss(
         The float32 loss ([...] for ``'none'``, else 0-dim), and the stats if asked.
     """
     soft = _check_inputs(logits, target, hard_mask)
-    options = EFEOptions(
-        soft=soft,
-        log_target=log_target,
-        tau=tau,
-        easy_weight=easy_weight,
-        entropy_weight=entropy_weight,
-        label_smoothing=label_smoothing,
-        ignore_index=ignore_index,
-        reduction=reduction,
-        validate=logits.device.type == "cpu" if validate is None else validate,
-    )
+    if validate is None:
+        validate = logits.device.type == "cpu"
+    options = EFEOptions(soft=soft, validate=validate, **caller_options(locals()))
     n_classes = logits.shape[-1]
     row_shape = logits.shape[:-1]
     z = logits.reshape(-1, n_classes)
@@ -257,17 +249,7 @@ class EFELoss(OptionsModule):
         validate: bool | None = None,
     ) -> None:
         super().__init__()
-        self._set_options(
-            tau=tau,
-            easy_weight=easy_weight,
-            entropy_weight=entropy_weight,
-            label_smoothing=label_smoothing,
-            ignore_index=ignore_index,
-            reduction=reduction,
-            log_target=log_target,
-            backend=backend,
-            validate=validate,
-        )
+        self._set_options(backend=backend, validate=validate, **caller_options(locals()))
 
     def forward(self, logits: Tensor, target: Tensor, hard_mask: Tensor | None = None) -> Tensor:
         """logits [..., C], target [...] or [..., C], hard_mask [...] bool → the loss."""

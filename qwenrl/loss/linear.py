@@ -38,7 +38,7 @@ from qwenrl.loss.efe import OptionsModule, _check_inputs
 from qwenrl.loss.grad_engine import writable_grad
 from qwenrl.loss.linear_function import LinearEFEFunction
 from qwenrl.loss.linear_op import linear_efe_fused
-from qwenrl.loss.options import EFEOptions
+from qwenrl.loss.options import EFEOptions, caller_options
 from qwenrl.loss.reference import stats_from_sums
 
 __all__ = [
@@ -135,17 +135,9 @@ def linear_efe_loss(
     soft = _check_inputs(logits_like, target, hard_mask)
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    options = EFEOptions(
-        soft=soft,
-        log_target=log_target,
-        tau=tau,
-        easy_weight=easy_weight,
-        entropy_weight=entropy_weight,
-        label_smoothing=label_smoothing,
-        ignore_index=ignore_index,
-        reduction=reduction,
-        validate=hidden.device.type == "cpu" if validate is None else validate,
-    )
+    if validate is None:
+        validate = hidden.device.type == "cpu"
+    options = EFEOptions(soft=soft, validate=validate, **caller_options(locals()))
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     h = hidden.reshape(-1, d)
@@ -203,17 +195,7 @@ class LinearEFELoss(OptionsModule):
         weight_grad_in_place: bool = True,
     ) -> None:
         super().__init__()
-        self._set_options(
-            tau=tau,
-            easy_weight=easy_weight,
-            entropy_weight=entropy_weight,
-            label_smoothing=label_smoothing,
-            ignore_index=ignore_index,
-            reduction=reduction,
-            log_target=log_target,
-            backend=backend,
-            validate=validate,
-        )
+        self._set_options(backend=backend, validate=validate, **caller_options(locals()))
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
         self.chunk_size = chunk_size

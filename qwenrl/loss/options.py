@@ -92,3 +92,17 @@ def op_schema(arguments: str, returns: str) -> str:
     # types directly: bool, float, int, str.
     options = ", ".join(f"{f.type} {f.name}" for f in dataclasses.fields(EFEOptions))
     return f"({arguments}, *, {options}) -> {returns}"
+
+
+# The fields a caller chooses (``soft`` comes from the target's dtype; ``validate`` has a
+# per-device default), in declaration order.
+CALLER_FIELDS = tuple(
+    f.name for f in dataclasses.fields(EFEOptions) if f.name not in ("soft", "validate")
+)
+
+
+def caller_options(values: dict[str, Any]) -> dict[str, Any]:
+    """The :data:`CALLER_FIELDS` found in ``values``, a loss function's ``locals()``: the
+    signatures list the options (for help and defaults); this is the one place that reads
+    them back, so a function body never spells the list again."""
+    return {name: values[name] for name in CALLER_FIELDS}
