@@ -81,3 +81,20 @@ def test_triton_kernels_import_as_qwenrl_kernels():
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert Path(result.stdout.strip()).resolve() == (ROOT / "kernels" / "efe.py").resolve()
+
+
+def test_every_package_in_the_tree_ships_in_the_wheel():
+    """pyproject.toml lists the packages by hand: each folder of qwenrl/ with an __init__.py
+    must be among them, or a non-editable install silently lacks it."""
+    import tomllib
+
+    listed = set(
+        tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+    found = {
+        ".".join(init.parent.relative_to(ROOT).parts)
+        for init in (ROOT / "qwenrl").rglob("__init__.py")
+        if "kernels" not in init.parts  # qwenrl.kernels is mapped from kernels/ (package-dir)
+    }
+    assert found and found <= listed, sorted(found - listed)
+    assert "qwenrl.kernels" in listed and "qwenrl._csrc" in listed
