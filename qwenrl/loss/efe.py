@@ -150,9 +150,18 @@ def efe_loss(
         The float32 loss ([...] for ``'none'``, else 0-dim), and the stats if asked.
     """
     soft = _check_inputs(logits, target, hard_mask)
-    if validate is None:
-        validate = logits.device.type == "cpu"
-    options = EFEOptions(soft=soft, validate=validate, **caller_options(locals()))
+    # Spelled out, not read from locals(): torch.compile traces this function.
+    options = EFEOptions(
+        soft=soft,
+        log_target=log_target,
+        tau=tau,
+        easy_weight=easy_weight,
+        entropy_weight=entropy_weight,
+        label_smoothing=label_smoothing,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        validate=logits.device.type == "cpu" if validate is None else validate,
+    )
     n_classes = logits.shape[-1]
     row_shape = logits.shape[:-1]
     z = logits.reshape(-1, n_classes)

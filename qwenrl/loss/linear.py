@@ -135,9 +135,18 @@ def linear_efe_loss(
     soft = _check_inputs(logits_like, target, hard_mask)
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    if validate is None:
-        validate = hidden.device.type == "cpu"
-    options = EFEOptions(soft=soft, validate=validate, **caller_options(locals()))
+    # Spelled out, not read from locals(): torch.compile traces this function.
+    options = EFEOptions(
+        soft=soft,
+        log_target=log_target,
+        tau=tau,
+        easy_weight=easy_weight,
+        entropy_weight=entropy_weight,
+        label_smoothing=label_smoothing,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        validate=hidden.device.type == "cpu" if validate is None else validate,
+    )
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     h = hidden.reshape(-1, d)

@@ -102,7 +102,8 @@ CALLER_FIELDS = tuple(
 
 
 def caller_options(values: dict[str, Any]) -> dict[str, Any]:
-    """The :data:`CALLER_FIELDS` found in ``values``, a loss function's ``locals()``: the
-    signatures list the options (for help and defaults); this is the one place that reads
-    them back, so a function body never spells the list again."""
+    """The :data:`CALLER_FIELDS` found in ``values``, a loss module constructor's ``locals()``:
+    the signature lists the options (for help and defaults) and the body reads them back here
+    instead of spelling the list again. Not for :func:`qwenrl.efe_loss` /
+    :func:`qwenrl.linear_efe_loss`, which ``torch.compile`` traces (it cannot read locals())."""
     return {name: values[name] for name in CALLER_FIELDS}
