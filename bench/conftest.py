@@ -23,8 +23,6 @@ sys.path.insert(0, str(_ROOT / "bench"))
 
 _rows: dict[str, list[tuple[str, float, dict]]] = {}
 
-FULL = pytest.mark.full  # a benchmark outside the quick set
-
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(

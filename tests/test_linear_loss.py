@@ -129,7 +129,7 @@ def test_default_chunk_size(device, n, d, v):
     """Enough rows for the matmuls (the hidden-size rule, the logits budget, the floor), a
     power of two, never more than N, and no more logits than the larger of the two rules."""
     dev = torch.device(device)
-    rows = linear.default_chunk_size(n, d, v, dev, 4)
+    rows = chunks.default_chunk_size(n, d, v, dev, 4)
     floor = chunks.MIN_CHUNK_ROWS[device]
     assert rows <= n and (rows == n or rows & (rows - 1) == 0)
     assert rows >= min(n, floor)
@@ -137,7 +137,7 @@ def test_default_chunk_size(device, n, d, v):
     if rows > floor:  # above the floor: at most 2× the hidden states or the budget
         assert rows * v * 4 <= max(2 * n * d * 4, chunks.CHUNK_LOGITS_BYTES)
     # half-size logits fit twice as many rows in the budget
-    assert linear.default_chunk_size(n, d, v, dev, 2) >= rows
+    assert chunks.default_chunk_size(n, d, v, dev, 2) >= rows
 
 
 @needs_ext
@@ -764,7 +764,7 @@ def test_create_graph_raises_a_clear_error(reduction, grad_exists):
     ],
 )
 def test_default_chunk_size_follows_its_rule(n, d, v, device, elem, rows):
-    assert linear.default_chunk_size(n, d, v, torch.device(device), elem) == rows
+    assert chunks.default_chunk_size(n, d, v, torch.device(device), elem) == rows
 
 
 def test_module_defaults_and_options_reach_the_loss(monkeypatch):

@@ -20,7 +20,7 @@ from qwenrl.loss.dispatch import (
     new_grad_buffer,
     resolve_backend,
 )
-from qwenrl.loss.options import EFEOptions, caller_options
+from qwenrl.loss.options import CALLER_FIELDS, EFEOptions, caller_options
 from qwenrl.loss.reference import stats_from_sums
 
 
@@ -234,7 +234,7 @@ def _option_attribute(name: str) -> property:
     return property(get, set_, doc=f"This module's ``{name}`` (in ``efe_options``).")
 
 
-for _name in EFEOptions().loss_kwargs():
+for _name in CALLER_FIELDS:
     setattr(OptionsModule, _name, _option_attribute(_name))
 
 

@@ -32,10 +32,9 @@ import torch
 from torch import Tensor
 
 from qwenrl.loss import chunks
-from qwenrl.loss.chunks import ChunkSettings, LinearProblem, default_chunk_size
+from qwenrl.loss.chunks import ChunkSettings, LinearProblem
 from qwenrl.loss.dispatch import BACKENDS, resolve_backend
 from qwenrl.loss.efe import OptionsModule, _check_inputs
-from qwenrl.loss.grad_engine import writable_grad
 from qwenrl.loss.linear_function import LinearEFEFunction
 from qwenrl.loss.linear_op import linear_efe_fused
 from qwenrl.loss.options import EFEOptions, caller_options
@@ -44,9 +43,7 @@ from qwenrl.loss.reference import stats_from_sums
 __all__ = [
     "LinearEFEFunction",
     "LinearEFELoss",
-    "default_chunk_size",
     "linear_efe_loss",
-    "writable_grad",
 ]
 
 
@@ -108,12 +105,12 @@ def linear_efe_loss(
         weight: [V, D] (e.g. ``lm_head.weight``), same dtype as ``hidden``.
         target: [...] int64/int32 class indices, or a [..., V] distribution.
         bias: optional [V].
-        chunk_size: rows per chunk; None picks one from the shape (:func:`default_chunk_size`).
+        chunk_size: rows per chunk; None picks one from the shape (:func:`~qwenrl.loss.chunks.default_chunk_size`).
             Peak extra memory is about ``chunk_size × V`` logits plus the gradients.
         tau, easy_weight, entropy_weight, label_smoothing, ignore_index, reduction,
         log_target, hard_mask, backend, return_stats, validate: as in :func:`qwenrl.efe_loss`.
         weight_grad_in_place: when ``weight.grad`` already exists (float32; see
-            :func:`writable_grad`), add the weight gradient straight into it during the
+            :func:`~qwenrl.loss.grad_engine.writable_grad`), add the weight gradient straight into it during the
             backward, which then runs the chunks again (one more matmul per chunk), instead of
             building a fresh [V, D] float32 gradient for autograd to add: the loss then needs
             no memory of the weight's size. Eager mode only; under ``torch.compile`` the

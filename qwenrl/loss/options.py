@@ -73,9 +73,7 @@ class EFEOptions:
         """The options a caller chooses, as keyword arguments of :func:`qwenrl.efe_loss` and
         the reference: every field but ``soft`` (the target's dtype decides it) and
         ``validate``."""
-        kwargs = dataclasses.asdict(self)
-        del kwargs["soft"], kwargs["validate"]
-        return kwargs
+        return {name: getattr(self, name) for name in CALLER_FIELDS}
 
     def replace(self, **changes: Any) -> EFEOptions:
         return dataclasses.replace(self, **changes)
