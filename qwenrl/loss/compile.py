@@ -1,8 +1,9 @@
 """torch.compile support for the fused EFE loss: the custom op ``qwenrl::efe_fused``.
 
-Dynamo cannot trace a Triton launch or a C++ extension call made inside an
-``autograd.Function``, so under ``torch.compile`` :func:`qwenrl.efe_loss` calls this opaque op
-instead. It has a fake implementation (shapes only, for tracing) and an autograd formula that
+Dynamo cannot trace the ``autograd.Function`` that hands the fused gradient buffer to autograd,
+so under ``torch.compile`` :func:`qwenrl.efe_loss` calls this functional op instead: it
+allocates the gradient and calls the dispatcher op ``qwenrl::efe_forward``
+(:mod:`qwenrl.loss.dispatch`), whose kernel the device picks. It has a fake implementation (shapes only, for tracing) and an autograd formula that
 scales the gradient the kernel already wrote: the graph around the loss is compiled and the
 kernel still runs once, forward and backward in one launch. The op validates class targets
 itself (``validate``), so the default options need no data-dependent branch in the graph and
@@ -14,7 +15,7 @@ custom op may not write behind autograd's back into a tensor it returns a gradie
 
 import torch
 
-from qwenrl.loss.dispatch import apply_upstream, grad_dtype, resolve_backend
+from qwenrl.loss.dispatch import apply_upstream, grad_dtype, loss_and_sums_like, resolve_backend
 from qwenrl.loss.options import EFEOptions, op_schema
 
 
@@ -41,9 +42,7 @@ def efe_fused(logits, target, hard_mask, backend, needs_grad, **options):
 
 @efe_fused.register_fake
 def _efe_fused_fake(logits, target, hard_mask, backend, needs_grad, *, reduction, **_options):
-    n = logits.shape[0]
-    loss = logits.new_empty((n,) if reduction == "none" else (), dtype=torch.float32)
-    sums = logits.new_empty((5,), dtype=torch.float32)
+    loss, sums = loss_and_sums_like(logits, reduction)
     if needs_grad:
         grad = logits.new_empty(logits.shape, dtype=grad_dtype(logits.dtype))
     else:

@@ -11,11 +11,14 @@ logits: pre-scaled by w_i and, for ``'mean'``, by 1/N_valid (for ``'none'``, eac
 loss). ``grad`` has the dtype :func:`grad_dtype` gives. Backward is then at most one multiply
 (:func:`apply_upstream`), and none at all for ``loss.backward()`` on the CPU.
 
-Backends: ``'cpu'`` (the C++ extension ``qwenrl._C``), ``'triton'`` (``qwenrl.kernels.efe``; CUDA,
-or CPU tensors under ``TRITON_INTERPRET=1``) and ``'reference'`` (plain PyTorch,
-:mod:`qwenrl.loss.reference`). ``'auto'`` picks Triton on CUDA and C++ on the CPU; if that
-backend's module is missing it warns once and uses the reference. A backend asked for by name
-that cannot load raises.
+The convention is one dispatcher op, ``qwenrl::efe_forward`` (:func:`efe_forward`), declared
+once with :class:`EFEOptions`' fields as keyword arguments. Its CPU kernel is the C++
+extension ``qwenrl._C``, its CUDA kernel the Triton launcher (``qwenrl.kernels.efe``), and its
+default kernel and fake are the reference (plain PyTorch, :mod:`qwenrl.loss.reference`).
+``backend`` names a kernel against the device's choice: ``'reference'`` anywhere, ``'triton'``
+on CPU tensors under ``TRITON_INTERPRET=1``. ``'auto'`` keeps the device's kernel; if its module
+is missing it warns once and uses the reference. A backend asked for by name that cannot load
+raises.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from qwenrl.loss.options import SUM_FIELDS, EFEOptions
+from qwenrl.loss.options import SUM_FIELDS, EFEOptions, op_schema
 from qwenrl.loss.reference import efe_loss_reference
 
 BACKENDS = ("auto", "triton", "cpu", "reference")
@@ -163,22 +166,89 @@ def _load(name: str) -> str | None:
     return None
 
 
-_warned: set[str] = set()
+# --- the op: one schema, a kernel per device ---------------------------------------------------
+#
+# ``qwenrl::efe_forward`` is the fused forward as a dispatcher op. The dispatcher picks its
+# kernel from the device: the C++ extension on the CPU, the Triton launcher on CUDA, the
+# reference anywhere else (its default kernel). ``backend`` overrides that choice by name:
+# ``'reference'`` on any device, ``'triton'`` on CPU tensors (the interpreter). The eager loss,
+# every chunk of the linear loss and the ``torch.compile`` ops all call it.
 
-_FORWARDS: dict[str, ForwardFn] = {
-    "cpu": _cpu_forward,
-    "triton": _triton_forward,
-    "reference": reference_forward,
-}
+_DEVICE_BACKEND = {"cpu": "cpu", "cuda": "triton"}
+
+
+torch.library.define(
+    "qwenrl::efe_forward",
+    op_schema(
+        "Tensor logits, Tensor target, Tensor? hard_mask, Tensor(a!)? grad, str backend",
+        "(Tensor, Tensor)",
+    ),
+)
+
+
+def efe_forward(logits, target, hard_mask, grad, backend, **options) -> tuple[Tensor, Tensor]:
+    """The fused forward (the :data:`ForwardFn` convention, options by name): returns (loss,
+    sums) and writes the gradient into ``grad`` when given. ``backend`` as in
+    :data:`BACKENDS`; the device picks the kernel (see above)."""
+    return torch.ops.qwenrl.efe_forward.default(
+        logits, target, hard_mask, grad, backend, **options
+    )
+
+
+@torch.library.impl("qwenrl::efe_forward", "default")
+def _efe_forward_default(logits, target, hard_mask, grad, backend, **options):
+    return reference_forward(logits, target, hard_mask, grad, EFEOptions(**options))
+
+
+@torch.library.impl("qwenrl::efe_forward", "cpu")
+def _efe_forward_cpu(logits, target, hard_mask, grad, backend, **options):
+    forward = {"triton": _triton_forward, "reference": reference_forward}.get(backend, _cpu_forward)
+    return forward(logits, target, hard_mask, grad, EFEOptions(**options))
+
+
+@torch.library.impl("qwenrl::efe_forward", "cuda")
+def _efe_forward_cuda(logits, target, hard_mask, grad, backend, **options):
+    forward = reference_forward if backend == "reference" else _triton_forward
+    return forward(logits, target, hard_mask, grad, EFEOptions(**options))
+
+
+def loss_and_sums_like(logits: Tensor, reduction: str) -> tuple[Tensor, Tensor]:
+    """Empty (loss, sums) with the shapes and dtypes every backend returns: the fake kernels'
+    answer."""
+    n = logits.shape[0]
+    loss = logits.new_empty((n,) if reduction == "none" else (), dtype=torch.float32)
+    return loss, logits.new_empty((len(SUM_FIELDS),), dtype=torch.float32)
+
+
+@torch.library.register_fake("qwenrl::efe_forward")
+def _efe_forward_fake(logits, target, hard_mask, grad, backend, *, reduction, **_options):
+    return loss_and_sums_like(logits, reduction)
+
+
+def _op_forward(backend: str) -> ForwardFn:
+    def forward(logits, target, hard_mask, grad, options: EFEOptions):
+        return torch.ops.qwenrl.efe_forward.default(
+            logits, target, hard_mask, grad, backend, **options.kernel_kwargs()
+        )
+
+    return forward
+
+
+_warned: set[str] = set()
 
 
 def resolve_backend(backend: str, device: torch.device) -> tuple[str, ForwardFn]:
-    """Picks the backend for tensors on ``device``: (its name, its forward function)."""
+    """Checks ``backend`` for tensors on ``device``: (the backend that will run, a
+    :data:`ForwardFn` that calls :func:`efe_forward` with it).
+
+    ``'auto'`` leaves the choice to the dispatcher (the device's fused kernel), after checking
+    that kernel's module loads: if it does not, it warns once and asks for the reference.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     requested = backend
     if backend == "auto":
-        backend = {"cuda": "triton", "cpu": "cpu"}.get(device.type, "reference")
+        backend = _DEVICE_BACKEND.get(device.type, "reference")
     if backend == "cpu" and device.type != "cpu":
         raise ValueError(f"backend='cpu' needs CPU tensors, got a tensor on {device}")
     if backend == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -203,4 +273,4 @@ def resolve_backend(backend: str, device: torch.device) -> tuple[str, ForwardFn]
                     stacklevel=3,
                 )
             backend = "reference"
-    return backend, _FORWARDS[backend]
+    return backend, _op_forward(backend)

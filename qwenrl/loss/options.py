@@ -67,7 +67,7 @@ class EFEOptions:
     def kernel_kwargs(self) -> dict[str, Any]:
         """The fields as keyword arguments (the C++ binding, the Triton launcher and the custom
         op all take these names)."""
-        return dataclasses.asdict(self)
+        return {name: getattr(self, name) for name in FIELDS}
 
     def loss_kwargs(self) -> dict[str, Any]:
         """The options a caller chooses, as keyword arguments of :func:`qwenrl.efe_loss` and
@@ -91,6 +91,9 @@ def op_schema(arguments: str, returns: str) -> str:
     options = ", ".join(f"{f.type} {f.name}" for f in dataclasses.fields(EFEOptions))
     return f"({arguments}, *, {options}) -> {returns}"
 
+
+# Every field, in declaration order.
+FIELDS = tuple(f.name for f in dataclasses.fields(EFEOptions))
 
 # The fields a caller chooses (``soft`` comes from the target's dtype; ``validate`` has a
 # per-device default), in declaration order.
