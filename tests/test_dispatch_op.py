@@ -23,7 +23,9 @@ def test_schema_takes_every_option_by_name_and_mutates_only_grad():
     schema = torch.ops.qwenrl.efe_forward.default._schema
     kwargs = [a.name for a in schema.arguments if a.kwarg_only]
     assert kwargs == [f.name for f in dataclasses.fields(EFEOptions)]
-    mutated = [a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+    mutated = [
+        a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write
+    ]
     assert mutated == ["grad"]
 
 

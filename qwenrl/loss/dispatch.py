@@ -190,9 +190,7 @@ def efe_forward(logits, target, hard_mask, grad, backend, **options) -> tuple[Te
     """The fused forward (the :data:`ForwardFn` convention, options by name): returns (loss,
     sums) and writes the gradient into ``grad`` when given. ``backend`` as in
     :data:`BACKENDS`; the device picks the kernel (see above)."""
-    return torch.ops.qwenrl.efe_forward.default(
-        logits, target, hard_mask, grad, backend, **options
-    )
+    return torch.ops.qwenrl.efe_forward.default(logits, target, hard_mask, grad, backend, **options)
 
 
 @torch.library.impl("qwenrl::efe_forward", "default")
