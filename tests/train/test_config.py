@@ -23,7 +23,7 @@ from qwenrl.train.config import (
     parse_args,
 )
 
-RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"))
 
 
 def _exit_message(argv: list[str], capsys) -> str:

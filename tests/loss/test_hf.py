@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent  # the child process imports this module by name
+ROOT = HERE.parents[1]
 CE = {"tau": 0.0, "easy_weight": 1.0}
 VOCAB, HIDDEN, BATCH, SEQ = 32000, 64, 4, 128
 
@@ -86,7 +87,7 @@ def train(mode: str, steps: int) -> dict:
 
 
 def run_child(mode: str, steps: int) -> dict:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(HERE)]))
     env["OMP_NUM_THREADS"] = "1"
     code = f"import json, test_hf; print(json.dumps(test_hf.train({mode!r}, {steps})))"
     out = subprocess.run(

@@ -17,7 +17,7 @@ import triton
 
 pytest.importorskip("triton")
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 import bytes_model  # noqa: E402
 import gpu_compile  # noqa: E402
 

@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # Run from the repository root exactly as a user does (`python -c` puts the working directory
 # first on sys.path, like `python -m`), after transformers has imported its hub kernels.
