@@ -129,7 +129,7 @@ def test_efe_fwd_bwd(benchmark, record, shape, variant, impl):
     kwargs = EFEOptions(soft=t.is_floating_point(), **opts).kernel_kwargs()
     grad = torch.empty_like(z)
     benchmark.pedantic(
-        lambda: ext.efe_forward(z, t, None, grad, **kwargs),
+        lambda: ext.efe_forward(z, t, None, None, grad, **kwargs),
         rounds=3 if z.shape[1] > 1000 else 30,
         warmup_rounds=1,
     )

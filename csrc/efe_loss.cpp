@@ -103,6 +103,7 @@ struct Options {
   float tau, easy_weight, beta, eps;
   int64_t ignore_index;
   Reduction reduction;
+  float z_loss;  // λ of λ·lse²
   // class targets: p = hi on the target class, lo elsewhere; Σ p log p of that row.
   float hi, lo, plogp_class;
 
@@ -150,6 +151,16 @@ struct Problem {
   float* loss_rows;           // [N] per-row loss ('none'), or null
   int64_t N, C;
   float row_scale;            // 1/N_valid for 'mean', else 1
+  const float* row_weight;    // [N] each row's factor r_i, or null (1)
+  float* per_token;           // [4, N] logprob, entropy, correct, lse (kPerTokenFields), or null
+
+  float weight_of(int64_t i) const { return row_weight ? row_weight[i] : 1.0f; }
+  // One row's per-token outputs (0 on an ignored row, NaN floats on a NaN row).
+  void put_token(int64_t i, float logprob, float entropy, float correct, float lse) const {
+    if (!per_token) return;
+    per_token[i] = logprob, per_token[N + i] = entropy, per_token[2 * N + i] = correct;
+    per_token[3 * N + i] = lse;
+  }
 };
 
 // --- 16 x 16 transposes between a tile's rows and its [C][kTileRows] layout -----------------
@@ -226,7 +237,7 @@ inline void transpose_out(float (*)[kTileRows], int32_t, int, float*) {}
 struct TileLanes {
   static constexpr int R = kTileRows;
   alignas(64) float m[R], S[R], U[R], x_y[R], e_y[R], sum_x[R], plogp[R], sum_p[R], p_x[R];
-  alignas(64) float log_s[R], inv_s[R], H[R], risk[R], coef[R], valid_f[R];
+  alignas(64) float log_s[R], inv_s[R], H[R], risk[R], coef[R], zcoef[R], valid_f[R];
   alignas(64) int32_t arg[R], yy[R];
   bool valid[R], bad[R];
 };
@@ -382,29 +393,34 @@ TILE_STEP void tile_losses(const Problem<scalar_t, grad_t, target_t>& pb, const 
                            int64_t i0, int rows, TileLanes& L, Sums& part) {
   constexpr int R = kTileRows;
   const float nan = std::numeric_limits<float>::quiet_NaN();
-  alignas(64) float maskf[R], live_f[R];
-  alignas(64) float loss_r[R], hard_r[R], correct_r[R], risk_r[R], ent_r[R];
+  alignas(64) float maskf[R], live_f[R], rw[R];
+  alignas(64) float loss_r[R], hard_r[R], correct_r[R], risk_r[R], ent_r[R], lse_r[R];
   for (int r = 0; r < R; ++r) {
     maskf[r] = pb.mask && r < rows ? static_cast<float>(pb.mask[i0 + r]) : 0.0f;
+    rw[r] = r < rows ? pb.weight_of(i0 + r) : 0.0f;
     L.valid_f[r] = L.valid[r] ? 1.0f : 0.0f;
     live_f[r] = L.valid[r] && !L.bad[r] ? 1.0f : 0.0f;  // valid and computable
     correct_r[r] = static_cast<float>(L.valid[r] && !L.bad[r] && L.arg[r] == L.yy[r]);
   }
   const bool has_mask = pb.mask != nullptr;
   const float tau = o.tau, easy_weight = o.easy_weight, beta = o.beta, row_scale = pb.row_scale;
+  const float z_loss = o.z_loss;
 #pragma omp simd
   for (int r = 0; r < R; ++r) {
     const float q_y = L.e_y[r] * L.inv_s[r];
     const bool hard = has_mask ? maskf[r] != 0.0f : q_y < tau;
     const float w = hard ? 1.0f : easy_weight;
-    const float row_loss = w * (L.risk[r] + beta * L.H[r]);
+    const float lse = L.m[r] + L.log_s[r];
+    const float row_loss = rw[r] * (w * (L.risk[r] + beta * L.H[r]) + z_loss * lse * lse);
     const bool live = live_f[r] != 0.0f;
     const float dead = L.valid_f[r] != 0.0f ? nan : 0.0f;  // NaN row, or an ignored row's 0
     loss_r[r] = live ? row_loss : dead;
     risk_r[r] = live ? L.risk[r] : dead;
     ent_r[r] = live ? L.H[r] : dead;
+    lse_r[r] = live ? lse : dead;
     hard_r[r] = live && hard ? 1.0f : 0.0f;
-    L.coef[r] = live ? w * row_scale : dead;
+    L.coef[r] = live ? rw[r] * w * row_scale : dead;
+    L.zcoef[r] = live ? rw[r] * row_scale * 2.0f * z_loss * lse : 0.0f;
   }
   float t_loss = 0.0f, t_hard = 0.0f, t_correct = 0.0f, t_risk = 0.0f, t_ent = 0.0f;
   for (int r = 0; r < R; ++r) {
@@ -414,6 +430,13 @@ TILE_STEP void tile_losses(const Problem<scalar_t, grad_t, target_t>& pb, const 
   part.loss += t_loss, part.n_hard += t_hard, part.n_correct += t_correct;
   part.risk += t_risk, part.entropy += t_ent;
   if (pb.loss_rows) std::copy(loss_r, loss_r + rows, pb.loss_rows + i0);
+  if (pb.per_token) {
+    for (int r = 0; r < rows; ++r) {
+      const bool live = live_f[r] != 0.0f;
+      const float logprob = live ? L.x_y[r] - L.log_s[r] : ent_r[r];  // ent_r: NaN or 0
+      pb.put_token(i0 + r, logprob, ent_r[r], correct_r[r], lse_r[r]);
+    }
+  }
 }
 
 // Gradient (into e; 0 on ignored rows whatever their logits):
@@ -433,7 +456,7 @@ TILE_STEP void tile_gradient(const float (*x)[kTileRows], const float (*pt)[kTil
         d = q - (c == L.yy[r] ? o.hi : o.lo);
       }
       if (o.beta != 0.0f) d -= o.beta * q * (x[c][r] - L.log_s[r] + L.H[r]);
-      e[c][r] = L.valid_f[r] != 0.0f ? L.coef[r] * d : 0.0f;
+      e[c][r] = L.valid_f[r] != 0.0f ? L.coef[r] * d + L.zcoef[r] * q : 0.0f;
     }
   }
 }
@@ -469,7 +492,10 @@ void tile_rows(const Problem<scalar_t, grad_t, target_t>& pb, const Options& o, 
   tile_targets(pb, o, i0, rows, L);
   load_tile(pb.z + i0 * C, Ci, rows, x);  // the tile's rows (one contiguous block), transposed in
   tile_max_argmax(x, C, L);
-  if (o.soft) tile_soft_targets(pb.p + i0 * C, o, C, rows, pt, L);
+  if (o.soft) {
+    tile_soft_targets(pb.p + i0 * C, o, C, rows, pt, L);
+    for (int r = 0; r < R; ++r) L.x_y[r] = x[L.yy[r]][r] - L.m[r];  // at the soft argmax
+  }
   tile_exp_sums(x, pt, o, C, e, L);
   tile_entropy_risk(e, o, L);
   tile_losses(pb, o, i0, rows, L, part);
@@ -555,6 +581,7 @@ void wide_row(const Problem<scalar_t, grad_t, target_t>& pb, const Options& o, i
     y = pb.y[i];
     if (y == o.ignore_index) {
       if (pb.loss_rows) pb.loss_rows[i] = 0.0f;
+      pb.put_token(i, 0.0f, 0.0f, 0.0f, 0.0f);
       if (g) std::fill(g, g + C, grad_t(0));
       return;
     }
@@ -568,6 +595,7 @@ void wide_row(const Problem<scalar_t, grad_t, target_t>& pb, const Options& o, i
   if (nonfinite || m == -kInf || !(y >= 0 && y < C)) {  // m = -inf: every class masked
     part.loss += nan, part.risk += nan, part.entropy += nan;
     if (pb.loss_rows) pb.loss_rows[i] = nan;
+    pb.put_token(i, nan, nan, 0.0f, nan);
     if (g) std::fill(g, g + C, grad_t(nan));
     return;
   }
@@ -611,8 +639,11 @@ void wide_row(const Problem<scalar_t, grad_t, target_t>& pb, const Options& o, i
   const float q_y = e[y] * inv_s;
   const bool hard = pb.mask ? pb.mask[i] : (q_y < o.tau);
   const float w = hard ? 1.0f : o.easy_weight;
-  const float row_loss = w * (risk + o.beta * H);
+  const float rw = pb.weight_of(i);
+  const float lse = m + log_s;
+  const float row_loss = rw * (w * (risk + o.beta * H) + o.z_loss * lse * lse);
   if (pb.loss_rows) pb.loss_rows[i] = row_loss;
+  pb.put_token(i, x_y - log_s, H, static_cast<float>(arg == y), lse);
   part.loss += row_loss;
   part.n_hard += hard;
   part.n_correct += (arg == y);
@@ -621,7 +652,9 @@ void wide_row(const Problem<scalar_t, grad_t, target_t>& pb, const Options& o, i
   if (!g) return;
 
   // Pass 3: the gradient of the (reduced) loss w.r.t. this row's logits.
-  const float s = w * pb.row_scale;
+  // d(loss)/dz_c = rw·row_scale·(w·d_c + 2λ·lse·q_c): s·d_c + t·q_c.
+  const float s = rw * w * pb.row_scale;
+  const float t = rw * pb.row_scale * 2.0f * o.z_loss * lse;
   const float beta = o.beta;
   if (o.soft) {
 #pragma omp simd
@@ -629,7 +662,7 @@ void wide_row(const Problem<scalar_t, grad_t, target_t>& pb, const Options& o, i
       const float q = e[c] * inv_s;
       float d = q * sum_p - p[c];
       if (beta != 0.0f) d -= beta * q * (std::max(to_float(z[c]) - m, kExpFloor) - log_s + H);
-      g[c] = static_cast<grad_t>(s * d);
+      g[c] = static_cast<grad_t>(s * d + t * q);
     }
   } else {
     const float lo = o.lo;
@@ -638,12 +671,12 @@ void wide_row(const Problem<scalar_t, grad_t, target_t>& pb, const Options& o, i
       const float q = e[c] * inv_s;
       float d = q - lo;
       if (beta != 0.0f) d -= beta * q * (std::max(to_float(z[c]) - m, kExpFloor) - log_s + H);
-      g[c] = static_cast<grad_t>(s * d);
+      g[c] = static_cast<grad_t>(s * d + t * q);
     }
     const float q = e[y] * inv_s;
     float d = q - o.hi;
     if (beta != 0.0f) d -= beta * q * (std::max(x_y, kExpFloor) - log_s + H);
-    g[y] = static_cast<grad_t>(s * d);
+    g[y] = static_cast<grad_t>(s * d + t * q);
   }
 }
 
@@ -695,15 +728,20 @@ int64_t count_valid(const at::Tensor& target, int64_t C, int64_t ignore_index, b
 
 // The names of the sums efe_forward returns, in order (qwenrl.loss.options.SUM_FIELDS).
 constexpr const char* kSumFields[] = {"n_hard", "n_correct", "risk", "entropy", "n_valid"};
+// The rows of the per-token buffer, in order (qwenrl.loss.reference.PER_TOKEN_FIELDS).
+constexpr const char* kPerTokenFields[] = {"logprob", "entropy", "correct", "lse"};
 
-// Returns (loss, sums): loss fp32 [N] for reduction 'none', else a 0-dim fp32 tensor; sums fp32
-// [5] = kSumFields: (n_hard, n_correct, Σ risk, Σ entropy, n_valid). Writes the gradient into `grad` if
-// given: same shape as the logits, their dtype or float32.
-std::tuple<at::Tensor, at::Tensor> efe_forward(
+// Returns (loss, sums, per_token): loss fp32 [N] for reduction 'none', else a 0-dim fp32 tensor;
+// sums fp32 [5] = kSumFields: (n_hard, n_correct, Σ risk, Σ entropy, n_valid); per_token fp32
+// [4, N] = kPerTokenFields when asked for, else empty. Each row's loss is multiplied by
+// row_weight (if given) and gains z_loss·lse². Writes the gradient into `grad` if given: same
+// shape as the logits, their dtype or float32.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> efe_forward(
     const at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& hard_mask,
-    const c10::optional<at::Tensor>& grad, bool soft, bool log_target, double tau,
-    double easy_weight, double entropy_weight, double label_smoothing, int64_t ignore_index,
-    const std::string& reduction, bool validate) {
+    const c10::optional<at::Tensor>& row_weight, const c10::optional<at::Tensor>& grad, bool soft,
+    bool log_target, double tau, double easy_weight, double entropy_weight,
+    double label_smoothing, double z_loss, int64_t ignore_index, const std::string& reduction,
+    bool validate, bool per_token) {
   TORCH_CHECK(logits.device().is_cpu(), "efe_forward: logits must be on the CPU");
   TORCH_CHECK(logits.dim() == 2, "efe_forward: logits must be [N, C], got ", logits.sizes());
   TORCH_CHECK(logits.is_contiguous(), "efe_forward: logits must be contiguous");
@@ -733,6 +771,17 @@ std::tuple<at::Tensor, at::Tensor> efe_forward(
                 "efe_forward: hard_mask must be a contiguous bool [N] CPU tensor");
     mask = hm.data_ptr<bool>();
   }
+  const float* weight_ptr = nullptr;
+  if (row_weight.has_value()) {
+    const auto& rw = *row_weight;
+    TORCH_CHECK_TYPE(rw.scalar_type() == at::kFloat,
+                     "efe_forward: row_weight must be float32, got ", rw.scalar_type());
+    TORCH_CHECK_VALUE(rw.dim() == 1 && rw.size(0) == N && rw.is_contiguous() &&
+                          rw.device().is_cpu(),
+                      "efe_forward: row_weight must be a contiguous [", N, "] CPU tensor, got ",
+                      rw.sizes());
+    weight_ptr = rw.data_ptr<float>();
+  }
   if (grad.has_value()) {
     TORCH_CHECK(grad->sizes() == logits.sizes() && grad->is_contiguous() &&
                     grad->device().is_cpu() &&
@@ -743,7 +792,7 @@ std::tuple<at::Tensor, at::Tensor> efe_forward(
 
   Options o{soft, log_target, static_cast<float>(tau), static_cast<float>(easy_weight),
             static_cast<float>(entropy_weight), static_cast<float>(label_smoothing),
-            ignore_index, parse_reduction(reduction)};
+            ignore_index, parse_reduction(reduction), static_cast<float>(z_loss)};
   o.hoist(C);
   const int64_t n_valid = soft ? N : count_valid(target, C, ignore_index, validate);
   const double denom = static_cast<double>(std::max<int64_t>(n_valid, 1));
@@ -752,6 +801,9 @@ std::tuple<at::Tensor, at::Tensor> efe_forward(
   auto opts_f = logits.options().dtype(at::kFloat);
   at::Tensor loss_rows = o.reduction == Reduction::kNone ? at::empty({N}, opts_f) : at::Tensor();
   float* loss_ptr = loss_rows.defined() ? loss_rows.data_ptr<float>() : nullptr;
+  at::Tensor token_rows = at::empty({per_token ? 4 : 0, per_token ? N : 0}, opts_f);
+  float* token_ptr = per_token ? token_rows.data_ptr<float>() : nullptr;
+  if (!per_token) token_rows = at::empty({0}, opts_f);
   const bool* mask_ptr = mask;
   Sums total;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "efe_forward", [&] {
@@ -762,7 +814,7 @@ std::tuple<at::Tensor, at::Tensor> efe_forward(
         using target_t = std::remove_const_t<std::remove_pointer_t<decltype(soft_ptr)>>;
         Problem<logits_t, grad_t, target_t> pb{
             logits.data_ptr<logits_t>(), soft ? nullptr : target.data_ptr<int64_t>(), soft_ptr,
-            mask_ptr, grad_ptr, loss_ptr, N, C, row_scale};
+            mask_ptr, grad_ptr, loss_ptr, N, C, row_scale, weight_ptr, token_ptr};
         total = run_rows(pb, o);
       };
       if (soft && target.scalar_type() != at::kFloat) {
@@ -791,7 +843,7 @@ std::tuple<at::Tensor, at::Tensor> efe_forward(
        static_cast<float>(total.risk), static_cast<float>(total.entropy),
        static_cast<float>(n_valid)},
       opts_f);
-  return {loss, sums};
+  return {loss, sums, token_rows};
 }
 
 void init_efe_loss(pybind11::module_& m) {
@@ -799,13 +851,17 @@ void init_efe_loss(pybind11::module_& m) {
   m.def("efe_forward", &efe_forward,
         "Fused EFE loss: returns (loss, sums) and writes the gradient into grad (if given). "
         "Options are keyword-only, named as qwenrl.loss.EFEOptions.",
-        py::arg("logits"), py::arg("target"), py::arg("hard_mask"), py::arg("grad"),
-        py::kw_only(), py::arg("soft"), py::arg("log_target"), py::arg("tau"),
+        py::arg("logits"), py::arg("target"), py::arg("hard_mask"), py::arg("row_weight"),
+        py::arg("grad"), py::kw_only(), py::arg("soft"), py::arg("log_target"), py::arg("tau"),
         py::arg("easy_weight"), py::arg("entropy_weight"), py::arg("label_smoothing"),
-        py::arg("ignore_index"), py::arg("reduction"), py::arg("validate"));
+        py::arg("z_loss"), py::arg("ignore_index"), py::arg("reduction"), py::arg("validate"),
+        py::arg("per_token"));
   py::tuple sum_fields(std::size(kSumFields));
   for (std::size_t i = 0; i < std::size(kSumFields); ++i) sum_fields[i] = kSumFields[i];
   m.attr("SUM_FIELDS") = sum_fields;
+  py::tuple token_fields(std::size(kPerTokenFields));
+  for (std::size_t i = 0; i < std::size(kPerTokenFields); ++i) token_fields[i] = kPerTokenFields[i];
+  m.attr("PER_TOKEN_FIELDS") = token_fields;
   m.def("empty_grad", &empty_grad,
         "Uninitialised buffer for a fused gradient (huge-page backed when large)",
         py::arg("sizes"), py::arg("dtype"));

@@ -448,6 +448,7 @@ def efe_forward_triton(
     hard_mask: Tensor | None,
     grad: Tensor | None,
     *,
+    row_weight: Tensor | None = None,
     soft: bool,
     log_target: bool,
     tau: float,
@@ -456,6 +457,8 @@ def efe_forward_triton(
     label_smoothing: float,
     ignore_index: int,
     reduction: str,
+    z_loss: float = 0.0,
+    per_token: bool = False,
     online: bool | None = None,
     block_n: int | None = None,
     block_c: int | None = None,
@@ -478,6 +481,11 @@ def efe_forward_triton(
         (loss, sums): fp32 loss ([N] for ``'none'``, 0-dim otherwise) and fp32 sums [5] =
         (n_hard, n_correct, Σ risk, Σ entropy, n_valid), all on the logits' device.
     """
+    if row_weight is not None or z_loss or per_token:
+        raise NotImplementedError(
+            "the Triton EFE kernels do not take row_weight, z_loss or per_token yet: "
+            "use backend='reference' on CUDA"
+        )
     n, c = logits.shape
     device = logits.device
     if n == 0:

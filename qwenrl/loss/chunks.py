@@ -127,7 +127,7 @@ class _Chunk:
         if self.grad_dtype is not None:
             same = self.grad_dtype == logits.dtype
             grad = logits if same else torch.empty_like(logits, dtype=self.grad_dtype)
-        loss_c, sums_c = self.forward_fn(logits, t_c, m_c, grad, self.options)
+        loss_c, sums_c, _ = self.forward_fn(logits, t_c, m_c, None, grad, self.options)
         if grad is None:
             return loss_c, sums_c
         del logits

@@ -3,12 +3,13 @@
 Every backend is a :data:`ForwardFn`::
 
     forward(logits [N, C], target [N] int64 | [N, C] float, hard_mask [N] bool | None,
-            grad [N, C] | None, options: EFEOptions) -> (loss fp32 [N] or [], sums fp32 [5])
+            row_weight [N] float32 | None, grad [N, C] | None, options: EFEOptions)
+        -> (loss fp32 [N] or [], sums fp32 [5], per_token fp32 [4, N] or empty)
 
 It validates class targets when ``options.validate`` (before any gradient is written), and in
 the same pass as the loss writes into ``grad`` the gradient of the *reduced* loss w.r.t. the
-logits: pre-scaled by w_i and, for ``'mean'``, by 1/N_valid (for ``'none'``, each row's own
-loss). ``grad`` has the dtype :func:`grad_dtype` gives. Backward is then at most one multiply
+logits: pre-scaled by r_i·w_i and, for ``'mean'``, by 1/N_valid (for ``'none'``, each row's own
+loss), and with ``options.per_token`` the per-row outputs (``PER_TOKEN_FIELDS``). ``grad`` has the dtype :func:`grad_dtype` gives. Backward is then at most one multiply
 (:func:`apply_upstream`), and none at all for ``loss.backward()`` on the CPU.
 
 The convention is one dispatcher op, ``qwenrl::efe_forward`` (:func:`efe_forward`), declared
@@ -32,11 +33,13 @@ import torch
 from torch import Tensor
 
 from qwenrl.loss.options import SUM_FIELDS, EFEOptions, op_schema
-from qwenrl.loss.reference import efe_loss_reference
+from qwenrl.loss.reference import PER_TOKEN_FIELDS, efe_loss_reference
 
 BACKENDS = ("auto", "triton", "cpu", "reference")
 
-ForwardFn = Callable[[Tensor, Tensor, "Tensor | None", "Tensor | None", EFEOptions], tuple]
+ForwardFn = Callable[
+    [Tensor, Tensor, "Tensor | None", "Tensor | None", "Tensor | None", EFEOptions], tuple
+]
 
 
 class BackendUnavailableError(ImportError):
@@ -104,43 +107,57 @@ def apply_upstream(
 # --- the backends ------------------------------------------------------------------------------
 
 
-def _cpu_forward(logits, target, hard_mask, grad, options: EFEOptions):
+def _cpu_forward(logits, target, hard_mask, row_weight, grad, options: EFEOptions):
     from qwenrl._ext import load_extension
 
     ext = load_extension()
-    return tuple(ext.efe_forward(logits, target, hard_mask, grad, **options.kernel_kwargs()))
+    return tuple(
+        ext.efe_forward(logits, target, hard_mask, row_weight, grad, **options.kernel_kwargs())
+    )
 
 
-def _triton_forward(logits, target, hard_mask, grad, options: EFEOptions):
+def _triton_forward(logits, target, hard_mask, row_weight, grad, options: EFEOptions):
     from qwenrl.kernels.efe import efe_forward_triton
 
     if options.validate and not options.soft:
         check_target_range(target, logits.shape[1], options.ignore_index)
     kwargs = options.kernel_kwargs()
     del kwargs["validate"]
-    return efe_forward_triton(logits, target, hard_mask, grad, **kwargs)
+    loss, sums = efe_forward_triton(
+        logits, target, hard_mask, grad, row_weight=row_weight, **kwargs
+    )
+    return loss, sums, logits.new_empty(0, dtype=torch.float32)
 
 
-def reference_forward(logits, target, hard_mask, grad, options: EFEOptions):
-    """The reference behind the fused calling convention (the fallback, and the custom op's
-    body when the reference is the backend under ``torch.compile``)."""
+def reference_forward(logits, target, hard_mask, row_weight, grad, options: EFEOptions):
+    """The reference behind the fused calling convention (the fallback, and the op's kernel
+    when ``backend='reference'``)."""
     if options.validate and not options.soft:
         check_target_range(target, logits.shape[1], options.ignore_index)
 
-    def loss_of(z: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        loss, sums = efe_loss_reference(z, target, hard_mask=hard_mask, **options.loss_kwargs())
+    def loss_of(z: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
+        loss, sums, per_token = efe_loss_reference(
+            z,
+            target,
+            hard_mask=hard_mask,
+            row_weight=row_weight,
+            return_per_token=True,
+            **options.loss_kwargs(),
+        )
         # For 'none' the convention is the gradient of each row's own loss.
-        return loss.sum(), (loss, sums)
+        return loss.sum(), (loss, sums, per_token)
 
     z = logits.detach().float()
     if grad is None:
-        _, (loss, sums) = loss_of(z)
+        _, (loss, sums, per_token) = loss_of(z)
     else:
-        # torch.func.grad, not torch.autograd.grad: the custom op's body runs below autograd
+        # torch.func.grad, not torch.autograd.grad: the op's kernel runs below autograd
         # (torch.compile, or the op called eagerly), where no graph is recorded.
-        g, (loss, sums) = torch.func.grad(loss_of, has_aux=True)(z)
+        g, (loss, sums, per_token) = torch.func.grad(loss_of, has_aux=True)(z)
         grad.copy_(g)
-    return loss.detach().float(), sums
+    if not options.per_token:
+        per_token = per_token.new_empty(0)
+    return loss.detach().float(), sums, per_token
 
 
 @functools.cache
@@ -180,53 +197,63 @@ _DEVICE_BACKEND = {"cpu": "cpu", "cuda": "triton"}
 torch.library.define(
     "qwenrl::efe_forward",
     op_schema(
-        "Tensor logits, Tensor target, Tensor? hard_mask, Tensor(a!)? grad, str backend",
-        "(Tensor, Tensor)",
+        "Tensor logits, Tensor target, Tensor? hard_mask, Tensor? row_weight, Tensor(a!)? grad, "
+        "str backend",
+        "(Tensor, Tensor, Tensor)",
     ),
 )
 
 
-def efe_forward(logits, target, hard_mask, grad, backend, **options) -> tuple[Tensor, Tensor]:
+def efe_forward(
+    logits, target, hard_mask, row_weight, grad, backend, **options
+) -> tuple[Tensor, Tensor, Tensor]:
     """The fused forward (the :data:`ForwardFn` convention, options by name): returns (loss,
-    sums) and writes the gradient into ``grad`` when given. ``backend`` as in
+    sums, per_token) and writes the gradient into ``grad`` when given. ``backend`` as in
     :data:`BACKENDS`; the device picks the kernel (see above)."""
-    return torch.ops.qwenrl.efe_forward.default(logits, target, hard_mask, grad, backend, **options)
+    return torch.ops.qwenrl.efe_forward.default(
+        logits, target, hard_mask, row_weight, grad, backend, **options
+    )
 
 
 @torch.library.impl("qwenrl::efe_forward", "default")
-def _efe_forward_default(logits, target, hard_mask, grad, backend, **options):
-    return reference_forward(logits, target, hard_mask, grad, EFEOptions(**options))
+def _efe_forward_default(logits, target, hard_mask, row_weight, grad, backend, **options):
+    return reference_forward(logits, target, hard_mask, row_weight, grad, EFEOptions(**options))
 
 
 @torch.library.impl("qwenrl::efe_forward", "cpu")
-def _efe_forward_cpu(logits, target, hard_mask, grad, backend, **options):
+def _efe_forward_cpu(logits, target, hard_mask, row_weight, grad, backend, **options):
     forward = {"triton": _triton_forward, "reference": reference_forward}.get(backend, _cpu_forward)
-    return forward(logits, target, hard_mask, grad, EFEOptions(**options))
+    return forward(logits, target, hard_mask, row_weight, grad, EFEOptions(**options))
 
 
 @torch.library.impl("qwenrl::efe_forward", "cuda")
-def _efe_forward_cuda(logits, target, hard_mask, grad, backend, **options):
+def _efe_forward_cuda(logits, target, hard_mask, row_weight, grad, backend, **options):
     forward = reference_forward if backend == "reference" else _triton_forward
-    return forward(logits, target, hard_mask, grad, EFEOptions(**options))
+    return forward(logits, target, hard_mask, row_weight, grad, EFEOptions(**options))
 
 
-def loss_and_sums_like(logits: Tensor, reduction: str) -> tuple[Tensor, Tensor]:
-    """Empty (loss, sums) with the shapes and dtypes every backend returns: the fake kernels'
-    answer."""
+def outputs_like(logits: Tensor, reduction: str, per_token: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Empty (loss, sums, per_token) with the shapes and dtypes every backend returns: the fake
+    kernels' answer."""
     n = logits.shape[0]
-    loss = logits.new_empty((n,) if reduction == "none" else (), dtype=torch.float32)
-    return loss, logits.new_empty((len(SUM_FIELDS),), dtype=torch.float32)
+    f32 = torch.float32
+    loss = logits.new_empty((n,) if reduction == "none" else (), dtype=f32)
+    sums = logits.new_empty((len(SUM_FIELDS),), dtype=f32)
+    rows = logits.new_empty((len(PER_TOKEN_FIELDS), n) if per_token else (0,), dtype=f32)
+    return loss, sums, rows
 
 
 @torch.library.register_fake("qwenrl::efe_forward")
-def _efe_forward_fake(logits, target, hard_mask, grad, backend, *, reduction, **_options):
-    return loss_and_sums_like(logits, reduction)
+def _efe_forward_fake(
+    logits, target, hard_mask, row_weight, grad, backend, *, reduction, per_token, **_options
+):
+    return outputs_like(logits, reduction, per_token)
 
 
 def _op_forward(backend: str) -> ForwardFn:
-    def forward(logits, target, hard_mask, grad, options: EFEOptions):
+    def forward(logits, target, hard_mask, row_weight, grad, options: EFEOptions):
         return torch.ops.qwenrl.efe_forward.default(
-            logits, target, hard_mask, grad, backend, **options.kernel_kwargs()
+            logits, target, hard_mask, row_weight, grad, backend, **options.kernel_kwargs()
         )
 
     return forward

@@ -21,7 +21,37 @@ from qwenrl.loss.dispatch import (
     resolve_backend,
 )
 from qwenrl.loss.options import CALLER_FIELDS, EFEOptions, caller_options
-from qwenrl.loss.reference import stats_from_sums
+from qwenrl.loss.reference import per_token_by_name, stats_from_sums
+
+
+def check_row_weight(row_weight: Tensor | None, row_shape: torch.Size, device) -> Tensor | None:
+    """``row_weight`` flattened to a contiguous float32 [N], after a clear error for a wrong
+    type, dtype, shape or device, or one that requires grad (the loss is not differentiated
+    w.r.t. it)."""
+    if row_weight is None:
+        return None
+    if not isinstance(row_weight, Tensor) or not row_weight.is_floating_point():
+        kind = row_weight.dtype if isinstance(row_weight, Tensor) else type(row_weight).__name__
+        raise TypeError(f"row_weight must be a floating tensor, got {kind}")
+    if row_weight.shape != row_shape:
+        raise ValueError(
+            f"row_weight shape {tuple(row_weight.shape)} does not match the rows of logits "
+            f"{tuple(row_shape)}"
+        )
+    if row_weight.device != device:
+        raise ValueError(f"row_weight is on {row_weight.device} but logits are on {device}")
+    if row_weight.requires_grad:
+        raise ValueError(
+            "row_weight requires grad, but the loss is not differentiated w.r.t. it: "
+            "pass row_weight.detach()"
+        )
+    return row_weight.reshape(-1).float().contiguous()
+
+
+def per_token_outputs(per_token: Tensor, row_shape: torch.Size) -> dict[str, Tensor]:
+    """The kernels' [4, N] per-row buffer as ``{logprob, entropy, correct, lse}``, each shaped
+    like the rows (``correct`` bool)."""
+    return {k: v.reshape(row_shape) for k, v in per_token_by_name(per_token).items()}
 
 
 def _check_inputs(logits: Tensor, target: Tensor, hard_mask: Tensor | None) -> bool:
@@ -83,11 +113,13 @@ class EFEFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, target, hard_mask, forward_fn: ForwardFn, options, inplace):  # type: ignore[override]
+    def forward(
+        ctx, logits, target, hard_mask, row_weight, forward_fn: ForwardFn, options, inplace
+    ):  # type: ignore[override]
         grad = None
         if ctx.needs_input_grad[0]:
             grad = logits if inplace else new_grad_buffer(logits)
-        loss, sums = forward_fn(logits, target, hard_mask, grad, options)
+        loss, sums, per_token = forward_fn(logits, target, hard_mask, row_weight, grad, options)
         if inplace and grad is not None:
             # The logits now hold the gradient: bump their version so that any op which saved
             # them for its own backward raises instead of silently using the gradient.
@@ -95,11 +127,11 @@ class EFEFunction(torch.autograd.Function):
         ctx.options = options
         ctx.dtype = logits.dtype
         ctx.grad = grad  # not saved_tensors: backward gives this very buffer away
-        ctx.mark_non_differentiable(sums)
-        return loss, sums
+        ctx.mark_non_differentiable(sums, per_token)
+        return loss, sums, per_token
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_sums):  # type: ignore[override]
+    def backward(ctx, grad_loss, _grad_sums, _grad_per_token):  # type: ignore[override]
         grad, ctx.grad = ctx.grad, None
         if grad is None:
             raise RuntimeError(
@@ -107,7 +139,7 @@ class EFEFunction(torch.autograd.Function):
                 "compute the loss again to backward twice"
             )
         grad = apply_upstream(grad, grad_loss, ctx.options, ctx.dtype, eager=True)
-        return grad, None, None, None, None, None
+        return grad, None, None, None, None, None, None
 
 
 def efe_loss(
@@ -118,15 +150,18 @@ def efe_loss(
     easy_weight: float = 0.5,
     entropy_weight: float = 0.0,
     label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
     ignore_index: int = -100,
     reduction: str = "mean",
     log_target: bool = False,
     hard_mask: Tensor | None = None,
+    row_weight: Tensor | None = None,
     backend: str = "auto",
     return_stats: bool = False,
+    return_per_token: bool = False,
     validate: bool | None = None,
     inplace: bool = False,
-) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
+) -> Tensor | tuple:
     """Expected-free-energy loss focused on hard cells (``docs/loss.md``).
 
     Args:
@@ -136,20 +171,28 @@ def efe_loss(
         tau: a row is *hard* when q[y] < tau. easy_weight: weight of the other rows.
         entropy_weight: β, weight of the ambiguity term H(q).
         label_smoothing: ε. ignore_index: class-target rows to skip.
+        z_loss: λ, adds λ·lse² to each row's loss (lse = logsumexp of the row's logits).
         reduction: ``'mean'`` (over non-ignored rows), ``'sum'`` or ``'none'`` ([...]).
         hard_mask: optional [...] bool overriding the tau rule.
+        row_weight: optional [...] float, multiplies each row's loss (any sign: advantages);
+            not differentiated. ``'mean'`` still divides by the number of valid rows.
         backend: ``'auto'`` | ``'triton'`` | ``'cpu'`` | ``'reference'``.
         return_stats: also return {mask_ratio, accuracy, risk, entropy, n_valid}, each a
             0-dim tensor on the logits' device (no host sync).
+        return_per_token: also return {logprob, entropy, correct, lse}, each [...] (0 on
+            ignored rows; ``correct`` bool), computed in the same pass and not differentiable.
         validate: check that class targets are in range; default True on CPU, False on
             CUDA (the check syncs the host).
         inplace: write the gradient over ``logits`` (saves memory; ``logits`` is then dirty).
             Not for float16 logits, whose gradient is kept in float32 until backward.
 
     Returns:
-        The float32 loss ([...] for ``'none'``, else 0-dim), and the stats if asked.
+        The float32 loss ([...] for ``'none'``, else 0-dim), then the stats if asked, then the
+        per-token outputs if asked: ``loss``, ``(loss, stats)``, ``(loss, per_token)`` or
+        ``(loss, stats, per_token)``.
     """
     soft = _check_inputs(logits, target, hard_mask)
+    weight = check_row_weight(row_weight, logits.shape[:-1], logits.device)
     # Spelled out, not read from locals(): torch.compile traces this function.
     options = EFEOptions(
         soft=soft,
@@ -158,9 +201,11 @@ def efe_loss(
         easy_weight=easy_weight,
         entropy_weight=entropy_weight,
         label_smoothing=label_smoothing,
+        z_loss=z_loss,
         ignore_index=ignore_index,
         reduction=reduction,
         validate=logits.device.type == "cpu" if validate is None else validate,
+        per_token=return_per_token,
     )
     n_classes = logits.shape[-1]
     row_shape = logits.shape[:-1]
@@ -185,15 +230,35 @@ def efe_loss(
     mask = hard_mask.reshape(-1).contiguous() if hard_mask is not None else None
     if torch.compiler.is_compiling():  # Dynamo cannot trace the kernels: an opaque custom op
         needs_grad = torch.is_grad_enabled() and logits.requires_grad
-        loss, sums, _ = efe_fused(z, tgt, mask, backend, needs_grad, **options.kernel_kwargs())
+        loss, sums, per_token, _ = efe_fused(
+            z, tgt, mask, weight, backend, needs_grad, **options.kernel_kwargs()
+        )
     else:
         _, forward_fn = resolve_backend(backend, logits.device)
-        loss, sums = EFEFunction.apply(z, tgt, mask, forward_fn, options, inplace)
+        loss, sums, per_token = EFEFunction.apply(
+            z, tgt, mask, weight, forward_fn, options, inplace
+        )
     if reduction == "none":
         loss = loss.reshape(row_shape)
+    return loss_outputs(loss, sums, per_token, row_shape, return_stats, return_per_token)
+
+
+def loss_outputs(
+    loss: Tensor,
+    sums: Tensor,
+    per_token: Tensor,
+    row_shape: torch.Size,
+    return_stats: bool,
+    return_per_token: bool,
+) -> Tensor | tuple:
+    """``loss``, then the stats and the per-token outputs where asked for (one order for
+    every loss function)."""
+    out: list = [loss]
     if return_stats:
-        return loss, stats_from_sums(sums)
-    return loss
+        out.append(stats_from_sums(sums))
+    if return_per_token:
+        out.append(per_token_outputs(per_token, row_shape))
+    return out[0] if len(out) == 1 else tuple(out)
 
 
 class OptionsModule(nn.Module):
@@ -251,6 +316,7 @@ class EFELoss(OptionsModule):
         easy_weight: float = 0.5,
         entropy_weight: float = 0.0,
         label_smoothing: float = 0.0,
+        z_loss: float = 0.0,
         ignore_index: int = -100,
         reduction: str = "mean",
         log_target: bool = False,
@@ -260,9 +326,21 @@ class EFELoss(OptionsModule):
         super().__init__()
         self._set_options(backend=backend, validate=validate, **caller_options(locals()))
 
-    def forward(self, logits: Tensor, target: Tensor, hard_mask: Tensor | None = None) -> Tensor:
-        """logits [..., C], target [...] or [..., C], hard_mask [...] bool → the loss."""
+    def forward(
+        self,
+        logits: Tensor,
+        target: Tensor,
+        hard_mask: Tensor | None = None,
+        row_weight: Tensor | None = None,
+    ) -> Tensor:
+        """logits [..., C], target [...] or [..., C], hard_mask [...] bool, row_weight [...]
+        float → the loss."""
         loss, self.last_stats = efe_loss(
-            logits, target, hard_mask=hard_mask, return_stats=True, **self.options()
+            logits,
+            target,
+            hard_mask=hard_mask,
+            row_weight=row_weight,
+            return_stats=True,
+            **self.options(),
         )
         return loss

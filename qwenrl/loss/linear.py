@@ -89,6 +89,7 @@ def linear_efe_loss(
     easy_weight: float = 0.5,
     entropy_weight: float = 0.0,
     label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
     ignore_index: int = -100,
     reduction: str = "mean",
     log_target: bool = False,
@@ -107,7 +108,7 @@ def linear_efe_loss(
         bias: optional [V].
         chunk_size: rows per chunk; None picks one from the shape (:func:`~qwenrl.loss.chunks.default_chunk_size`).
             Peak extra memory is about ``chunk_size × V`` logits plus the gradients.
-        tau, easy_weight, entropy_weight, label_smoothing, ignore_index, reduction,
+        tau, easy_weight, entropy_weight, label_smoothing, z_loss, ignore_index, reduction,
         log_target, hard_mask, backend, return_stats, validate: as in :func:`qwenrl.efe_loss`.
         weight_grad_in_place: when ``weight.grad`` already exists (float32; see
             :func:`~qwenrl.loss.grad_engine.writable_grad`), add the weight gradient straight into it during the
@@ -140,6 +141,7 @@ def linear_efe_loss(
         easy_weight=easy_weight,
         entropy_weight=entropy_weight,
         label_smoothing=label_smoothing,
+        z_loss=z_loss,
         ignore_index=ignore_index,
         reduction=reduction,
         validate=hidden.device.type == "cpu" if validate is None else validate,
@@ -192,6 +194,7 @@ class LinearEFELoss(OptionsModule):
         easy_weight: float = 0.5,
         entropy_weight: float = 0.0,
         label_smoothing: float = 0.0,
+        z_loss: float = 0.0,
         ignore_index: int = -100,
         reduction: str = "mean",
         log_target: bool = False,

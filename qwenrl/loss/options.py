@@ -8,6 +8,7 @@ new option cannot silently land in another option's position.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,9 +30,12 @@ class EFEOptions:
         easy_weight: weight w_e of the rows that are not hard.
         entropy_weight: β, the weight of the ambiguity term H(q).
         label_smoothing: ε, mixed into the target as (1 - ε)·p + ε/C.
+        z_loss: λ, the weight of lse² (log-partition regulariser) in each row's loss.
         ignore_index: class-target rows with this value are skipped.
         reduction: ``'none'`` | ``'mean'`` (over non-ignored rows) | ``'sum'``.
         validate: check that class targets lie in [0, C) before the kernel runs.
+        per_token: also return the per-row outputs (``PER_TOKEN_FIELDS`` of
+            :mod:`qwenrl.loss.reference`), computed in the same pass.
     """
 
     soft: bool = False
@@ -40,15 +44,19 @@ class EFEOptions:
     easy_weight: float = 0.5
     entropy_weight: float = 0.0
     label_smoothing: float = 0.0
+    z_loss: float = 0.0
     ignore_index: int = -100
     reduction: str = "mean"
     validate: bool = True
+    per_token: bool = False
 
     def __post_init__(self) -> None:
         if self.reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
         if not 0.0 <= self.label_smoothing <= 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1], got {self.label_smoothing}")
+        if not (self.z_loss >= 0.0 and math.isfinite(self.z_loss)):
+            raise ValueError(f"z_loss must be a finite number >= 0, got {self.z_loss}")
         if self.log_target and not self.soft:
             raise ValueError("log_target=True needs a floating [..., C] target distribution")
         # Normalise types once, so kernels and the custom op's schema see plain values.
@@ -56,10 +64,12 @@ class EFEOptions:
             ("soft", bool),
             ("log_target", bool),
             ("validate", bool),
+            ("per_token", bool),
             ("tau", float),
             ("easy_weight", float),
             ("entropy_weight", float),
             ("label_smoothing", float),
+            ("z_loss", float),
             ("ignore_index", int),
         ):
             object.__setattr__(self, name, kind(getattr(self, name)))
@@ -71,8 +81,7 @@ class EFEOptions:
 
     def loss_kwargs(self) -> dict[str, Any]:
         """The options a caller chooses, as keyword arguments of :func:`qwenrl.efe_loss` and
-        the reference: every field but ``soft`` (the target's dtype decides it) and
-        ``validate``."""
+        the reference: :data:`CALLER_FIELDS`."""
         return {name: getattr(self, name) for name in CALLER_FIELDS}
 
     def replace(self, **changes: Any) -> EFEOptions:
@@ -95,10 +104,13 @@ def op_schema(arguments: str, returns: str) -> str:
 # Every field, in declaration order.
 FIELDS = tuple(f.name for f in dataclasses.fields(EFEOptions))
 
-# The fields a caller chooses (``soft`` comes from the target's dtype; ``validate`` has a
-# per-device default), in declaration order.
+# The fields a caller chooses as loss options (``soft`` comes from the target's dtype,
+# ``validate`` has a per-device default, ``per_token`` is what a call returns), in declaration
+# order.
 CALLER_FIELDS = tuple(
-    f.name for f in dataclasses.fields(EFEOptions) if f.name not in ("soft", "validate")
+    f.name
+    for f in dataclasses.fields(EFEOptions)
+    if f.name not in ("soft", "validate", "per_token")
 )
 
 

@@ -10,7 +10,13 @@ Per valid row i, with q = softmax(z_i) in fp32 (or the input dtype when ``upcast
     amb_i  = H(q_i)
     hard_i = q_i[y_i] < τ                      (soft: y_i = argmax P_i; or a given mask)
     w_i    = w_e + (1 - w_e)·hard_i            (not differentiated)
-    loss_i = w_i·(risk_i + β·amb_i)
+    lse_i  = log Σ_c exp(z_ic)
+    loss_i = r_i·(w_i·(risk_i + β·amb_i) + λ·lse_i²)   (r_i: row_weight, 1 if not given;
+                                                         λ: z_loss)
+
+The per-row outputs (``return_per_token``) are, on valid rows, ``logprob`` = log q_i[y_i],
+``entropy`` = H(q_i), ``correct`` = (argmax z_i == y_i) and ``lse`` = lse_i; all four are 0
+on ignored rows.
 """
 
 from __future__ import annotations
@@ -21,6 +27,16 @@ from torch import Tensor
 from qwenrl.loss.options import REDUCTIONS, SUM_FIELDS
 
 STAT_NAMES = ("mask_ratio", "accuracy", "risk", "entropy", "n_valid")
+# The per-row outputs of ``return_per_token``, in the order of the fused kernels' [4, N] buffer.
+PER_TOKEN_FIELDS = ("logprob", "entropy", "correct", "lse")
+
+
+def per_token_by_name(per_token: Tensor) -> dict[str, Tensor]:
+    """The fused kernels' float32 [4, N] per-row buffer (:data:`PER_TOKEN_FIELDS`) by name;
+    ``correct`` as bool."""
+    out = {name: per_token[i] for i, name in enumerate(PER_TOKEN_FIELDS)}
+    out["correct"] = out["correct"] != 0
+    return out
 
 
 def sums_by_name(sums: Tensor) -> dict[str, Tensor]:
@@ -57,9 +73,12 @@ def efe_loss_reference(
     ignore_index: int = -100,
     reduction: str = "mean",
     log_target: bool = False,
+    z_loss: float = 0.0,
     hard_mask: Tensor | None = None,
+    row_weight: Tensor | None = None,
     upcast: bool = True,
-) -> tuple[Tensor, Tensor]:
+    return_per_token: bool = False,
+) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
     """Reference EFE loss on flattened inputs.
 
     Args:
@@ -67,13 +86,16 @@ def efe_loss_reference(
         target: [N] integer class indices (``ignore_index`` rows skipped) or [N, C]
             probabilities (log-probabilities when ``log_target``).
         hard_mask: optional [N] bool; replaces the ``q[y] < tau`` rule.
+        row_weight: optional [N] float, each row's factor r_i (any sign); not differentiated.
+        z_loss: λ, the weight of lse².
         upcast: compute in fp32 (at least); ``False`` computes in the input's own dtype,
             which the tests use as "PyTorch's own error" in low precision.
 
     Returns:
         (loss, sums): loss is [N] for ``reduction='none'`` (0 on ignored rows) or a 0-dim
         tensor, in the compute dtype and differentiable w.r.t. ``logits``; sums is the
-        float32 [5] tensor of :func:`stats_from_sums`.
+        float32 [5] tensor of :func:`stats_from_sums`. With ``return_per_token``, also the
+        float32 [4, N] per-row outputs (:data:`PER_TOKEN_FIELDS`, detached).
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
@@ -82,6 +104,7 @@ def efe_loss_reference(
     eps = float(label_smoothing)
     soft = target.is_floating_point()
 
+    lse = torch.logsumexp(z, dim=-1)
     log_q = torch.log_softmax(z, dim=-1)
     q = log_q.exp()
     # 0·log 0 = 0: where q (or p below) is exactly zero, e.g. a class masked with a -inf
@@ -118,7 +141,12 @@ def efe_loss_reference(
         correct = (z.argmax(-1) == y) & valid
 
     zero = torch.zeros((), dtype=z.dtype, device=z.device)
-    per_row = torch.where(valid, w * (risk + entropy_weight * entropy), zero)
+    per_row = w * (risk + entropy_weight * entropy)
+    if z_loss:
+        per_row = per_row + z_loss * lse.square()
+    if row_weight is not None:
+        per_row = row_weight.to(z.dtype) * per_row
+    per_row = torch.where(valid, per_row, zero)
     n_valid = valid.sum()
     if reduction == "none":
         loss = per_row
@@ -138,4 +166,10 @@ def efe_loss_reference(
                 vf.sum(),
             ]
         )
-    return loss, sums
+    if not return_per_token:
+        return loss, sums
+    with torch.no_grad():
+        log_q_y = log_q.gather(1, y[:, None]).squeeze(1)
+        per_token = torch.stack([log_q_y, entropy, correct.to(z.dtype), lse]).float()
+        per_token = torch.where(valid, per_token, 0.0)
+    return loss, sums, per_token

@@ -58,8 +58,8 @@ def test_direct_call_matches_the_loss_and_writes_the_gradient():
     grads, losses = {}, {}
     for backend in ("auto", "reference"):
         grad = torch.full_like(z, float("nan"))
-        loss, sums = torch.ops.qwenrl.efe_forward(
-            z, t, None, grad, backend, **options.kernel_kwargs()
+        loss, sums, _ = torch.ops.qwenrl.efe_forward(
+            z, t, None, None, grad, backend, **options.kernel_kwargs()
         )
         assert sums.shape == (5,) and sums.dtype == torch.float32
         grads[backend], losses[backend] = grad, loss
@@ -78,10 +78,10 @@ def test_fake_kernel_gives_the_real_shapes():
     z, t = _inputs(2)
     for reduction in ("mean", "none"):
         kw = EFEOptions(reduction=reduction).kernel_kwargs()
-        real = torch.ops.qwenrl.efe_forward(z, t, None, None, "auto", **kw)
+        real = torch.ops.qwenrl.efe_forward(z, t, None, None, None, "auto", **kw)
         with FakeTensorMode() as mode:
             fake = torch.ops.qwenrl.efe_forward(
-                mode.from_tensor(z), mode.from_tensor(t), None, None, "auto", **kw
+                mode.from_tensor(z), mode.from_tensor(t), None, None, None, "auto", **kw
             )
         for r, f in zip(real, fake):
             assert (r.shape, r.dtype) == (f.shape, f.dtype)

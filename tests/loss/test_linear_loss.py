@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from loss_inputs import seed_of, skip_under_mutmut
+from loss_inputs import run_linear_reference, seed_of, skip_under_mutmut
 
 import qwenrl
 from qwenrl._ext import load_extension
@@ -57,35 +57,9 @@ def run(h, w, b, t, grad_out=None, **opts):
     return loss.detach(), stats, tuple(None if x is None else x.grad for x in leaves)
 
 
-def run_reference64(h, w, b, t, grad_out=None, **opts):
-    """The same through materialised float64 logits and efe_loss_reference."""
-    leaves = [x.detach().double().requires_grad_() if x is not None else None for x in (h, w, b)]
-    hh, ww, bb = leaves
-    logits = hh @ ww.T + (bb if bb is not None else 0.0)
-    v = ww.shape[0]
-    tt = t.double() if t.is_floating_point() else t
-    flat_t = tt.reshape(-1, v) if t.is_floating_point() else tt.reshape(-1)
-    mask = opts.pop("hard_mask", None)
-    loss, sums = efe_loss_reference(
-        logits.reshape(-1, v),
-        flat_t,
-        hard_mask=None if mask is None else mask.reshape(-1),
-        **opts,
-    )
-    if opts.get("reduction") == "none":
-        loss = loss.reshape(hh.shape[:-1])
-    go = torch.ones_like(loss) if grad_out is None else grad_out.double()
-    loss.backward(go)
-    return (
-        loss.detach(),
-        stats_from_sums(sums),
-        tuple(None if x is None else x.grad for x in leaves),
-    )
-
-
 def assert_matches(ours, truth, *, rtol=1e-4, atol=1e-5):
     loss, stats, grads = ours
-    loss64, stats64, grads64 = truth
+    loss64, grads64, stats64 = truth.loss, truth.grad, truth.stats
     torch.testing.assert_close(loss.double(), loss64, rtol=rtol, atol=atol)
     for name in STAT_NAMES:
         torch.testing.assert_close(
@@ -118,7 +92,7 @@ def test_matches_float64_materialised_reference(backend, kind, reduction, opt_in
     opts = dict(OPTION_SETS[opt_index], reduction=reduction, log_target=kind == "log")
     grad_out = torch.randn(n) if reduction == "none" else torch.tensor(1.7)
     ours = run(h, w, b, t, grad_out, backend=backend, chunk_size=5, **opts)
-    assert_matches(ours, run_reference64(h, w, b, t, grad_out, **opts))
+    assert_matches(ours, run_linear_reference(h, w, b, t, grad_out, **opts))
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
@@ -154,7 +128,7 @@ def test_chunk_sizes_and_batched_shape(chunk_size, bias):
         ours = run(h3, w, b, t3, chunk_size=chunk_size, reduction=reduction, **opts)
         assert ours[0].shape == (() if reduction == "mean" else (2, 3, 7))
         assert ours[2][0].shape == h3.shape
-        assert_matches(ours, run_reference64(h3, w, b, t3, reduction=reduction, **opts))
+        assert_matches(ours, run_linear_reference(h3, w, b, t3, reduction=reduction, **opts))
 
 
 @needs_ext
@@ -164,7 +138,7 @@ def test_qwen_vocabulary():
     t[3] = -100
     opts = {"entropy_weight": 0.2, "label_smoothing": 0.05, "tau": 0.5}
     ours = run(h, w, b, t, torch.tensor(0.7), chunk_size=2, **opts)
-    assert_matches(ours, run_reference64(h, w, b, t, torch.tensor(0.7), **opts), atol=1e-6)
+    assert_matches(ours, run_linear_reference(h, w, b, t, torch.tensor(0.7), **opts), atol=1e-6)
 
 
 @needs_ext
@@ -173,7 +147,7 @@ def test_hard_mask():
     mask = torch.rand(30, generator=torch.Generator().manual_seed(3)) < 0.5
     for reduction in ("mean", "none"):
         ours = run(h, w, b, t, chunk_size=7, hard_mask=mask, reduction=reduction)
-        assert_matches(ours, run_reference64(h, w, b, t, hard_mask=mask, reduction=reduction))
+        assert_matches(ours, run_linear_reference(h, w, b, t, hard_mask=mask, reduction=reduction))
 
 
 @needs_ext
@@ -207,9 +181,9 @@ def spy_forward(calls):
     """A fused backend (the C++ kernel, else the reference) that records each chunk's logits."""
     _, forward_fn = resolve_backend("auto", torch.device("cpu"))
 
-    def spy(logits, target, hard_mask, grad, options):
+    def spy(logits, target, hard_mask, row_weight, grad, options):
         calls.append((tuple(logits.shape), grad is not None, options.reduction))
-        return forward_fn(logits, target, hard_mask, grad, options)
+        return forward_fn(logits, target, hard_mask, row_weight, grad, options)
 
     return spy
 
@@ -251,7 +225,7 @@ def test_ignored_rows_kept_in_the_matmul(reduction):
     else:
         loss, _, gh, gw, gb = chunks.chunked_loss_and_grads(p, (True, True, True))
     assert sum(c[0][0] for c in calls) == 30
-    truth = run_reference64(h, w, b, t, entropy_weight=0.3, reduction=reduction)
+    truth = run_linear_reference(h, w, b, t, entropy_weight=0.3, reduction=reduction)
     torch.testing.assert_close(loss.double(), truth[0], rtol=1e-5, atol=1e-6)
     for g, g64 in zip((gh, gw, gb), truth[2]):
         torch.testing.assert_close(g.double(), g64, rtol=1e-4, atol=1e-6)
@@ -265,7 +239,7 @@ def test_triton_backend(reduction):
     h, w, b, t = make_linear_inputs(19, 8, 40, "class", seed_of("triton", reduction))
     opts = {"entropy_weight": 0.2, "label_smoothing": 0.1, "reduction": reduction}
     ours = run(h, w, b, t, backend="triton", chunk_size=6, **opts)
-    assert_matches(ours, run_reference64(h, w, b, t, **opts))
+    assert_matches(ours, run_linear_reference(h, w, b, t, **opts))
 
 
 def test_frozen_weight_and_bias_cost_nothing(monkeypatch):
@@ -299,7 +273,7 @@ def test_all_rows_ignored_gives_zero_not_nan():
 def test_upstream_gradient_of_one_and_not_one(grad_out):
     h, w, b, t = make_linear_inputs(40, 8, 50, "class", seed_of("go", grad_out))
     go = torch.tensor(grad_out)
-    assert_matches(run(h, w, b, t, go, chunk_size=16), run_reference64(h, w, b, t, go))
+    assert_matches(run(h, w, b, t, go, chunk_size=16), run_linear_reference(h, w, b, t, go))
 
 
 @needs_ext
@@ -366,7 +340,7 @@ def test_weight_grad_added_into_existing_grad(monkeypatch, backend, reduction, o
     # forward: the loss only; backward: every gradient, the weight's into its .grad
     assert modes == [((False, False, False), False), ((True, True, True), True)]
     assert ww.grad is grad_tensor
-    _, _, (gh64, gw64, gb64) = run_reference64(h, w, b, t, up, **opts)
+    _, _, (gh64, gw64, gb64) = run_linear_reference(h, w, b, t, up, **opts)
     torch.testing.assert_close(ww.grad.double(), prev_w.double() + gw64, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(bb.grad.double(), prev_b.double() + gb64, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(hh.grad.double(), gh64, rtol=1e-4, atol=1e-5)
@@ -408,7 +382,7 @@ def test_in_place_only_where_the_engine_accumulates(monkeypatch):
     leaves the weight's .grad alone; a tensor hook on the weight sees the true gradient."""
     h, w, b, t = make_linear_inputs(30, 8, 25, "class", seed_of("engine"))
     prev = torch.randn(w.shape, generator=torch.Generator().manual_seed(1))
-    _, _, (gh64, gw64, _) = run_reference64(h, w, None, t)
+    _, _, (gh64, gw64, _) = run_linear_reference(h, w, None, t)
     modes = _record_modes(monkeypatch)
 
     hh, ww = h.clone().requires_grad_(), _with_grad(w, prev)
@@ -448,7 +422,7 @@ def test_gradient_accumulation_over_micro_batches(monkeypatch):
     assert [m[1] for m in modes] == [False, False, True, False, True]
     truth_w, truth_b = torch.zeros(w.shape, dtype=torch.float64), 0.0
     for part in (slice(0, 13), slice(13, 27), slice(27, 40)):
-        _, _, (_, gw64, gb64) = run_reference64(h[part], w, b, t[part])
+        _, _, (_, gw64, gb64) = run_linear_reference(h[part], w, b, t[part])
         truth_w, truth_b = truth_w + gw64, truth_b + gb64
     torch.testing.assert_close(ww.grad.double(), truth_w, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(bb.grad.double(), truth_b, rtol=1e-4, atol=1e-5)
@@ -510,7 +484,7 @@ def test_chunk_entry_points_check_their_mode():
     p = problem(h, w, b, t, None, fwd, EFEOptions(), 4, drop_ignored=False)
     gh, gw, gb = chunks.chunked_grads(p, (True,) * 3, torch.tensor(2.0), grad_w_into=into)
     assert gw is None
-    _, _, (gh64, gw64, gb64) = run_reference64(h, w, b, t, torch.tensor(2.0))
+    _, _, (gh64, gw64, gb64) = run_linear_reference(h, w, b, t, torch.tensor(2.0))
     torch.testing.assert_close(into.double(), gw64, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(gh.double(), gh64, rtol=1e-4, atol=1e-5)
 
@@ -523,7 +497,7 @@ def test_low_precision_within_twice_torch_error(dtype):
     h, w, b, t = make_linear_inputs(96, 64, 500, "class", seed_of("low", dtype), dtype=dtype)
     opts = {"entropy_weight": 0.2}
     ours = run(h, w, b, t, chunk_size=32, **opts)
-    truth = run_reference64(h, w, b, t, **opts)
+    truth = run_linear_reference(h, w, b, t, **opts)
     leaves = [x.detach().clone().requires_grad_() for x in (h, w, b)]
     own_loss, _ = efe_loss_reference(F.linear(*leaves), t, upcast=False, **opts)
     own_loss.backward()
@@ -922,7 +896,7 @@ def test_low_precision_gradients_accumulate_in_float32():
     h, w, b, t = make_linear_inputs(512, 16, 40, "class", seed_of("acc32"), ignore_frac=0.0)
     h, w, b = (x.bfloat16() for x in (h, w, b))
     _, _, (gh, gw, gb) = run(h, w, b, t, reduction="sum", chunk_size=64)
-    _, _, (gh64, gw64, gb64) = run_reference64(h, w, b, t, reduction="sum")
+    _, _, (gh64, gw64, gb64) = run_linear_reference(h, w, b, t, reduction="sum")
     for g, g64 in ((gw, gw64), (gb, gb64)):
         rounding = (g64.bfloat16().double() - g64).abs().max()
         assert (g.double() - g64).abs().max() <= 2 * rounding + 1e-6

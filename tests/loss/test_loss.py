@@ -11,11 +11,17 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from loss_inputs import assert_within_twice_torch_error, make_inputs, seed_of, skip_under_mutmut
+from loss_inputs import (
+    assert_within_twice_torch_error,
+    make_inputs,
+    run_reference,
+    seed_of,
+    skip_under_mutmut,
+)
 
 import qwenrl
 from qwenrl._ext import load_extension
-from qwenrl.loss import dispatch, efe_loss, efe_loss_reference, stats_from_sums
+from qwenrl.loss import dispatch, efe_loss, efe_loss_reference
 
 HAS_EXT = load_extension() is not None
 needs_ext = pytest.mark.skipif(not HAS_EXT, reason="qwenrl._C is not built")
@@ -29,15 +35,6 @@ def run(z, t, backend, grad_out=None, **opts):
     go = torch.ones_like(loss) if grad_out is None else grad_out
     loss.backward(go.to(loss.dtype))
     return loss.detach(), stats, zz.grad
-
-
-def run_reference64(z, t, grad_out=None, **opts):
-    zz = z.detach().double().requires_grad_()
-    tt = t.double() if t.is_floating_point() else t
-    loss, sums = efe_loss_reference(zz, tt, **opts)
-    go = torch.ones_like(loss) if grad_out is None else grad_out.double()
-    loss.backward(go)
-    return loss.detach(), stats_from_sums(sums), zz.grad
 
 
 OPTION_SETS = [
@@ -61,12 +58,12 @@ def test_cpu_matches_reference(shape, kind, reduction, opt_index):
     z, t = make_inputs(n, c, kind, seed)
     grad_out = torch.randn(n) if reduction == "none" else torch.tensor(1.7)
     loss, stats, grad = run(z, t, "cpu", grad_out, **opts)
-    loss64, stats64, grad64 = run_reference64(z, t, grad_out, **opts)
-    torch.testing.assert_close(loss.double(), loss64, rtol=2e-5, atol=2e-5)
-    torch.testing.assert_close(grad.double(), grad64, rtol=1e-4, atol=1e-6)
+    truth = run_reference(z, t, grad_out, **opts)
+    torch.testing.assert_close(loss.double(), truth.loss, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(grad.double(), truth.grad, rtol=1e-4, atol=1e-6)
     for name in qwenrl.loss.reference.STAT_NAMES:
         torch.testing.assert_close(
-            stats[name].double(), stats64[name].double(), rtol=1e-4, atol=1e-5
+            stats[name].double(), truth.stats[name].double(), rtol=1e-4, atol=1e-5
         )
 
 
@@ -80,7 +77,7 @@ def test_hard_mask_and_batched_shape(seed):
     mask = torch.rand(2, 5, 30, generator=g) < 0.5
     for reduction in ("mean", "none"):
         loss, stats, grad = run(z, t, "cpu", hard_mask=mask, reduction=reduction)
-        loss64, stats64, grad64 = run_reference64(
+        loss64, _, grad64 = run_reference(
             z.reshape(-1, 12), t.reshape(-1), hard_mask=mask.reshape(-1), reduction=reduction
         )
         torch.testing.assert_close(
@@ -97,7 +94,7 @@ def test_qwen_vocabulary_width():
     """C = 151,936 (a Qwen vocabulary): the per-thread row buffer path at full width."""
     z, t = make_inputs(2, 151936, "class", seed=seed_of("vocab"), ignore_frac=0.0)
     loss, stats, grad = run(z, t, "cpu", entropy_weight=0.2, label_smoothing=0.05)
-    loss64, stats64, grad64 = run_reference64(z, t, entropy_weight=0.2, label_smoothing=0.05)
+    loss64, _, grad64 = run_reference(z, t, entropy_weight=0.2, label_smoothing=0.05)
     torch.testing.assert_close(loss.double(), loss64, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad.double(), grad64, rtol=1e-4, atol=1e-8)
 
@@ -126,7 +123,7 @@ def test_non_contiguous_input():
     big = torch.randn(12, 80)
     sl = big[:, ::2][:, :37]
     loss_c, _, grad_c = run(sl, t, "cpu")
-    loss_d, _, grad_d = run_reference64(sl, t)
+    loss_d, _, grad_d = run_reference(sl, t)
     torch.testing.assert_close(loss_c.double(), loss_d, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad_c.double(), grad_d, rtol=1e-4, atol=1e-7)
 
@@ -142,7 +139,7 @@ def test_low_precision_within_twice_torch_error(dtype, kind, reduction, shape):
     z, t = make_inputs(n, c, kind, seed=seed_of(dtype, kind, reduction, shape), dtype=dtype)
     opts = {"reduction": reduction, "entropy_weight": 0.2}
     loss, _, grad = run(z, t, "cpu", **opts)
-    truth_loss, _, truth_grad = run_reference64(z, t, **opts)
+    truth_loss, _, truth_grad = run_reference(z, t, **opts)
     t_low = t.to(dtype) if kind == "soft" else t
     assert_within_twice_torch_error(z, t_low, loss, grad, truth_loss, truth_grad, **opts)
 
@@ -207,7 +204,7 @@ def test_reference_gradient_matches_closed_form():
     """∂efe/∂z = (q − p) − β·q⊙(log q + H(q)), scaled by w_i."""
     z, t = make_inputs(20, 9, "class", seed=21, ignore_frac=0.0)
     beta, eps = 0.7, 0.05
-    loss, stats, grad = run_reference64(
+    loss, _, grad = run_reference(
         z, t, entropy_weight=beta, label_smoothing=eps, reduction="sum", tau=0.5
     )
     zd = z.double()
@@ -417,12 +414,10 @@ def test_masked_classes_with_every_option(backend, c):
     z, t, masked = masked_inputs(29, c, seed_of("mask-all", c))
     opts = {"entropy_weight": 0.4, "tau": 0.5}
     loss, stats, grad = run(z, t, backend, **opts)
-    z64 = z.double().requires_grad_()
-    loss64, _ = efe_loss_reference(z64, t, **opts)
-    loss64.backward()
+    loss64, _, grad64 = run_reference(z, t, **opts)
     assert torch.isfinite(loss) and torch.isfinite(grad).all()
-    torch.testing.assert_close(loss.double(), loss64.detach(), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(grad.double(), z64.grad, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(loss.double(), loss64, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double(), grad64, rtol=1e-4, atol=1e-7)
     p = torch.softmax(torch.randn(29, c), -1).masked_fill(masked, 0.0)
     p = p / p.sum(-1, keepdim=True)
     loss, _, grad = run(z, p, backend, entropy_weight=0.4)
@@ -513,11 +508,13 @@ def test_kernel_options_travel_by_name():
     z, t = make_inputs(5, 12, "class", seed=20)
     ext = load_extension()
     options = qwenrl.loss.EFEOptions(tau=0.9, easy_weight=0.1)
-    loss, _ = ext.efe_forward(z, t, None, None, **options.kernel_kwargs())
+    loss, _, per_token = ext.efe_forward(z, t, None, None, None, **options.kernel_kwargs())
     expected, _ = efe_loss_reference(z, t, tau=0.9, easy_weight=0.1)
     torch.testing.assert_close(loss, expected)
+    assert per_token.numel() == 0  # per_token=False
+    assert tuple(ext.PER_TOKEN_FIELDS) == qwenrl.loss.reference.PER_TOKEN_FIELDS
     with pytest.raises(TypeError):
-        ext.efe_forward(z, t, None, None, *options.kernel_kwargs().values())
+        ext.efe_forward(z, t, None, None, None, *options.kernel_kwargs().values())
 
 
 @needs_ext
@@ -525,5 +522,5 @@ def test_kernel_options_travel_by_name():
 def test_upstream_gradient_of_one_and_not_one(grad_out):
     z, t = make_inputs(50, 700, "class", seed=seed_of("go", grad_out))
     loss, _, grad = run(z, t, "cpu", torch.tensor(grad_out))
-    _, _, grad64 = run_reference64(z, t, torch.tensor(grad_out))
+    _, _, grad64 = run_reference(z, t, torch.tensor(grad_out))
     torch.testing.assert_close(grad.double(), grad64, rtol=1e-4, atol=1e-8)
