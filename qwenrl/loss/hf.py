@@ -34,8 +34,21 @@ from torch import Tensor, nn
 from qwenrl.loss.linear import linear_efe_loss
 
 # What a patch decides itself: the tensors, the reduction (from num_items_in_batch), class
-# labels (so no log_target), the stats (kept in model.linear_efe_stats).
-_SET_BY_THE_PATCH = {"bias", "hard_mask", "reduction", "log_target", "return_stats"}
+# labels (so no log_target), the stats (kept in model.linear_efe_stats), and what only a
+# direct call has (per-row weights, per-token outputs, a teacher).
+_SET_BY_THE_PATCH = {
+    "bias",
+    "hard_mask",
+    "reduction",
+    "log_target",
+    "return_stats",
+    "row_weight",
+    "return_per_token",
+    "teacher_hidden",
+    "teacher_weight",
+    "teacher_bias",
+    "temperature",
+}
 # The options a causal LM patch accepts: every other keyword of linear_efe_loss.
 _OPTION_NAMES = tuple(
     name
