@@ -25,3 +25,18 @@ def tiny_qwen_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("tiny_qwen")
     QwenPromptEncoder(32).save_pretrained(path)
     return path
+
+
+# --- train, eval: an ARC folder for tiny runs (the run's config: tiny_run.tiny_config) -------
+
+
+@pytest.fixture(scope="session")
+def arc_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An ARC folder of synthetic tasks (``tiny_run.write_arc_tasks``): 12 in training/ (seed
+    1) and 3 in evaluation/ (seed 2). Runs only read it."""
+    from tiny_run import write_arc_tasks
+
+    root = tmp_path_factory.mktemp("arc")
+    write_arc_tasks(root / "training", 12, seed=1)
+    write_arc_tasks(root / "evaluation", 3, seed=2)
+    return root

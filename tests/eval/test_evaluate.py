@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from sealed import SealedGrid, seal_test_outputs
+from tiny_run import tiny_config, write_arc_tasks
 
 from qwenrl.data import OUTSIDE, grid_to_canvas, load_json_dir, load_tasks
 from qwenrl.eval import tasks as evaluation_mod
@@ -22,41 +23,18 @@ from qwenrl.train import TrainConfig, Trainer
 from qwenrl.train.config import ConfigError
 
 
-def _write_tasks(root: Path, n: int, seed: int, prefix: str) -> None:
-    rng = np.random.default_rng(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        h, w = rng.integers(2, 6, size=2)
-
-        def pair(h=h, w=w):
-            grid = rng.integers(0, 10, size=(h, w))
-            return {"input": grid.tolist(), "output": np.fliplr(grid).tolist()}
-
-        task = {"train": [pair(), pair(), pair()], "test": [pair(), pair()]}
-        (root / f"{prefix}{i:03d}.json").write_text(json.dumps(task))
+def _tiny(root: Path, **overrides) -> TrainConfig:
+    """The tiny run on root/arc, writing to root/run, validating on 3 tasks (6 queries)."""
+    return tiny_config(root / "run", root / "arc", val_tasks=3, **overrides)
 
 
 @pytest.fixture(scope="module")
 def saved_run(tmp_path_factory) -> tuple[Path, dict]:
     """A tiny trained run on synthetic tasks, and its last validation record."""
     root = tmp_path_factory.mktemp("eval")
-    _write_tasks(root / "arc" / "training", 8, seed=1, prefix="train")
-    _write_tasks(root / "arc" / "evaluation", 4, seed=2, prefix="eval")
-    cfg = TrainConfig(
-        epochs=1,
-        max_batches=3,
-        batch_size=2,
-        working_set=4,
-        refresh_every=3,
-        dim=32,
-        agent_layers=1,
-        qwen_max_length=128,
-        val_tasks=3,
-        val_batch_size=4,
-        data=str(root / "arc"),
-        out=str(root / "run"),
-        eval_demos=False,
-    )
+    write_arc_tasks(root / "arc" / "training", 8, seed=1, prefix="train", n_test=2)
+    write_arc_tasks(root / "arc" / "evaluation", 4, seed=2, prefix="eval", n_test=2)
+    cfg = _tiny(root, epochs=1, max_batches=3, eval_demos=False)
     trainer = Trainer(cfg, quiet=True)
     trainer.train()
     trainer.close()
@@ -150,24 +128,6 @@ def test_score_query_counts_pass_at_2_and_cells():
     assert (s["queries"], s["exact"]) == (3, 1)
     assert s["cell_accuracy"] == pytest.approx((3 + 3 + 0) / 12)
     assert s["attempt_cell_accuracy"] == pytest.approx((3 + 3 + 2) / 12)
-
-
-def _tiny(root: Path, **overrides) -> TrainConfig:
-    base = dict(
-        epochs=2,
-        max_batches=4,
-        batch_size=2,
-        working_set=4,
-        refresh_every=3,
-        dim=32,
-        agent_layers=1,
-        qwen_max_length=128,
-        val_tasks=3,
-        val_batch_size=4,
-        data=str(root / "arc"),
-        out=str(root / "run"),
-    )
-    return TrainConfig(**{**base, **overrides})
 
 
 def test_training_never_reads_an_evaluation_test_output(saved_run, tmp_path, monkeypatch):

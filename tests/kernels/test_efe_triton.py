@@ -34,11 +34,12 @@ import torch.nn.functional as F  # noqa: E402
 from loss_inputs import (  # noqa: E402
     assert_within_twice_torch_error,
     make_inputs,
+    run_reference,
     seed_of,
 )
 
 from qwenrl.kernels import efe as kefe  # noqa: E402
-from qwenrl.loss import efe_loss, efe_loss_reference, stats_from_sums  # noqa: E402
+from qwenrl.loss import efe_loss, efe_loss_reference  # noqa: E402
 from qwenrl.loss.reference import STAT_NAMES  # noqa: E402
 
 
@@ -79,24 +80,15 @@ def run_triton(z, t, grad_out=None, **opts):
     return loss.detach(), stats, zz.grad
 
 
-def run_reference64(z, t, grad_out=None, **opts):
-    zz = z.detach().double().requires_grad_()
-    tt = t.double() if t.is_floating_point() else t
-    loss, sums = efe_loss_reference(zz, tt, upcast=True, **opts)
-    go = torch.ones_like(loss) if grad_out is None else grad_out.double()
-    loss.backward(go)
-    return loss.detach(), stats_from_sums(sums), zz.grad
-
-
 def assert_matches_reference(z, t, grad_out, *, loss_tol=2e-5, grad_tol=1e-6, **opts):
     loss, stats, grad = run_triton(z, t, grad_out, **opts)
-    loss64, stats64, grad64 = run_reference64(z, t, grad_out, **opts)
+    truth = run_reference(z, t, grad_out, **opts)
     assert loss.dtype == torch.float32 and grad.dtype == z.dtype
-    torch.testing.assert_close(loss.double(), loss64, rtol=2e-5, atol=loss_tol)
-    torch.testing.assert_close(grad.double(), grad64, rtol=1e-4, atol=grad_tol)
+    torch.testing.assert_close(loss.double(), truth.loss, rtol=2e-5, atol=loss_tol)
+    torch.testing.assert_close(grad.double(), truth.grad, rtol=1e-4, atol=grad_tol)
     for name in STAT_NAMES:
         torch.testing.assert_close(
-            stats[name].double(), stats64[name].double(), rtol=1e-4, atol=1e-5, msg=name
+            stats[name].double(), truth.stats[name].double(), rtol=1e-4, atol=1e-5, msg=name
         )
 
 
@@ -176,10 +168,7 @@ def _reference_convention(z, t, kind, reduction, **overrides):
     """The reference in float64, with the fused convention's gradient (of loss.sum())."""
     opts = _convention(kind, reduction, **overrides)
     del opts["soft"]
-    zz = z.detach().double().requires_grad_()
-    loss, sums = efe_loss_reference(zz, t.double() if kind != "class" else t, **opts)
-    loss.sum().backward()
-    return loss.detach(), sums, zz.grad
+    return run_reference(z, t, **opts)
 
 
 @pytest.mark.parametrize("online", [False, True])
@@ -241,13 +230,9 @@ def test_tile_several_rows_per_program(seed):
     loss, sums = kefe.efe_forward_triton(
         z, t, mask, g, **_convention("class", "mean"), online=False, block_n=32
     )
-    zz = z.double().requires_grad_()
-    opts = _convention("class", "mean")
-    del opts["soft"]
-    loss64, sums64 = efe_loss_reference(zz, t, hard_mask=mask, **opts)
-    loss64.backward()
-    torch.testing.assert_close(loss.double(), loss64.detach(), rtol=2e-5, atol=1e-6)
-    torch.testing.assert_close(g.double(), zz.grad, rtol=1e-4, atol=1e-7)
+    loss64, sums64, grad64 = _reference_convention(z, t, "class", "mean", hard_mask=mask)
+    torch.testing.assert_close(loss.double(), loss64, rtol=2e-5, atol=1e-6)
+    torch.testing.assert_close(g.double(), grad64, rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(sums.double(), sums64.double(), rtol=1e-4, atol=1e-4)
 
 
@@ -316,7 +301,7 @@ def test_low_precision_within_twice_torch_error(path, dtype, kind, reduction):
     opts = {"reduction": reduction, "entropy_weight": 0.2, "label_smoothing": 0.05}
     grad_out = grad_output_for((n,) if reduction == "none" else (), seed)
     loss, _, grad = run_triton(z, t, grad_out, **opts)
-    truth_loss, _, truth_grad = run_reference64(z, t, grad_out, **opts)
+    truth_loss, _, truth_grad = run_reference(z, t, grad_out, **opts)
     assert_within_twice_torch_error(z, t, loss, grad, truth_loss, truth_grad, grad_out, **opts)
 
 

@@ -3,13 +3,12 @@ DDP per rank, exact resume from sharded checkpoints, atomic sharded saves, the e
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from distributed_worker import launch
+from tiny_run import tiny_config, write_arc_tasks
 
 from qwenrl.eval.run import load_run
 from qwenrl.models import QwenPromptEncoder, TinyQwenConfig
@@ -23,38 +22,21 @@ from qwenrl.train.export import main as export_main
 QWEN4 = TinyQwenConfig(hidden_size=48, num_layers=4, num_heads=4, num_kv_heads=1)
 
 
-def _write_tasks(root: Path, n: int, seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        h, w = rng.integers(2, 6, size=2)
-
-        def pair(h=h, w=w):
-            grid = rng.integers(0, 10, size=(h, w))
-            return {"input": grid.tolist(), "output": np.fliplr(grid).tolist()}
-
-        task = {"train": [pair(), pair(), pair()], "test": [pair()]}
-        (root / f"task{i:03d}.json").write_text(json.dumps(task))
-
-
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
     """ARC tasks (12 training, 3 evaluation) and a local 4-layer Qwen checkpoint."""
     root = tmp_path_factory.mktemp("fsdp")
-    _write_tasks(root / "arc" / "training", 12, seed=1)
-    _write_tasks(root / "arc" / "evaluation", 3, seed=2)
+    write_arc_tasks(root / "arc" / "training", 12, seed=1)
+    write_arc_tasks(root / "arc" / "evaluation", 3, seed=2)
     torch.manual_seed(0)
     QwenPromptEncoder(32, tiny=QWEN4).save_pretrained(root / "qwen4")
     return root
 
 
 def config(work: Path, out: str, **overrides) -> dict:
-    cfg = dict(
-        epochs=2, max_batches=4, batch_size=2, working_set=4, refresh_every=3, dim=32,
-        agent_layers=1, qwen_max_length=128, val_tasks=3, val_batch_size=1, log_every=1,
-        data=str(work / "arc"), out=str(work / out), seed=0,
-    )  # fmt: skip
-    return {**cfg, **overrides}
+    """A worker's config: the tiny run on work/arc, validating on 3 tasks one at a time."""
+    cfg = tiny_config(work / out, work / "arc", val_tasks=3, val_batch_size=1, **overrides)
+    return cfg.to_dict()
 
 
 # Random draws are taken out of the comparison with one process (each rank draws its own

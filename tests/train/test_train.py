@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny_run import tiny_config, write_arc_tasks
 
 import qwenrl
 from qwenrl.eval.val_grids import check_val_grids
@@ -30,50 +31,6 @@ SEED_LOG_LINE = re.compile(
     r"^\[Batch +\d+\] Reward: +-?\d+\.\d{4} \| Loss: +-?\d+\.\d{4} \| "
     r"Qwen_grad: \d\.\d{2}e[+-]\d{2} \| Mask_ratio: \d\.\d{4}$"
 )
-
-
-def _write_tasks(root: Path, n: int, seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        h, w = rng.integers(2, 6, size=2)
-
-        def pair(h=h, w=w):
-            grid = rng.integers(0, 10, size=(h, w))
-            return {"input": grid.tolist(), "output": np.fliplr(grid).tolist()}
-
-        task = {"train": [pair(), pair(), pair()], "test": [pair()]}
-        (root / f"task{i:03d}.json").write_text(json.dumps(task))
-
-
-@pytest.fixture(scope="module")
-def arc_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("arc")
-    _write_tasks(root / "training", 12, seed=1)
-    _write_tasks(root / "evaluation", 3, seed=2)
-    return root
-
-
-def tiny_config(out: Path, data: Path, **overrides) -> TrainConfig:
-    cfg = TrainConfig(
-        epochs=2,
-        max_batches=4,
-        batch_size=2,
-        working_set=4,
-        refresh_every=3,
-        dim=32,
-        agent_layers=1,
-        qwen_max_length=128,
-        val_tasks=2,
-        val_batch_size=4,
-        log_every=1,
-        data=str(data),
-        out=str(out),
-        seed=0,
-    )
-    for k, v in overrides.items():
-        setattr(cfg, k, v)
-    return cfg
 
 
 def install_trace(trainer: Trainer, monkeypatch: pytest.MonkeyPatch) -> list[str]:
@@ -314,7 +271,7 @@ def test_cli_rejects_bad_flags(argv, message, capsys):
 
 def test_bad_data_directory_names_the_file(tmp_path):
     root = tmp_path / "bad"
-    _write_tasks(root, 3, seed=0)
+    write_arc_tasks(root, 3, seed=0)
     (root / "task001.json").write_text("{not json")
     proc = subprocess.run(
         [sys.executable, "-m", "qwenrl.train", "--data", str(root), "--out", str(tmp_path / "o")],
@@ -723,7 +680,7 @@ def test_main_exit_statuses(tmp_path, arc_dir, capsys, monkeypatch):
     from qwenrl.train import cli
 
     bad = tmp_path / "bad"
-    _write_tasks(bad, 3, seed=0)
+    write_arc_tasks(bad, 3, seed=0)
     (bad / "task001.json").write_text("{not json")
     assert cli.main(_tiny_argv(tmp_path / "o1", bad)) == 2
     assert "task001.json" in capsys.readouterr().err
