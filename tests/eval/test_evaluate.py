@@ -24,8 +24,9 @@ from qwenrl.train.config import ConfigError
 
 
 def _tiny(root: Path, **overrides) -> TrainConfig:
-    """The tiny run on root/arc, writing to root/run, validating on 3 tasks (6 queries)."""
-    return tiny_config(root / "run", root / "arc", val_tasks=3, **overrides)
+    """The tiny run on root/arc, writing to root/run unless told, validating on 3 tasks (6
+    queries)."""
+    return tiny_config(overrides.pop("out", root / "run"), root / "arc", val_tasks=3, **overrides)
 
 
 @pytest.fixture(scope="module")
