@@ -39,7 +39,7 @@ step() {
 }
 
 step triton_tests 110 env QWENRL_TRITON_TEST_DEVICE=cuda \
-  "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_efe_triton.py
+  "$PY" -m pytest -q -p no:cacheprovider -m triton tests/kernels tests/loss/test_conformance.py
 step loss_bench 120 "$PY" -m pytest -q -p no:cacheprovider bench/test_loss_triton_bench.py \
   --benchmark-only --benchmark-json="$OUT/loss_bench.json"
 step linear_bench 80 "$PY" -m pytest -q -p no:cacheprovider bench/test_linear_loss_bench.py \
