@@ -318,10 +318,10 @@ def test_custom_op_registration(kind, reduction):
 
     z, t = make_inputs(6, 12, kind, seed_of("opcheck", kind, reduction))
     zz = z.clone().requires_grad_()
-    options = dict(_convention(kind, reduction), validate=False)
+    options = dict(_convention(kind, reduction), validate=False, z_loss=0.0, per_token=False)
     torch.library.opcheck(
         efe_fused,
-        (zz, t, None, "triton", True),
+        (zz, t, None, None, "triton", True),
         options,
         test_utils=(
             "test_schema",
