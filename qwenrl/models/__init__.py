@@ -9,7 +9,7 @@ from qwenrl.models.encoder import (
     length_buckets,
     load_qwen_checkpoint,
 )
-from qwenrl.models.policy import PromptRefiner, RefinementPolicy
+from qwenrl.models.policy import PromptRefiner, RefinementPolicy, Steering
 
 __all__ = [
     "GridAgent",
@@ -18,6 +18,7 @@ __all__ = [
     "QwenPromptEncoder",
     "QwenRLModels",
     "RefinementPolicy",
+    "Steering",
     "TinyQwenConfig",
     "build_grid_tokenizer",
     "length_buckets",

@@ -7,6 +7,7 @@ well under a second (agent ≈0.69M parameters, tiny Qwen ≈75k).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -56,7 +57,15 @@ class QwenRLModels(nn.Module):
     Parameters split over two optimizers: :meth:`main_param_groups` (everything trained by the
     main loss) and :meth:`rl_parameters` (the RL action head, trained by
     ``RefinementPolicy.update``); the two sets are disjoint.
+
+    :attr:`RENAMED` maps the state-dict keys of earlier checkpoints to today's:
+    ``load_state_dict`` renames them itself (a pre-hook of ``RefinementPolicy``); readers of
+    sharded (DCP) checkpoints, which look tensors up by name, need the map spelled out.
     """
+
+    RENAMED: ClassVar[dict[str, str]] = {
+        f"policy.{old}": f"policy.{new}" for old, new in RefinementPolicy.RENAMED.items()
+    }
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()

@@ -10,6 +10,7 @@ the main graph, which that backward has already freed (docs/training.md).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -60,6 +61,24 @@ class PromptRefiner(nn.Module):
         return self(prompt_or_fn)
 
 
+class Steering(nn.Module):
+    """The K steering vectors ``vectors`` [K, dim]: ``forward(refined, action)`` adds vector
+    ``action[i]`` to row i of the refined prompt.
+
+    A module of its own so that the parameters the main loss trains (these) and those the RL
+    optimizer trains (``RefinementPolicy.head``) live in different modules: the trainer's DDP /
+    FSDP root registers this one and not the head (``qwenrl.train.step.StepForward``).
+    """
+
+    def __init__(self, num_actions: int, dim: int, init_std: float = 0.1) -> None:
+        super().__init__()
+        self.vectors = nn.Parameter(torch.randn(num_actions, dim) * init_std)
+
+    def forward(self, refined: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """refined [B, dim], action [B] int64 → refined + vectors[action] [B, dim]."""
+        return refined + self.vectors[action].to(refined.dtype)
+
+
 class RefinementPolicy(nn.Module):
     """Discrete steering of the refined prompt, trained with REINFORCE and a running baseline.
 
@@ -70,14 +89,21 @@ class RefinementPolicy(nn.Module):
     Parameter ownership (two optimizers must not share a tensor):
 
     * :meth:`policy_parameters` — the action head; trained only by :meth:`update` (RL optimizer).
-    * :meth:`steering_parameters` — the steering vectors; they get gradients from the MAIN loss
-      through :meth:`steer`, so they belong to the main optimizer. (``update`` zeroes only its
-      own optimizer's gradients.)
+    * :meth:`steering_parameters` — the steering vectors (``steerer``, a :class:`Steering`;
+      :attr:`steering` is its parameter); they get gradients from the MAIN loss through
+      :meth:`steer`, so they belong to the main optimizer. (``update`` zeroes only its own
+      optimizer's gradients.)
 
     Reward: ``scaled = reward * reward_scale``; advantage = scaled − baseline (an exponential
     moving average of the mean scaled reward, a buffer saved in the state_dict);
     ``loss = −mean(advantage · log π(a)) − entropy_coef · mean(H(π))``.
+
+    Checkpoints written before the steering vectors moved into ``steerer`` name them
+    ``steering``: ``load_state_dict`` renames such keys (:attr:`RENAMED`) before loading.
     """
+
+    # State-dict keys of earlier versions → today's, relative to the policy.
+    RENAMED: ClassVar[dict[str, str]] = {"steering": "steerer.vectors"}
 
     def __init__(
         self,
@@ -101,9 +127,15 @@ class RefinementPolicy(nn.Module):
         )
         nn.init.zeros_(self.head[-1].weight)
         nn.init.zeros_(self.head[-1].bias)
-        self.steering = nn.Parameter(torch.randn(num_actions, dim) * steer_init_std)
+        self.steerer = Steering(num_actions, dim, steer_init_std)
         self.register_buffer("baseline", torch.zeros(()))
         self.register_buffer("baseline_ready", torch.zeros((), dtype=torch.bool))
+        self.register_load_state_dict_pre_hook(_rename_earlier_keys)
+
+    @property
+    def steering(self) -> nn.Parameter:
+        """The steering vectors [num_actions, dim] (``steerer.vectors``; read-only)."""
+        return self.steerer.vectors
 
     def policy_parameters(self) -> list[nn.Parameter]:
         """Parameters for the RL optimizer (the action head)."""
@@ -111,7 +143,7 @@ class RefinementPolicy(nn.Module):
 
     def steering_parameters(self) -> list[nn.Parameter]:
         """Parameters for the main optimizer (the steering vectors)."""
-        return [self.steering]
+        return [self.steerer.vectors]
 
     def distribution(self, refined: torch.Tensor) -> Categorical:
         """π(· | refined) from refined prompts [B, dim]; always detached from the main graph.
@@ -154,7 +186,7 @@ class RefinementPolicy(nn.Module):
     def steer(self, refined: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         """Conditioned prompt [B, dim] = refined [B, dim] + steering[action]; differentiable in
         ``refined`` (→ Qwen) and the steering vectors."""
-        return refined + self.steering[action].to(refined.dtype)
+        return self.steerer(refined, action)
 
     def reinforce_loss(
         self, refined: torch.Tensor, action: torch.Tensor, reward: torch.Tensor
@@ -218,3 +250,11 @@ class RefinementPolicy(nn.Module):
             self.baseline_ready.fill_(True)
         stats["baseline"] = self.baseline.detach().clone()
         return stats
+
+
+def _rename_earlier_keys(module: nn.Module, state_dict: dict, prefix: str, *_: object) -> None:
+    """``load_state_dict`` pre-hook of :class:`RefinementPolicy`: an earlier checkpoint's keys
+    (``RENAMED``) under their current names, unless the current name is there too."""
+    for old, new in RefinementPolicy.RENAMED.items():
+        if prefix + old in state_dict and prefix + new not in state_dict:
+            state_dict[prefix + new] = state_dict.pop(prefix + old)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +33,7 @@ __all__ = [
     "local_bytes",
     "local_tensor",
     "rank_memory",
+    "rename_parameters",
     "shard_models",
     "sharded_state_dict",
     "shutdown",
@@ -125,11 +126,12 @@ def shard_models(
 
     Units, innermost first: each Qwen decoder layer, the encoder (Qwen's embeddings and final
     norm, the projection), the refiner, the agent, then ``root`` (the module whose forward
-    runs every training step; it owns what is left: the steering vectors). The RL action head
-    stays a replicated plain parameter on every rank: it has its own optimizer, its forward
-    runs outside the root's (``RefinementPolicy.update``), and it averages its gradients
-    itself. With ``bf16``, parameters are all-gathered and used in bf16 while gradients are
-    reduced and kept in fp32, next to fp32 master weights.
+    runs every training step, ``StepForward``; it owns what is left: the steering vectors, its
+    ``steerer``, the module ``models.policy`` steers with). The RL action head is not in
+    ``root`` and stays a replicated plain parameter on every rank: it has its own optimizer,
+    and it averages its gradients itself (``RefinementPolicy.update``). With ``bf16``,
+    parameters are all-gathered and used in bf16 while gradients are reduced and kept in fp32,
+    next to fp32 master weights.
 
     Every rank must call each unit the same number of times per step (each call all-gathers
     the unit's parameters), so the encoder runs its prompts as one padded batch instead of
@@ -151,7 +153,7 @@ def shard_models(
     models.encoder.pad_slack = math.inf  # one Qwen call per encoder call (see above)
     for unit in (models.encoder, models.refiner, models.agent):
         fully_shard(unit, mesh=mesh, mp_policy=mp)
-    fully_shard(root, mesh=mesh, mp_policy=mp, ignored_params=set(models.rl_parameters()))
+    fully_shard(root, mesh=mesh, mp_policy=mp)
     # FSDP takes the first sharded module to run forward as the root (torch's
     # fsdp/_fully_shard/_fsdp_state.py, FSDPState._lazy_init); fixing it now lets validation
     # call the encoder, refiner and agent directly before any training step.
@@ -208,6 +210,19 @@ def sharded_state_dict(
 
     model, optim = get_state_dict(models, optimizer)
     return {"model": model, "optimizer": optim}
+
+
+def rename_parameters(state: dict[str, dict[str, Any]], names: Mapping[str, str]) -> None:
+    """Renames parameters (``names``: from → to) in place in what :func:`sharded_state_dict`
+    returned: the ``model`` keys and, where there is one, the optimizer's per-parameter
+    ``state`` and the names its ``param_groups`` list."""
+    optim = state.get("optimizer", {})
+    for old, new in names.items():
+        for part in (state["model"], optim.get("state", {})):
+            if old in part:
+                part[new] = part.pop(old)
+        for group in optim.get("param_groups", []):
+            group["params"] = [new if name == old else name for name in group["params"]]
 
 
 def load_sharded_state_dict(

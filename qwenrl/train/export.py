@@ -50,8 +50,11 @@ def consolidated_weights(checkpoint: str | Path) -> tuple[dict[str, torch.Tensor
     state = Checkpointer.load_state(checkpoint)
     cfg = config_from_dict(state["config"], where=str(checkpoint / STATE))
     # The models of the run give the names and full shapes of a sharded checkpoint's tensors.
+    # Tensors saved under an earlier name are exported under today's.
     weights = Checkpointer.load_weights(
-        checkpoint, lambda: QwenRLModels(model_config(cfg)).state_dict()
+        checkpoint,
+        lambda: QwenRLModels(model_config(cfg)).state_dict(),
+        renamed=QwenRLModels.RENAMED,
     )
     return weights, cfg
 

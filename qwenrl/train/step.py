@@ -102,16 +102,31 @@ def read_all(steps: list[StepMetrics]) -> list[dict[str, Any]]:
 
 
 class StepForward(nn.Module):
-    """The differentiable part of one step, as one module so DDP can wrap it.
+    """The differentiable part of one step, as one module so DDP can wrap it (or FSDP shard
+    it as the root).
 
     Qwen on the prompts the cache plan marks for computing, the cache for the others, then
     refiner → RL action → agent, up to the logits. Only tensors go through ``forward`` (DDP
     inspects its arguments); the step's cache plan is set on :attr:`context` just before.
+
+    Its submodules are exactly what the main optimizer trains: ``encoder``, ``refiner``,
+    ``steerer`` (the steering vectors) and ``agent``, the very modules of ``models``, so that
+    ``parameters()`` is the main optimizer's set and DDP / FSDP need no ignore list. The RL
+    action head, which has its own optimizer and averages its own gradients
+    (``RefinementPolicy.update``), stays out: ``models`` is held as a plain attribute, not a
+    submodule. The forward picks the action with it (no grad) through
+    ``QwenRLModels.condition``.
     """
+
+    models: QwenRLModels
 
     def __init__(self, models: QwenRLModels, cache: EmbeddingCache) -> None:
         super().__init__()
-        self.models = models
+        self.encoder = models.encoder
+        self.refiner = models.refiner
+        self.steerer = models.policy.steerer
+        self.agent = models.agent
+        object.__setattr__(self, "models", models)  # not registered: see the class docstring
         self.cache = cache
         self.context: tuple[CachePlan, int, bool] | None = None  # (plan, step, anchor_only)
 
@@ -129,7 +144,7 @@ class StepForward(nn.Module):
         plan, step, anchor_only = self.context
         fresh, anchor = None, None
         if input_ids is not None:
-            fresh = self.models.encoder(input_ids, attention_mask).float()  # [U, dim]
+            fresh = self.encoder(input_ids, attention_mask).float()  # [U, dim]
             if anchor_only:
                 # Qwen runs here only so that every rank takes part in its gradient collectives
                 # on this step; 0·x adds a zero gradient and changes no value.
@@ -143,5 +158,5 @@ class StepForward(nn.Module):
             # reduce-scatter is a collective).
             prompt = prompt + anchor
         conditioned, refined_detached, action = self.models.condition(prompt)
-        logits = self.models.agent(query, conditioned, hints)  # [B, 900, C]
+        logits = self.agent(query, conditioned, hints)  # [B, 900, C]
         return logits, refined_detached, action

@@ -11,6 +11,7 @@ import contextlib
 import random
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,8 @@ from qwenrl.train import distributed as D
 from qwenrl.train.checkpoint import (
     Checkpointer,
     move_earlier_run,
+    rng_state,
+    set_rng_state,
     write_text_atomic,
 )
 from qwenrl.train.config import TrainConfig, loss_options, model_config, ttt_config
@@ -42,9 +45,6 @@ from qwenrl.train.step import (
 )
 
 __all__ = ["NonFiniteLossError", "Trainer"]
-
-# Parts of Trainer.state_dict that differ between ranks: under FSDP each rank saves its own.
-RANK_STATE = ("cache", "rng")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -134,22 +134,17 @@ class Trainer:
         self.cache = EmbeddingCache(
             capacity, cfg.dim, refresh_every=cfg.refresh_every, device=self.device
         )
+        # StepForward holds exactly the main optimizer's parameters (not the RL head, which has
+        # its own optimizer and averages its own gradients), so DDP and FSDP wrap all of it.
         self.step_forward = StepForward(self.models, self.cache)
         self.forward: nn.Module = self.step_forward
         if cfg.fsdp:
             D.shard_models(self.models, self.step_forward, self.device, bf16=cfg.amp == "bf16")
         elif self.dist.enabled:
-            # The RL head has its own optimizer and averages its gradients itself
-            # (RefinementPolicy.update); Qwen is unused on cached steps.
-            rl = {id(p) for p in self.models.rl_parameters()}
-            ignored = [f"models.{n}" for n, p in self.models.named_parameters() if id(p) in rl]
-            nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-                self.step_forward, ignored
-            )
             self.forward = nn.parallel.DistributedDataParallel(
                 self.step_forward,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=True,
+                find_unused_parameters=True,  # Qwen is unused on cached steps
             )
 
     def _setup_optimizers(self) -> None:
@@ -417,27 +412,25 @@ class Trainer:
     # --- checkpoints -----------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything but the weights that an exact resume needs."""
+        """What the ranks share of an exact resume, weights aside (``state.pt``)."""
         return {
             "step": self.step,
             "tau": self.criterion.tau,
             "config": self.cfg.to_dict(),
+            "world_size": self.dist.world_size,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "rl_optimizer": self.rl_optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "cache": self.cache.state_dict(),
             "flags": self.flags.state_dict(),
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                "python": list(random.getstate()[1]),
-            },
         }
 
+    def rank_state_dict(self) -> dict[str, Any]:
+        """This rank's own part (``rank-<r>.pt``): its embedding cache and RNG states."""
+        return {"cache": self.cache.state_dict(), "rng": rng_state()}
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restores :meth:`state_dict`'s parts; under FSDP the optimizer comes from the shards
-        and the per-rank parts (``RANK_STATE``) may be absent (another number of ranks)."""
+        """Restores :meth:`state_dict`'s parts (under FSDP the optimizer comes from the shards)."""
         self.step = int(state["step"])
         self.criterion.tau = state["tau"]
         if not self.cfg.fsdp:
@@ -446,52 +439,47 @@ class Trainer:
         self.rl_optimizer.load_state_dict(state["rl_optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.flags.load_state_dict(state["flags"])
-        if "cache" not in state and not self.cfg.fsdp:
-            raise KeyError("checkpoint state has no embedding cache")
-        if "cache" in state:
-            self.cache.load_state_dict(state["cache"])
-            rng = state["rng"]
-            torch.set_rng_state(rng["torch"])
-            if rng["cuda"] and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(rng["cuda"])
-            random.setstate((3, tuple(rng["python"]), None))
+
+    def load_rank_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores :meth:`rank_state_dict`'s parts."""
+        self.cache.load_state_dict(state["cache"])
+        set_rng_state(state["rng"])
 
     def save_checkpoint(self) -> Path:
-        """Writes ``checkpoint-<step>`` atomically once every rank got here: rank 0 alone, or
-        under FSDP every rank its shards (docs/distributed.md)."""
+        """Writes ``checkpoint-<step>`` atomically once every rank got here: rank 0 the shared
+        parts, every rank its own ``rank-<r>.pt`` (and under FSDP its shards; see
+        docs/distributed.md). Every rank must call it."""
         self.read_metrics()  # the red flags' state must include every step taken
+        state, own = self.state_dict(), self.rank_state_dict()
         if self.cfg.fsdp:
-            state = self.state_dict()
             state.pop("optimizer")  # sharded, with the weights
-            own = {k: state.pop(k) for k in RANK_STATE}
             sharded = D.sharded_state_dict(self.models, self.optimizer)
-            state["world_size"] = self.dist.world_size
             return self.checkpointer.save_sharded(self.step, sharded, state, own, self.dist)
-        path = self.checkpointer.path(self.step)
-        if self.dist.is_main:
-            path = self.checkpointer.save(self.step, self.models.state_dict(), self.state_dict())
-        D.barrier(self.dist)
-        return path
+        weights = self.models.state_dict()
+        return self.checkpointer.save(self.step, weights, state, own, self.dist)
 
     def load_checkpoint(self, path: str | Path) -> None:
-        """Restores everything :meth:`save_checkpoint` wrote."""
+        """Restores everything :meth:`save_checkpoint` wrote; a rank whose own part is missing
+        (e.g. another number of ranks) warns and starts with an empty cache and fresh RNG."""
         if self.cfg.fsdp:
             sharded = D.sharded_state_dict(self.models, self.optimizer)
-            state, own = Checkpointer.load_sharded(path, sharded, self.dist.rank)
+            state, _ = Checkpointer.load_sharded(path, sharded, None, self.models.RENAMED)
             D.load_sharded_state_dict(self.models, self.optimizer, sharded)
-            if own is None or state["world_size"] != self.dist.world_size:
-                self.monitor.warn(
-                    f"{path} was saved by {state['world_size']} ranks, this run has "
-                    f"{self.dist.world_size}: weights and optimizer are resharded, but each "
-                    "rank starts with an empty embedding cache and fresh RNG states (the run "
-                    "continues, not exactly as it would have)"
-                )
-            else:
-                state.update(own)
         else:
             weights, state = Checkpointer.load(path, self.device)
             self.models.load_state_dict(weights)
         self.load_state_dict(state)
+        own, why = Checkpointer.load_rank_state(path, state, self.dist)
+        if own is None:
+            warnings.warn(
+                f"rank {self.dist.rank}: no state of its own in {path} ({why}): it starts with "
+                "an empty embedding cache and fresh RNG states (the run continues, not exactly "
+                "as it would have)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        else:
+            self.load_rank_state_dict(own)
         self.monitor.print(f"Resumed from {path} at step {self.step}")
 
     def close(self) -> None:
