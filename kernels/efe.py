@@ -12,6 +12,11 @@ loss w.r.t. the logits. Two kernels share the same math:
 
 Nothing synchronises the host: N_valid for ``mean`` is a device scalar that the kernels load,
 and the stats are per-program partial sums that torch ops reduce on the device afterwards.
+
+The options ``row_weight`` (r_i), ``z_loss`` (λ) and the per-token outputs each sit behind a
+constexpr flag (HAS_ROW_WEIGHT, HAS_Z_LOSS, WRITE_PER_TOKEN): off, none of their code is
+compiled in. Their arguments come last, with defaults, so a launch without them (as
+``bench/gpu_compile.py`` makes) is the plain loss.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import triton.language as tl
 from torch import Tensor
 
 from qwenrl.loss.options import SUM_FIELDS
+from qwenrl.loss.reference import PER_TOKEN_FIELDS
 
 MAX_TILE_C = 8192  # widest row the tile kernel keeps whole in registers
 TILE_ELEMS = 2048  # BLOCK_N · BLOCK_C of a tile-kernel program
@@ -44,6 +50,11 @@ _ENTROPY = tl.constexpr(SUM_FIELDS.index("entropy"))
 _VALID = tl.constexpr(SUM_FIELDS.index("n_valid"))
 _LOSS = tl.constexpr(len(SUM_FIELDS))
 N_PARTIALS = tl.constexpr(len(SUM_FIELDS) + 1)
+# Rows of the per-token buffer [4, N] (qwenrl.loss.reference.PER_TOKEN_FIELDS).
+_LOGPROB = tl.constexpr(PER_TOKEN_FIELDS.index("logprob"))
+_TOK_ENTROPY = tl.constexpr(PER_TOKEN_FIELDS.index("entropy"))
+_TOK_CORRECT = tl.constexpr(PER_TOKEN_FIELDS.index("correct"))
+_LSE = tl.constexpr(PER_TOKEN_FIELDS.index("lse"))
 
 
 @triton.jit
@@ -66,13 +77,65 @@ def _soft_target(t, eps, C, LOG_TARGET: tl.constexpr, SMOOTH: tl.constexpr):
 
 
 @triton.jit
-def _weighted_loss(hard, valid, y_in, risk, entropy, easy_weight, beta):
-    """Hard-cell weight w and the row loss w·(risk + β·H) (0 on ignored rows, NaN weight on
-    an out-of-range target) → (hard & valid, w, loss)."""
+def _weighted_loss(
+    hard,
+    valid,
+    y_in,
+    risk,
+    entropy,
+    easy_weight,
+    beta,
+    lse,
+    r,
+    z_loss,
+    HAS_ROW_WEIGHT: tl.constexpr,
+    HAS_Z_LOSS: tl.constexpr,
+):
+    """Hard-cell weight w and the row loss r·(w·(risk + β·H) + λ·lse²) (0 on ignored rows,
+    NaN weight on an out-of-range target) → (hard & valid, w, loss). ``r`` and ``lse`` are
+    read only under their flags."""
     hard = hard & valid
     w = easy_weight + (1.0 - easy_weight) * hard.to(tl.float32)
     w = tl.where(y_in, w, float("nan"))
-    return hard, w, tl.where(valid, w * (risk + beta * entropy), 0.0)
+    loss = w * (risk + beta * entropy)
+    if HAS_Z_LOSS:
+        loss = loss + z_loss * lse * lse
+    if HAS_ROW_WEIGHT:
+        loss = r * loss
+    return hard, w, tl.where(valid, loss, 0.0)
+
+
+@triton.jit
+def _grad_coefs(w, scale, lse, r, z_loss, HAS_ROW_WEIGHT: tl.constexpr, HAS_Z_LOSS: tl.constexpr):
+    """The gradient of a row is coef·d + zcoef·q: coef = r·w·scale, zcoef = r·scale·2λ·lse
+    (zcoef is 0 and unused without HAS_Z_LOSS)."""
+    coef = w * scale
+    zcoef = 0.0
+    if HAS_Z_LOSS:
+        zcoef = (2.0 * z_loss * scale) * lse
+    if HAS_ROW_WEIGHT:
+        coef = r * coef
+        zcoef = r * zcoef
+    return coef, zcoef
+
+
+@triton.jit
+def _store_per_token(tok_ptr, rows, N, row_in, valid, y_in, lse, log_q_y, entropy, correct):
+    """The per-token outputs of these rows (PER_TOKEN_FIELDS): 0 on ignored rows; on a NaN
+    row (NaN or +inf logits, every class masked, an out-of-range class target) NaN floats and
+    correct = 0, as the C++ kernel. Such a row is the one whose lse is not finite (NaN, or -inf
+    when every class is masked), or whose target is out of range."""
+    bad = (tl.abs(lse) < float("inf")) == 0
+    bad = bad | (y_in == 0)
+    nan = float("nan")
+    logprob = tl.where(valid, tl.where(bad, nan, log_q_y), 0.0)
+    ent = tl.where(valid, tl.where(bad, nan, entropy), 0.0)
+    hit = tl.where(correct & (bad == 0), 1.0, 0.0)
+    lse_out = tl.where(valid, tl.where(bad, nan, lse), 0.0)
+    tl.store(tok_ptr + _LOGPROB * N + rows, logprob, mask=row_in)
+    tl.store(tok_ptr + _TOK_ENTROPY * N + rows, ent, mask=row_in)
+    tl.store(tok_ptr + _TOK_CORRECT * N + rows, hit, mask=row_in)
+    tl.store(tok_ptr + _LSE * N + rows, lse_out, mask=row_in)
 
 
 @triton.jit
@@ -102,6 +165,12 @@ def _efe_tile_kernel(
     MEAN_BY_NVALID: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    rw_ptr=None,  # [N] row weights r_i (read when HAS_ROW_WEIGHT)
+    tok_ptr=None,  # [4, N] fp32 per-token outputs (written when WRITE_PER_TOKEN)
+    z_loss=0.0,  # λ (read when HAS_Z_LOSS)
+    HAS_ROW_WEIGHT: tl.constexpr = False,
+    HAS_Z_LOSS: tl.constexpr = False,
+    WRITE_PER_TOKEN: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -147,21 +216,50 @@ def _efe_tile_kernel(
     risk = tl.where(y_in, risk, float("nan"))
 
     q_y = tl.sum(tl.where(cols[None, :] == y[:, None], q, 0.0), 1)
+    if WRITE_PER_TOKEN:
+        # log q[y] from the tile (never read again from memory: grad may alias the logits),
+        # -inf when the target class is masked, as in the reference. Taken here, where live
+        # and log_q are live anyway: later, live would be kept for it (spills at 1 × 8192).
+        log_q_live = tl.where(live, log_q, float("-inf"))
+        log_q_y = tl.sum(tl.where(cols[None, :] == y[:, None], log_q_live, 0.0), 1)
     if HAS_MASK:
         hard = tl.load(mask_ptr + rows, mask=row_in, other=0) != 0
     else:
         hard = q_y < tau
-    hard, w, loss_row = _weighted_loss(hard, valid, y_in, risk, entropy, easy_weight, beta)
+    lse = m + log_s
+    r = 1.0
+    if HAS_ROW_WEIGHT:
+        r = tl.load(rw_ptr + rows, mask=row_in, other=0.0).to(tl.float32)
+    hard, w, loss_row = _weighted_loss(
+        hard,
+        valid,
+        y_in,
+        risk,
+        entropy,
+        easy_weight,
+        beta,
+        lse,
+        r,
+        z_loss,
+        HAS_ROW_WEIGHT,
+        HAS_Z_LOSS,
+    )
     correct = valid & (arg_z == y)
 
     if WRITE_LOSS:
         tl.store(loss_ptr + rows, loss_row, mask=row_in)
+    if WRITE_PER_TOKEN:
+        _store_per_token(tok_ptr, rows, N, row_in, valid, y_in, lse, log_q_y, entropy, correct)
     if WRITE_GRAD:
         scale = grad_scale
         if MEAN_BY_NVALID:
             scale = scale / tl.maximum(tl.load(nvalid_ptr).to(tl.float32), 1.0)
+        coef, zcoef = _grad_coefs(w, scale, lse, r, z_loss, HAS_ROW_WEIGHT, HAS_Z_LOSS)
         g = (sum_p * q - p) - beta * q * (log_q + entropy[:, None])
-        g = tl.where(valid[:, None], (w * scale)[:, None] * g, 0.0)
+        g = coef[:, None] * g
+        if HAS_Z_LOSS:
+            g = g + zcoef[:, None] * q
+        g = tl.where(valid[:, None], g, 0.0)
         tl.store(grad_ptr + offs, g.to(grad_ptr.dtype.element_ty), mask=tile_in)
 
     out = part_ptr + pid * N_PARTIALS
@@ -199,6 +297,12 @@ def _efe_online_kernel(
     WRITE_LOSS: tl.constexpr,
     MEAN_BY_NVALID: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    rw_ptr=None,  # [N] row weights r_i (read when HAS_ROW_WEIGHT)
+    tok_ptr=None,  # [4, N] fp32 per-token outputs (written when WRITE_PER_TOKEN)
+    z_loss=0.0,  # λ (read when HAS_Z_LOSS)
+    HAS_ROW_WEIGHT: tl.constexpr = False,
+    HAS_Z_LOSS: tl.constexpr = False,
+    WRITE_PER_TOKEN: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     row = pid.to(tl.int64)
@@ -281,18 +385,36 @@ def _efe_online_kernel(
         hard = tl.load(mask_ptr + row) != 0
     else:
         hard = tl.exp(z_y - lse) < tau
-    hard, w, loss_row = _weighted_loss(hard, valid, y_in, risk, entropy, easy_weight, beta)
+    r = 1.0
+    if HAS_ROW_WEIGHT:
+        r = tl.load(rw_ptr + row).to(tl.float32)
+    hard, w, loss_row = _weighted_loss(
+        hard,
+        valid,
+        y_in,
+        risk,
+        entropy,
+        easy_weight,
+        beta,
+        lse,
+        r,
+        z_loss,
+        HAS_ROW_WEIGHT,
+        HAS_Z_LOSS,
+    )
     correct = valid & (arg_z == y)
 
     if WRITE_LOSS:
         tl.store(loss_ptr + row, loss_row)
+    if WRITE_PER_TOKEN:
+        _store_per_token(tok_ptr, row, N, pid < N, valid, y_in, lse, z_y - lse, entropy, correct)
     if WRITE_GRAD:
         # Pass 2: the gradient, block by block (each block is read before it is written, so
         # grad_ptr may alias z_ptr). Ignored rows write zeros without reading.
         scale = grad_scale
         if MEAN_BY_NVALID:
             scale = scale / tl.maximum(tl.load(nvalid_ptr).to(tl.float32), 1.0)
-        coef = w * scale
+        coef, zcoef = _grad_coefs(w, scale, lse, r, z_loss, HAS_ROW_WEIGHT, HAS_Z_LOSS)
         g_row = grad_ptr + row * C
         for c0 in tl.range(0, C, BLOCK_C):
             offs = c0 + cols
@@ -306,8 +428,10 @@ def _efe_online_kernel(
                 p, _ = _soft_target(tv, eps, C, LOG_TARGET, SMOOTH)
             else:
                 p = tl.where(offs == y, 1.0 - eps + eps / C, eps / C)
-            g = (sum_p * q - p) - beta * q * (log_q + entropy)
-            g = tl.where(valid, coef * g, 0.0)
+            g = coef * ((sum_p * q - p) - beta * q * (log_q + entropy))
+            if HAS_Z_LOSS:
+                g = g + zcoef * q
+            g = tl.where(valid, g, 0.0)
             tl.store(g_row + offs, g.to(grad_ptr.dtype.element_ty), mask=inb)
 
     out = part_ptr + row * N_PARTIALS
@@ -382,9 +506,14 @@ def kernel_flags(
     reduction: str,
     has_mask: bool,
     has_grad: bool,
+    has_row_weight: bool = False,
+    z_loss: float = 0.0,
+    per_token: bool = False,
 ) -> dict[str, bool]:
     """The kernels' constexpr flags for one call of :func:`efe_forward_triton` (pure: the
-    ahead-of-time compile in ``bench/gpu_compile.py`` enumerates its reachable outputs)."""
+    ahead-of-time compile in ``bench/gpu_compile.py`` enumerates its reachable outputs).
+
+    The last three (row weights, z-loss, per-token outputs) default to off: the plain loss."""
     return dict(
         SOFT=bool(soft),
         LOG_TARGET=bool(log_target),
@@ -394,6 +523,9 @@ def kernel_flags(
         WRITE_LOSS=reduction == "none",
         # Class targets divide by N_valid on the device; soft targets by N (grad_scale).
         MEAN_BY_NVALID=bool(has_grad) and reduction == "mean" and not soft,
+        HAS_ROW_WEIGHT=bool(has_row_weight),
+        HAS_Z_LOSS=z_loss != 0.0,
+        WRITE_PER_TOKEN=bool(per_token),
     )
 
 
@@ -415,6 +547,9 @@ def _launch(
     scalars: tuple,
     flags: dict,
     *,
+    row_weight: Tensor | None,
+    per_token_out: Tensor | None,
+    z_loss: float,
     online: bool,
     block_n: int | None,
     block_c: int | None,
@@ -437,6 +572,11 @@ def _launch(
         *scalars,
         **flags,
         **cfg.meta,
+        # The options' arguments: None (a constexpr) when their flag is off, as in a launch
+        # that leaves them out.
+        rw_ptr=row_weight,
+        tok_ptr=per_token_out,
+        z_loss=float(z_loss),
         num_warps=cfg.num_warps,
     )
     return part
@@ -458,7 +598,7 @@ def efe_forward_triton(
     ignore_index: int,
     reduction: str,
     z_loss: float = 0.0,
-    per_token: bool = False,
+    per_token_out: Tensor | None = None,
     online: bool | None = None,
     block_n: int | None = None,
     block_c: int | None = None,
@@ -471,7 +611,14 @@ def efe_forward_triton(
             ``log_target``).
         hard_mask: optional [N] bool, replaces the ``q[y] < tau`` rule.
         grad: optional [N, C] output (logits' dtype, may be ``logits`` itself): receives the
-            gradient of the reduced loss (of each row's own loss for ``'none'``).
+            gradient of the reduced loss (of each row's own loss for ``'none'``), with each
+            row's factor r_i and the z-loss term: r_i·scale·(w_i·d_i + 2λ·lse_i·q_i).
+        row_weight: optional [N] float r_i (any sign), multiplies each row's loss and
+            gradient; the sums are not weighted.
+        z_loss: λ, adds λ·lse_i² to each row's loss (before r_i).
+        per_token_out: optional [4, N] contiguous float32 output: the per-row
+            ``PER_TOKEN_FIELDS`` (logprob, entropy, correct, lse); 0 on ignored rows, NaN
+            floats and correct = 0 on a NaN row.
         online: force the row-per-program online kernel (True) or the tile kernel (False);
             default: online when the row is wider than ``MAX_TILE_C``.
         block_n, block_c: override the tile kernel's rows per program and the online kernel's
@@ -481,13 +628,23 @@ def efe_forward_triton(
         (loss, sums): fp32 loss ([N] for ``'none'``, 0-dim otherwise) and fp32 sums [5] =
         (n_hard, n_correct, Σ risk, Σ entropy, n_valid), all on the logits' device.
     """
-    if row_weight is not None or z_loss or per_token:
-        raise NotImplementedError(
-            "the Triton EFE kernels do not take row_weight, z_loss or per_token yet: "
-            "use backend='reference' on CUDA"
-        )
     n, c = logits.shape
     device = logits.device
+    if row_weight is not None:
+        if row_weight.shape != (n,):
+            raise ValueError(f"row_weight must be [{n}], got {tuple(row_weight.shape)}")
+        row_weight = row_weight.contiguous()
+    if per_token_out is not None:
+        want = (len(PER_TOKEN_FIELDS), n)
+        if (
+            per_token_out.shape != want
+            or per_token_out.dtype != torch.float32
+            or not per_token_out.is_contiguous()
+        ):
+            raise ValueError(
+                f"per_token_out must be a contiguous float32 {list(want)} tensor, got "
+                f"{per_token_out.dtype} {list(per_token_out.shape)}"
+            )
     if n == 0:
         loss = torch.zeros((0,) if reduction == "none" else (), dtype=torch.float32, device=device)
         return loss, torch.zeros(5, dtype=torch.float32, device=device)
@@ -511,6 +668,9 @@ def efe_forward_triton(
         reduction=reduction,
         has_mask=hard_mask is not None,
         has_grad=grad is not None,
+        has_row_weight=row_weight is not None,
+        z_loss=float(z_loss),
+        per_token=per_token_out is not None,
     )
     # N_valid stays on the device: the kernel loads it.
     nvalid = (target != ignore_index).sum() if flags["MEAN_BY_NVALID"] else None
@@ -526,6 +686,9 @@ def efe_forward_triton(
             nvalid,
             scalars,
             flags,
+            row_weight=row_weight,
+            per_token_out=per_token_out,
+            z_loss=z_loss,
             online=online,
             block_n=block_n,
             block_c=block_c,

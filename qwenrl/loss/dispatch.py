@@ -123,10 +123,20 @@ def _triton_forward(logits, target, hard_mask, row_weight, grad, options: EFEOpt
         check_target_range(target, logits.shape[1], options.ignore_index)
     kwargs = options.kernel_kwargs()
     del kwargs["validate"]
+    # The kernels write the per-row outputs into a buffer of ours, like the gradient.
+    per_token = kwargs.pop("per_token")
+    shape = (len(PER_TOKEN_FIELDS), logits.shape[0]) if per_token else (0,)
+    per_token_out = logits.new_empty(shape, dtype=torch.float32)
     loss, sums = efe_forward_triton(
-        logits, target, hard_mask, grad, row_weight=row_weight, **kwargs
+        logits,
+        target,
+        hard_mask,
+        grad,
+        row_weight=row_weight,
+        per_token_out=per_token_out if per_token else None,
+        **kwargs,
     )
-    return loss, sums, logits.new_empty(0, dtype=torch.float32)
+    return loss, sums, per_token_out
 
 
 def reference_forward(logits, target, hard_mask, row_weight, grad, options: EFEOptions):
