@@ -1,7 +1,7 @@
 """Compile every Triton EFE kernel variant for real GPUs, ahead of time, on a CPU-only machine.
 
     python bench/gpu_compile.py          # pairwise flag coverage (default; ~2 min on 2 cores)
-    python bench/gpu_compile.py --full   # every reachable flag combination (~18 min)
+    python bench/gpu_compile.py --full   # every reachable flag combination (about 2.5 hours, estimated)
     make gpu-compile
 
 A variant is kernel × logits dtype × constexpr flags × block config × arch, each as the
@@ -11,11 +11,11 @@ runtime launcher would produce it:
   for the [N, C] shapes in ``SHAPES``: C = 12 (ARC), 8192 (``MAX_TILE_C``: the widest tile,
   16 warps), 32000 and 151936 (LLM vocabularies, online kernel).
 * **Flags**: the outputs of ``efe.kernel_flags`` over every option set ``EFEOptions`` accepts
-  (52 distinct combinations of the 7 flags). All 52 per kernel × dtype × config × arch take
-  ~18 minutes here, so by default a *pairwise* subset is compiled: every pair of values of any
-  two flags that some reachable combination has appears in at least one compiled combination,
-  and the training call (class targets, ``'mean'``, gradient) is always in. ``--full`` compiles
-  all 52.
+  (416 distinct combinations of the 10 flags, row weights, z-loss and per-token outputs
+  included). All of them per kernel × dtype × config × arch would take hours here, so by
+  default a *pairwise* subset is compiled: every pair of values of any two flags that some
+  reachable combination has appears in at least one compiled combination, and the training
+  call (class targets, ``'mean'``, gradient) is always in. ``--full`` compiles all 416.
 * **Pointers** as ``efe_forward_triton`` passes them: int64 class targets, soft targets in the
   logits' dtype, the gradient in ``grad_dtype`` (float32 for float16 logits), float32
   stand-ins for unused pointers. Specialisation (i32/i64, divisibility by 16) and compile
@@ -109,7 +109,9 @@ def flag_names() -> tuple[str, ...]:
     return tuple(_flags_of(EFEOptions()))
 
 
-def _flags_of(o: EFEOptions, has_mask: bool = False, has_grad: bool = True) -> dict[str, bool]:
+def _flags_of(
+    o: EFEOptions, has_mask: bool = False, has_grad: bool = True, has_row_weight: bool = False
+) -> dict[str, bool]:
     return efe.kernel_flags(
         soft=o.soft,
         log_target=o.log_target,
@@ -117,6 +119,9 @@ def _flags_of(o: EFEOptions, has_mask: bool = False, has_grad: bool = True) -> d
         reduction=o.reduction,
         has_mask=has_mask,
         has_grad=has_grad,
+        has_row_weight=has_row_weight,
+        z_loss=o.z_loss,
+        per_token=o.per_token,
     )
 
 
@@ -124,19 +129,35 @@ def reachable_flags() -> list[tuple[str, ...]]:
     """Every flag combination ``efe_forward_triton`` can launch with (the True flags of each).
 
     The inputs are every option set EFEOptions accepts (it rejects log_target without soft
-    targets), with and without a hard mask and a gradient buffer.
+    targets), with and without a hard mask, a gradient buffer and row weights.
     """
     seen: dict[tuple[str, ...], None] = {}
-    for soft, log_target, eps, reduction, has_mask, has_grad in itertools.product(
-        (False, True), (False, True), (0.0, 0.1), REDUCTIONS, (False, True), (False, True)
+    bools = (False, True)
+    for (
+        soft,
+        log_target,
+        eps,
+        z_loss,
+        per_token,
+        reduction,
+        has_mask,
+        has_grad,
+        has_rw,
+    ) in itertools.product(
+        bools, bools, (0.0, 0.1), (0.0, 1e-4), bools, REDUCTIONS, bools, bools, bools
     ):
         try:
             o = EFEOptions(
-                soft=soft, log_target=log_target, label_smoothing=eps, reduction=reduction
+                soft=soft,
+                log_target=log_target,
+                label_smoothing=eps,
+                z_loss=z_loss,
+                per_token=per_token,
+                reduction=reduction,
             )
         except ValueError:
             continue
-        flags = _flags_of(o, has_mask, has_grad)
+        flags = _flags_of(o, has_mask, has_grad, has_rw)
         seen[tuple(k for k, v in flags.items() if v)] = None
     return list(seen)
 
@@ -225,6 +246,12 @@ def _launch_args(v: Variant) -> tuple[tuple, dict]:
     grad = torch.empty(1, dtype=grad_dtype(dtype)) if flags["WRITE_GRAD"] else z
     loss = torch.empty(1) if flags["WRITE_LOSS"] else part
     nvalid = torch.empty((), dtype=torch.int64) if flags["MEAN_BY_NVALID"] else part
+    # The options' trailing arguments: None (a constexpr) when off, as the launcher passes them.
+    options = dict(
+        rw_ptr=torch.empty(1) if flags["HAS_ROW_WEIGHT"] else None,
+        tok_ptr=torch.empty(1) if flags["WRITE_PER_TOKEN"] else None,
+        z_loss=1e-4 if flags["HAS_Z_LOSS"] else 0.0,
+    )
     # ignore_index, tau, easy_weight, beta, eps, plogp_class, grad_scale
     scalars = (-100, 0.6, 0.5, 0.1, 0.1, -0.5, 1.0)
     meta = (
@@ -233,7 +260,7 @@ def _launch_args(v: Variant) -> tuple[tuple, dict]:
         else {"BLOCK_N": v.block_n, "BLOCK_C": v.block_c}
     )
     args = (z, target, mask, grad, loss, part, nvalid, v.n, v.c, *scalars)
-    return args, {**flags, **meta, "num_warps": v.num_warps}
+    return args, {**flags, **meta, **options, "num_warps": v.num_warps}
 
 
 def _ptxas_report(log: str) -> dict[str, int]:
