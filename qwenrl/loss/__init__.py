@@ -7,7 +7,8 @@
 * :mod:`qwenrl.loss.linear`: :func:`linear_efe_loss`, the loss of a linear layer's output
   (a language model's head) without materialising the logits; its chunk loop
   (:mod:`~qwenrl.loss.chunks`), autograd (:mod:`~qwenrl.loss.linear_function`,
-  :mod:`~qwenrl.loss.grad_engine`) and custom ops (:mod:`~qwenrl.loss.linear_op`).
+  :mod:`~qwenrl.loss.grad_engine`), custom ops (:mod:`~qwenrl.loss.linear_op`) and
+  distillation from a teacher's hidden states (:mod:`~qwenrl.loss.distill`).
 * :mod:`qwenrl.loss.hf`: the Hugging Face integration (a causal LM's loss without its logits).
 * :mod:`qwenrl.loss.reference`: the math in plain PyTorch, the spec every kernel is tested on.
 """

@@ -15,7 +15,11 @@ Three entry points, one per memory mode (the autograd layers choose among them):
 
 Rows whose class target is ``ignore_index`` are dropped before the first matmul on the CPU;
 on CUDA that would need a host sync (``nonzero``), so there they go through the matmul and
-the kernel gives them a zero gradient.
+the kernel gives them a zero gradient. A distillation call (:mod:`qwenrl.loss.distill`) drops
+them on every device: the kernel's soft mode has no ignored rows. Whatever a row carries (its
+hidden state, target, hard mask, ``row_weight``, the teacher's hidden state, the upstream
+gradient) follows the same selection, and the per-row outputs (the loss for ``'none'``, the
+per-token outputs) of dropped rows are 0.
 
 Precision: bfloat16/float16 inputs accumulate ``grad_W``, ``grad_b`` and ``grad_h`` in float32.
 On the CPU, whose low-precision matmuls are emulated, the matmuls themselves run in float32 on
@@ -34,7 +38,9 @@ import torch
 from torch import Tensor
 
 from qwenrl.loss.dispatch import ForwardFn, check_target_range, grad_dtype
+from qwenrl.loss.distill import Teacher, soft_target
 from qwenrl.loss.options import EFEOptions
+from qwenrl.loss.reference import PER_TOKEN_FIELDS
 
 # Multiplies a float16 chunk gradient before its cast to float16: |g| ≤ w·(1 + β·(1 + log V)),
 # so with β up to ~30 the largest value stays below float16's 65504, while values down to
@@ -86,14 +92,30 @@ class ChunkSettings:
 @dataclasses.dataclass(frozen=True)
 class LinearProblem:
     """One call's flattened inputs: hidden [N, D]; weight [V, D]; bias [V] or None; target
-    [N] int64 or [N, V] float; hard_mask [N] bool or None; and its :class:`ChunkSettings`."""
+    [N] int64 or [N, V] float (with a teacher: [N] int64 marking ignored rows, or None);
+    hard_mask [N] bool or None; its :class:`ChunkSettings`; row_weight [N] float32 or None; the
+    :class:`~qwenrl.loss.distill.Teacher` (the soft target) or None; and ``per_token_out``, a
+    float32 [4, N] buffer that a forward pass (:func:`chunked_loss`,
+    :func:`chunked_loss_and_grads`) fills with the per-row outputs (``PER_TOKEN_FIELDS``), or
+    None for none."""
 
     hidden: Tensor
     weight: Tensor
     bias: Tensor | None
-    target: Tensor
+    target: Tensor | None
     hard_mask: Tensor | None
     settings: ChunkSettings
+    row_weight: Tensor | None = None
+    teacher: Teacher | None = None
+    per_token_out: Tensor | None = None
+
+
+def per_token_buffer(n_rows: int, like: Tensor, options: EFEOptions) -> Tensor | None:
+    """An uninitialised float32 [4, N] ``per_token_out`` where ``options.per_token`` asks for
+    the per-row outputs, else None."""
+    if not options.per_token:
+        return None
+    return like.new_empty((len(PER_TOKEN_FIELDS), n_rows), dtype=torch.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,28 +131,37 @@ class _Chunk:
     grad_scale: float  # FP16_GRAD_SCALE for a float16 gradient through float32, else 1
     grad_weight: Tensor | None  # [V, D] accumulator
     grad_bias: Tensor | None  # [V] accumulator
+    teacher: Teacher | None = None  # its weight and bias in the teacher's matmul dtype
 
     def run(
         self,
         h_c: Tensor,
-        t_c: Tensor,
+        t_c: Tensor | None,
         m_c: Tensor | None,
+        r_c: Tensor | None,
+        th_c: Tensor | None,
         upstream_c: Tensor | None,
         grad_h_c: Tensor | None,
-    ) -> tuple[Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """One chunk: matmul, fused kernel, gradient matmuls. Its [c, V] buffers die on return,
-        before the next chunk allocates its own. ``upstream_c``: [c] or 0-dim, or None."""
+        before the next chunk allocates its own. ``r_c``: the rows' weights; ``th_c``: the
+        teacher's hidden states (the target is then its soft target); ``upstream_c``: [c] or
+        0-dim, or None. Returns the kernel's (loss, sums, per_token)."""
         w, b = self.weight, self.bias
         # [c, V]: the only logits alive; the kernel overwrites them with their gradient.
         logits = torch.mm(h_c, w.t()) if b is None else torch.addmm(b, h_c, w.t())
+        if self.teacher is not None:  # the teacher's [c, V] soft target, the student's z / T
+            t_c = soft_target(self.teacher, th_c)
+            if self.teacher.temperature != 1.0:
+                logits.div_(self.teacher.temperature)
         grad = None
         if self.grad_dtype is not None:
             same = self.grad_dtype == logits.dtype
             grad = logits if same else torch.empty_like(logits, dtype=self.grad_dtype)
-        loss_c, sums_c, _ = self.forward_fn(logits, t_c, m_c, None, grad, self.options)
+        loss_c, sums_c, tok_c = self.forward_fn(logits, t_c, m_c, r_c, grad, self.options)
         if grad is None:
-            return loss_c, sums_c
-        del logits
+            return loss_c, sums_c, tok_c
+        del logits, t_c
         if upstream_c is not None:  # a backward's upstream gradient: per row or one scalar
             grad.mul_((upstream_c[:, None] if upstream_c.dim() else upstream_c).to(grad.dtype))
         if grad.dtype != w.dtype:  # float16 on CUDA: scaled into float16's normal range
@@ -144,7 +175,7 @@ class _Chunk:
             _accumulate_mm(self.grad_weight, grad.t(), h_c)
         if self.grad_bias is not None:
             self.grad_bias.add_(grad.sum(0, dtype=self.grad_bias.dtype))
-        return loss_c, sums_c
+        return loss_c, sums_c, tok_c
 
 
 def _accumulate_mm(acc: Tensor, a: Tensor, b: Tensor) -> None:
@@ -204,6 +235,12 @@ def chunked_grads(
 # --- the loop --------------------------------------------------------------------------------
 
 
+def _matmul_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """float32 for bfloat16/float16 on the CPU, whose low-precision matmuls are emulated."""
+    low = dtype in (torch.float16, torch.bfloat16)
+    return torch.float32 if (low and device.type == "cpu") else dtype
+
+
 def _run(
     p: LinearProblem, needs: Needs, upstream: Tensor | None, grad_w_into: Tensor | None
 ) -> tuple[Tensor, Tensor, tuple[Tensor | None, Tensor | None, Tensor | None]]:
@@ -213,29 +250,38 @@ def _run(
     options = p.settings.options
     reduction = options.reduction
     per_row = upstream is not None and upstream.dim() == 1
+    teacher = p.teacher
+    # T² on the loss, T on the gradient (T²·(1/T) from d(z/T)/dz); 1 without a teacher.
+    temp = 1.0 if teacher is None else teacher.temperature
 
     low = dtype in (torch.float16, torch.bfloat16)
     acc_dtype = torch.float32 if low else dtype
-    # CPU matmuls in bfloat16/float16 are emulated (tens of times slower): run them in float32.
-    mm_dtype = acc_dtype if device.type == "cpu" else dtype
+    mm_dtype = _matmul_dtype(dtype, device)
     gbuf_dtype = grad_dtype(mm_dtype)
     g_scale = FP16_GRAD_SCALE if gbuf_dtype != mm_dtype else 1.0
 
-    if options.validate and not options.soft:
+    # Which rows a class target marks as ignored (soft targets have none; a teacher's target
+    # only marks them, or is None).
+    class_rows = p.target is not None and not p.target.is_floating_point()
+    if options.validate and class_rows and teacher is None:
         check_target_range(p.target, v, options.ignore_index)
     kernel_options = options.replace(
-        reduction="none" if reduction == "none" else "sum", validate=False
+        reduction="none" if reduction == "none" else "sum",
+        validate=False,
+        per_token=p.per_token_out is not None,
+        soft=options.soft or teacher is not None,  # a teacher's target is its softmax
     )
 
     # Rows that count. On the CPU, rows with ignore_index are dropped here (a cheap nonzero);
-    # on CUDA that is a host sync, so they stay and the kernel gives them zero gradient.
+    # on CUDA that is a host sync, so they stay and the kernel gives them zero gradient, except
+    # when distilling: the kernel's soft mode would count them.
     rows: Tensor | None = None
     drop_ignored = p.settings.drop_ignored
     if drop_ignored is None:
         drop_ignored = device.type == "cpu"
-    if options.soft:
+    if not class_rows:
         n_valid: Tensor | float = float(n)
-    elif drop_ignored:
+    elif drop_ignored or teacher is not None:
         keep = p.target != options.ignore_index
         n_keep = int(keep.sum())
         n_valid = float(n_keep)
@@ -247,19 +293,25 @@ def _run(
     def select(x: Tensor | None) -> Tensor | None:
         return x if (rows is None or x is None) else x.index_select(0, rows)
 
-    h_all, t_all, m_all = select(p.hidden), select(p.target), select(p.hard_mask)
+    h_all, t_all, m_all, r_all = (
+        select(x) for x in (p.hidden, p.target, p.hard_mask, p.row_weight)
+    )
     u_all = select(upstream) if per_row else upstream
     n_rows = h_all.shape[0]
     if h_all.dtype != mm_dtype:
         h_all = h_all.to(mm_dtype)
     w_mm = p.weight if p.weight.dtype == mm_dtype else p.weight.to(mm_dtype)
     b_mm = None if p.bias is None else p.bias.to(mm_dtype)
-    chunk = p.settings.chunk_size or default_chunk_size(n_rows, d, v, device, mm_dtype.itemsize)
+    if teacher is not None:
+        teacher = teacher.for_matmul(rows, _matmul_dtype(teacher.hidden.dtype, device))
+    # A teacher adds its float32 soft target to each chunk's logits.
+    elem = mm_dtype.itemsize + (0 if teacher is None else 4)
+    chunk = p.settings.chunk_size or default_chunk_size(n_rows, d, v, device, elem)
 
-    # One scale for what the chunks sum: 1/N_valid ('mean') and the float16 chunk scale. A
-    # reduced loss's upstream gradient (0-dim) scales each chunk before its matmuls, and
-    # 1/N_valid with it, so that nothing is scaled after the loop (grad_w_into holds more
-    # than this loss's gradient).
+    # One scale for what the chunks sum: 1/N_valid ('mean'), the float16 chunk scale and the
+    # temperature. A reduced loss's upstream gradient (0-dim) scales each chunk before its
+    # matmuls, and 1/N_valid and T with it, so that nothing is scaled after the loop
+    # (grad_w_into holds more than this loss's gradient).
     scale: Tensor | float = 1.0 / g_scale
     denom = n_valid.clamp(min=1.0) if isinstance(n_valid, Tensor) else max(n_valid, 1.0)
     if reduction == "mean":
@@ -267,6 +319,11 @@ def _run(
             u_all = upstream / denom
         else:
             scale = scale / denom
+    if temp != 1.0:
+        if u_all is not None:
+            u_all = u_all * temp
+        else:
+            scale = scale * temp
 
     need_h, need_w, need_b = needs
     grad_h = torch.empty((n_rows, d), dtype=acc_dtype, device=device) if need_h else None
@@ -277,29 +334,40 @@ def _run(
     grad_b = torch.zeros((v,), dtype=acc_dtype, device=device) if need_b else None
     step = _Chunk(
         w_mm, b_mm, p.settings.forward_fn, kernel_options, gbuf_dtype if any(needs) else None,
-        g_scale, grad_w, grad_b,
+        g_scale, grad_w, grad_b, teacher,
     )  # fmt: skip
     loss_rows = (
         torch.zeros(n_rows, dtype=torch.float32, device=device) if reduction == "none" else None
     )
     loss_sum = torch.zeros((), dtype=torch.float32, device=device)
     sums = torch.zeros(5, dtype=torch.float32, device=device)
+    tok = p.per_token_out
+    tok_rows = tok if (tok is None or rows is None) else tok.new_empty((tok.shape[0], n_rows))
+
+    def part(x: Tensor | None, start: int, stop: int) -> Tensor | None:
+        return None if x is None else x[start:stop]
 
     for start in range(0, n_rows, chunk):
         stop = min(start + chunk, n_rows)
-        loss_c, sums_c = step.run(
+        loss_c, sums_c, tok_c = step.run(
             h_all[start:stop],
-            t_all[start:stop],
-            None if m_all is None else m_all[start:stop],
-            None if u_all is None else (u_all[start:stop] if per_row else u_all),
-            None if grad_h is None else grad_h[start:stop],
+            part(t_all, start, stop),
+            part(m_all, start, stop),
+            part(r_all, start, stop),
+            None if teacher is None else teacher.hidden[start:stop],
+            part(u_all, start, stop) if per_row else u_all,
+            part(grad_h, start, stop),
         )
         sums += sums_c
+        if tok_rows is not None:
+            tok_rows[:, start:stop] = tok_c
         if loss_rows is not None:
             loss_rows[start:stop] = loss_c
         else:
             loss_sum += loss_c
 
+    if tok is not None and tok_rows is not tok:  # the dropped (ignored) rows: 0
+        tok.zero_().index_copy_(1, rows, tok_rows)
     if grad_w_into is not None:
         grad_w = None  # added into the caller's tensor, already scaled
     out_dtype = grad_dtype(dtype)
@@ -321,4 +389,6 @@ def _run(
         loss = loss_sum
     else:
         loss = loss_sum / denom
+    if temp != 1.0:
+        loss = loss * (temp * temp)
     return loss, sums, (grad_h, grad_w, grad_b)

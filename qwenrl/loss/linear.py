@@ -9,6 +9,7 @@ never holds more than one chunk of rows of them. The parts, one concern each:
 * :mod:`qwenrl.loss.linear_function`: the eager autograd Function, which picks the mode;
 * :mod:`qwenrl.loss.grad_engine`: the reads of autograd internals the in-place mode needs;
 * :mod:`qwenrl.loss.linear_op`: the custom ops ``torch.compile`` sees;
+* :mod:`qwenrl.loss.distill`: a teacher's soft target, chunk by chunk, and its checks;
 * this module: the API, :func:`linear_efe_loss` and :class:`LinearEFELoss`.
 
 The backward only scales the three gradients by the loss's upstream gradient (and skips that
@@ -34,11 +35,11 @@ from torch import Tensor
 from qwenrl.loss import chunks
 from qwenrl.loss.chunks import ChunkSettings, LinearProblem
 from qwenrl.loss.dispatch import BACKENDS, resolve_backend
-from qwenrl.loss.efe import OptionsModule, _check_inputs
+from qwenrl.loss.distill import Teacher, check_teacher
+from qwenrl.loss.efe import OptionsModule, _check_inputs, check_row_weight, loss_outputs
 from qwenrl.loss.linear_function import LinearEFEFunction
 from qwenrl.loss.linear_op import linear_efe_fused
 from qwenrl.loss.options import EFEOptions, caller_options
-from qwenrl.loss.reference import stats_from_sums
 
 __all__ = [
     "LinearEFEFunction",
@@ -81,7 +82,7 @@ def _check_linear(hidden, weight, bias) -> None:
 def linear_efe_loss(
     hidden: Tensor,
     weight: Tensor,
-    target: Tensor,
+    target: Tensor | None,
     *,
     bias: Tensor | None = None,
     chunk_size: int | None = None,
@@ -94,22 +95,40 @@ def linear_efe_loss(
     reduction: str = "mean",
     log_target: bool = False,
     hard_mask: Tensor | None = None,
+    row_weight: Tensor | None = None,
+    teacher_hidden: Tensor | None = None,
+    teacher_weight: Tensor | None = None,
+    teacher_bias: Tensor | None = None,
+    temperature: float = 1.0,
     backend: str = "auto",
     return_stats: bool = False,
+    return_per_token: bool = False,
     validate: bool | None = None,
     weight_grad_in_place: bool = True,
-) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
+) -> Tensor | tuple:
     """:func:`qwenrl.efe_loss` of ``hidden @ weight.T + bias``, one chunk of rows at a time.
 
     Args:
         hidden: [..., D] fp32/bf16/fp16 (e.g. a language model's last hidden states).
         weight: [V, D] (e.g. ``lm_head.weight``), same dtype as ``hidden``.
-        target: [...] int64/int32 class indices, or a [..., V] distribution.
+        target: [...] int64/int32 class indices, or a [..., V] distribution. With a teacher:
+            [...] class indices that only mark the rows to skip (``ignore_index``), or None
+            (every row counts).
         bias: optional [V].
         chunk_size: rows per chunk; None picks one from the shape (:func:`~qwenrl.loss.chunks.default_chunk_size`).
             Peak extra memory is about ``chunk_size × V`` logits plus the gradients.
         tau, easy_weight, entropy_weight, label_smoothing, z_loss, ignore_index, reduction,
-        log_target, hard_mask, backend, return_stats, validate: as in :func:`qwenrl.efe_loss`.
+        log_target, hard_mask, row_weight, backend, return_stats, return_per_token, validate:
+            as in :func:`qwenrl.efe_loss`; ``row_weight`` [...] is applied inside the kernel,
+            and the per-token outputs come from the same pass (no logits are kept).
+        teacher_hidden, teacher_weight, teacher_bias, temperature: distillation without the
+            teacher's logits (:mod:`qwenrl.loss.distill`). ``teacher_hidden`` [..., D_t] (the
+            student's rows), ``teacher_weight`` [V, D_t], ``teacher_bias`` [V] (any float dtype,
+            on hidden's device), T = ``temperature`` > 0. Per chunk the soft target is
+            ``p = softmax((teacher_hidden @ teacher_weight.T + teacher_bias) / T)`` and the
+            loss is T² times the soft-target EFE of the student's logits divided by T (the
+            stats and per-token outputs are those of the tempered distributions, unscaled).
+            The teacher gets no gradient.
         weight_grad_in_place: when ``weight.grad`` already exists (float32; see
             :func:`~qwenrl.loss.grad_engine.writable_grad`), add the weight gradient straight into it during the
             backward, which then runs the chunks again (one more matmul per chunk), instead of
@@ -118,8 +137,10 @@ def linear_efe_loss(
             gradient is always a fresh tensor.
 
     Returns:
-        The float32 loss ([...] for ``'none'``, else 0-dim), and the stats if asked
-        ({mask_ratio, accuracy, risk, entropy, n_valid}, 0-dim tensors, no host sync).
+        The float32 loss ([...] for ``'none'``, else 0-dim), then the stats if asked
+        ({mask_ratio, accuracy, risk, entropy, n_valid}, 0-dim tensors, no host sync), then
+        the per-token outputs if asked ({logprob, entropy, correct, lse}, each [...], 0 on
+        ignored rows): the order of :func:`qwenrl.efe_loss`.
 
     Gradients flow to ``hidden``, ``weight`` and ``bias``; they are computed in the forward for
     the inputs that require them (a frozen weight costs no matmul), or in the backward for
@@ -128,9 +149,26 @@ def linear_efe_loss(
     _check_linear(hidden, weight, bias)
     v, d = weight.shape
     row_shape = hidden.shape[:-1]
-    # The target checks of efe_loss, on a stand-in for the logits (a stride-0 view, no memory).
+    distil = check_teacher(
+        hidden, weight, target, teacher_hidden, teacher_weight, teacher_bias, temperature,
+        log_target,
+    )  # fmt: skip
+    # The target checks of efe_loss, on stand-ins for the logits (and, with a teacher, for a
+    # class target): stride-0 views, no memory.
     logits_like = hidden.new_empty(()).expand(*row_shape, v)
-    soft = _check_inputs(logits_like, target, hard_mask)
+    if distil:
+        soft = True  # the kernel's target is the teacher's softmax
+        _check_inputs(
+            logits_like, hidden.new_empty((), dtype=torch.long).expand(row_shape), hard_mask
+        )
+    elif target is None:
+        raise TypeError(
+            "target is None: only a distillation call (teacher_hidden and teacher_weight) may "
+            "leave it out"
+        )
+    else:
+        soft = _check_inputs(logits_like, target, hard_mask)
+    weights = check_row_weight(row_weight, row_shape, hidden.device)
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     # Spelled out, not read from locals(): torch.compile traces this function.
@@ -145,40 +183,51 @@ def linear_efe_loss(
         ignore_index=ignore_index,
         reduction=reduction,
         validate=hidden.device.type == "cpu" if validate is None else validate,
+        per_token=return_per_token,
     )
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     h = hidden.reshape(-1, d)
-    if soft:
+    if target is None:
+        tgt = None
+    elif soft and not distil:
         tgt = target.reshape(-1, v)
         tgt = (tgt.float() if tgt.dtype == torch.float64 else tgt).contiguous()
     else:
         tgt = target.reshape(-1)
         tgt = (tgt if tgt.dtype == torch.int64 else tgt.long()).contiguous()
     mask = hard_mask.reshape(-1).contiguous() if hard_mask is not None else None
+    t_hidden = None
+    if distil:
+        t_hidden = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
+        teacher_weight = teacher_weight.detach()
+        teacher_bias = None if teacher_bias is None else teacher_bias.detach()
+    temperature = float(temperature)
+    extra = (weights, t_hidden, teacher_weight, teacher_bias, temperature)
     chunk = 0 if chunk_size is None else chunk_size
+    grad_on = torch.is_grad_enabled()
+    needs = [grad_on and x is not None and x.requires_grad for x in (hidden, weight, bias)]
     if torch.compiler.is_compiling():  # Dynamo cannot trace the kernels: an opaque custom op
-        grad_on = torch.is_grad_enabled()
-        needs = [grad_on and x is not None and x.requires_grad for x in (hidden, weight, bias)]
-        loss, sums, *_ = linear_efe_fused(
-            h, weight, bias, tgt, mask, backend, chunk, needs, **options.kernel_kwargs()
+        loss, sums, *_, per_token = linear_efe_fused(
+            h, weight, bias, tgt, mask, backend, chunk, needs, *extra, **options.kernel_kwargs()
         )
     else:
         _, forward_fn = resolve_backend(backend, hidden.device)
         settings = ChunkSettings(forward_fn, options, chunk)
-        if torch.is_grad_enabled() and any(
-            x is not None and x.requires_grad for x in (hidden, weight, bias)
-        ):
-            loss, sums = LinearEFEFunction.apply(
-                h, weight, bias, tgt, mask, settings, bool(weight_grad_in_place)
+        if any(needs):
+            loss, sums, per_token = LinearEFEFunction.apply(
+                h, weight, bias, tgt, mask, settings, bool(weight_grad_in_place), *extra
             )
         else:  # no_grad / inference_mode / frozen inputs: the loss alone, no gradient buffers
-            loss, sums = chunks.chunked_loss(LinearProblem(h, weight, bias, tgt, mask, settings))
+            per_token = chunks.per_token_buffer(h.shape[0], h, options)
+            teacher = None if t_hidden is None else Teacher(*extra[1:])
+            problem = LinearProblem(
+                h, weight, bias, tgt, mask, settings, weights, teacher, per_token
+            )
+            loss, sums = chunks.chunked_loss(problem)
     if reduction == "none":
         loss = loss.reshape(row_shape)
-    if return_stats:
-        return loss, stats_from_sums(sums)
-    return loss
+    return loss_outputs(loss, sums, per_token, row_shape, return_stats, return_per_token)
 
 
 class LinearEFELoss(OptionsModule):
@@ -217,8 +266,10 @@ class LinearEFELoss(OptionsModule):
         target: Tensor,
         bias: Tensor | None = None,
         hard_mask: Tensor | None = None,
+        row_weight: Tensor | None = None,
     ) -> Tensor:
-        """hidden [..., D], weight [V, D], target [...] or [..., V], bias [V] → the loss."""
+        """hidden [..., D], weight [V, D], target [...] or [..., V], bias [V], hard_mask [...]
+        bool, row_weight [...] float → the loss."""
         loss, self.last_stats = linear_efe_loss(
             hidden,
             weight,
@@ -227,6 +278,7 @@ class LinearEFELoss(OptionsModule):
             chunk_size=self.chunk_size,
             weight_grad_in_place=self.weight_grad_in_place,
             hard_mask=hard_mask,
+            row_weight=row_weight,
             return_stats=True,
             **self.options(),
         )

@@ -8,6 +8,7 @@ import torch
 
 from qwenrl.loss import chunks, grad_engine
 from qwenrl.loss.dispatch import apply_upstream
+from qwenrl.loss.distill import Teacher
 from qwenrl.loss.options import EFEOptions
 
 
@@ -17,6 +18,10 @@ def upstream_grads(grads, grad_loss, options: EFEOptions, dtypes, *, eager: bool
         None if g is None else apply_upstream(g, grad_loss, options, dt, eager=eager)
         for g, dt in zip(grads, dtypes)
     )
+
+
+def _teacher(hidden, weight, bias, temperature) -> Teacher | None:
+    return None if hidden is None else Teacher(hidden, weight, bias, float(temperature))
 
 
 class LinearEFEFunction(torch.autograd.Function):
@@ -41,19 +46,46 @@ class LinearEFEFunction(torch.autograd.Function):
       (``torch.autograd.grad``, ``backward(inputs=...)`` without the weight) the backward
       returns a fresh gradient instead.
 
+    ``row_weight`` and a distillation teacher reach every chunk of both passes; neither gets
+    a gradient. The per-token outputs come from the forward's pass alone.
+
     There is no double backward: ``create_graph=True`` raises a ``RuntimeError`` naming it.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target, hard_mask, settings, weight_grad_in_place):  # type: ignore[override]
-        """``settings``: the call's :class:`~qwenrl.loss.chunks.ChunkSettings`."""
+    def forward(  # type: ignore[override]
+        ctx,
+        hidden,
+        weight,
+        bias,
+        target,
+        hard_mask,
+        settings,
+        weight_grad_in_place,
+        row_weight=None,
+        teacher_hidden=None,
+        teacher_weight=None,
+        teacher_bias=None,
+        temperature=1.0,
+    ):
+        """``settings``: the call's :class:`~qwenrl.loss.chunks.ChunkSettings`; ``row_weight``
+        [N] float32 or None; the teacher's tensors (no gradient) or None. Returns (loss, sums,
+        per_token), the last [4, N] where ``settings.options.per_token`` asks for it, else
+        empty."""
         needs = tuple(bool(x) for x in ctx.needs_input_grad[:3])
         options = settings.options
-        problem = chunks.LinearProblem(hidden, weight, bias, target, hard_mask, settings)
+        teacher = _teacher(teacher_hidden, teacher_weight, teacher_bias, temperature)
+        per_token = chunks.per_token_buffer(hidden.shape[0], hidden, options)
+        problem = chunks.LinearProblem(
+            hidden, weight, bias, target, hard_mask, settings, row_weight, teacher, per_token
+        )
         # The backward's chunks need no target check: the forward's did it.
-        ctx.settings = dataclasses.replace(settings, options=options.replace(validate=False))
+        ctx.settings = dataclasses.replace(
+            settings, options=options.replace(validate=False, per_token=False)
+        )
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.needs = needs
+        ctx.temperature = temperature
         ctx.in_place = weight_grad_in_place and needs[1]
         ctx.rerun = options.reduction == "none" or (
             ctx.in_place and grad_engine.writable_grad(weight) is not None
@@ -61,16 +93,21 @@ class LinearEFEFunction(torch.autograd.Function):
         ctx.consumed = False
         if ctx.rerun:
             loss, sums = chunks.chunked_loss(problem)
-            ctx.save_for_backward(hidden, weight, bias, target, hard_mask)
+            ctx.save_for_backward(
+                hidden, weight, bias, target, hard_mask, row_weight,
+                teacher_hidden, teacher_weight, teacher_bias,
+            )  # fmt: skip
             ctx.grads = None
         else:
             loss, sums, *grads = chunks.chunked_loss_and_grads(problem, needs)
             ctx.grads = grads  # not saved_tensors: backward gives these very buffers away
-        ctx.mark_non_differentiable(sums)
-        return loss, sums
+        if per_token is None:
+            per_token = hidden.new_empty(0, dtype=torch.float32)
+        ctx.mark_non_differentiable(sums, per_token)
+        return loss, sums, per_token
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_sums):  # type: ignore[override]
+    def backward(ctx, grad_loss, _grad_sums, _grad_per_token):  # type: ignore[override]
         if torch.is_grad_enabled():
             # create_graph=True: the gradients come from fused kernels, which have no
             # derivative of their own; a graph through them would be silently wrong.
@@ -81,11 +118,14 @@ class LinearEFEFunction(torch.autograd.Function):
                 "qwenrl.efe_loss(..., backend='reference')"
             )
         if ctx.rerun:
-            hidden, weight, bias, target, hard_mask = ctx.saved_tensors
+            hidden, weight, bias, target, hard_mask, row_weight, *teacher = ctx.saved_tensors
             into = None
             if ctx.in_place and grad_engine.engine_accumulates(weight):
                 into = grad_engine.writable_grad(weight)
-            problem = chunks.LinearProblem(hidden, weight, bias, target, hard_mask, ctx.settings)
+            problem = chunks.LinearProblem(
+                hidden, weight, bias, target, hard_mask, ctx.settings, row_weight,
+                _teacher(*teacher, ctx.temperature),
+            )  # fmt: skip
             grads = chunks.chunked_grads(problem, ctx.needs, grad_loss.float(), grad_w_into=into)
             # Added into weight.grad already, the weight's gradient is None here: autograd still
             # runs the weight's AccumulateGrad node and its hooks (DDP's, post-accumulate
@@ -100,4 +140,5 @@ class LinearEFEFunction(torch.autograd.Function):
             ctx.consumed = True
             grads, ctx.grads = ctx.grads, None
             grads = upstream_grads(grads, grad_loss, ctx.settings.options, ctx.dtypes, eager=True)
-        return (*grads, None, None, None, None)
+        # None for target, hard_mask, settings, the mode, row_weight and the teacher.
+        return (*grads, *(None,) * 9)
