@@ -1,0 +1,156 @@
+"""The tile kernel: a [BLOCK_N, BLOCK_C] tile of whole rows in registers, many rows per
+program (rows up to ``efe.MAX_TILE_C`` classes, e.g. ARC's C = 12).
+
+The launcher and the calling convention are in :mod:`qwenrl.kernels.efe`."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from qwenrl.kernels.efe_math import (
+    _CORRECT,
+    _ENTROPY,
+    _HARD,
+    _LOSS,
+    _RISK,
+    _VALID,
+    N_PARTIALS,
+    _grad_coefs,
+    _soft_target,
+    _store_per_token,
+    _weighted_loss,
+)
+
+
+@triton.jit
+def _efe_tile_kernel(
+    z_ptr,  # [N, C] logits (fp32 | bf16 | fp16)
+    tgt_ptr,  # [N] int64 class indices, or [N, C] target P (log P when LOG_TARGET)
+    mask_ptr,  # [N] uint8 hard mask (read when HAS_MASK)
+    grad_ptr,  # [N, C] gradient out, logits' dtype (written when WRITE_GRAD; may alias z_ptr)
+    loss_ptr,  # [N] fp32 per-row loss (written when WRITE_LOSS)
+    part_ptr,  # [programs, N_PARTIALS] fp32 partial sums of this program's rows
+    nvalid_ptr,  # [] int64 number of valid rows (read when MEAN_BY_NVALID)
+    N,
+    C,
+    ignore_index,
+    tau,
+    easy_weight,
+    beta,
+    eps,
+    plogp_class,  # Σ p log p of a smoothed one-hot target (class targets)
+    grad_scale,
+    SOFT: tl.constexpr,
+    LOG_TARGET: tl.constexpr,
+    SMOOTH: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+    WRITE_LOSS: tl.constexpr,
+    MEAN_BY_NVALID: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    rw_ptr=None,  # [N] row weights r_i (read when HAS_ROW_WEIGHT)
+    tok_ptr=None,  # [4, N] fp32 per-token outputs (written when WRITE_PER_TOKEN)
+    z_loss=0.0,  # λ (read when HAS_Z_LOSS)
+    HAS_ROW_WEIGHT: tl.constexpr = False,
+    HAS_Z_LOSS: tl.constexpr = False,
+    WRITE_PER_TOKEN: tl.constexpr = False,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_C)
+    row_in = rows < N
+    col_in = cols < C
+    tile_in = row_in[:, None] & col_in[None, :]
+    offs = rows.to(tl.int64)[:, None] * C + cols[None, :]
+
+    z = tl.load(z_ptr + offs, mask=tile_in, other=0.0).to(tl.float32)
+    z = tl.where(col_in[None, :], z, float("-inf"))  # padding columns: masked classes
+    m = tl.max(z, 1)
+    e = tl.exp(z - m[:, None])  # 0 on masked classes (a -inf logit) and padding
+    live = z > float("-inf")
+    zs = tl.where(live, z - m[:, None], 0.0)  # finite, so that 0·log 0 = 0 where q = 0
+    s = tl.sum(e, 1)
+    log_s = tl.log(s)
+    log_q = zs - log_s[:, None]  # log q where live; a finite stand-in where q = 0
+    q = e / s[:, None]
+    entropy = log_s - tl.sum(e * zs, 1) / s
+    arg_z = tl.argmax(z, 1)
+
+    if SOFT:
+        t = tl.load(tgt_ptr + offs, mask=tile_in, other=0.0).to(tl.float32)
+        p, log_p = _soft_target(t, eps, C, LOG_TARGET, SMOOTH)
+        p = tl.where(col_in[None, :], p, 0.0)
+        plogp = tl.sum(tl.where(p > 0, p * log_p, 0.0), 1)
+        sum_p = tl.sum(p, 1)[:, None]
+        y = tl.argmax(p, 1)
+        valid = row_in
+        y_in = row_in
+    else:
+        y = tl.load(tgt_ptr + rows, mask=row_in, other=ignore_index)
+        valid = row_in & (y != ignore_index)
+        y_in = (y >= 0) & (y < C)  # an out-of-range target gives a NaN row, never a stray read
+        p = tl.where(cols[None, :] == y[:, None], 1.0 - eps + eps / C, eps / C)
+        p = tl.where(col_in[None, :], p, 0.0)
+        plogp = plogp_class
+        sum_p = 1.0
+    # p ≠ 0 on a class with q = 0 makes the risk infinite, as in cross-entropy.
+    p_log_q = tl.where(live, p * log_q, tl.where(p != 0, float("-inf"), 0.0))
+    risk = plogp - tl.sum(p_log_q, 1)
+    risk = tl.where(y_in, risk, float("nan"))
+
+    q_y = tl.sum(tl.where(cols[None, :] == y[:, None], q, 0.0), 1)
+    if WRITE_PER_TOKEN:
+        # log q[y] from the tile (never read again from memory: grad may alias the logits),
+        # -inf when the target class is masked, as in the reference. Taken here, where live
+        # and log_q are live anyway: later, live would be kept for it (spills at 1 × 8192).
+        log_q_live = tl.where(live, log_q, float("-inf"))
+        log_q_y = tl.sum(tl.where(cols[None, :] == y[:, None], log_q_live, 0.0), 1)
+    if HAS_MASK:
+        hard = tl.load(mask_ptr + rows, mask=row_in, other=0) != 0
+    else:
+        hard = q_y < tau
+    lse = m + log_s
+    r = 1.0
+    if HAS_ROW_WEIGHT:
+        r = tl.load(rw_ptr + rows, mask=row_in, other=0.0).to(tl.float32)
+    hard, w, loss_row = _weighted_loss(
+        hard,
+        valid,
+        y_in,
+        risk,
+        entropy,
+        easy_weight,
+        beta,
+        lse,
+        r,
+        z_loss,
+        HAS_ROW_WEIGHT,
+        HAS_Z_LOSS,
+    )
+    correct = valid & (arg_z == y)
+
+    if WRITE_LOSS:
+        tl.store(loss_ptr + rows, loss_row, mask=row_in)
+    if WRITE_PER_TOKEN:
+        _store_per_token(tok_ptr, rows, N, row_in, valid, y_in, lse, log_q_y, entropy, correct)
+    if WRITE_GRAD:
+        scale = grad_scale
+        if MEAN_BY_NVALID:
+            scale = scale / tl.maximum(tl.load(nvalid_ptr).to(tl.float32), 1.0)
+        coef, zcoef = _grad_coefs(w, scale, lse, r, z_loss, HAS_ROW_WEIGHT, HAS_Z_LOSS)
+        g = (sum_p * q - p) - beta * q * (log_q + entropy[:, None])
+        g = coef[:, None] * g
+        if HAS_Z_LOSS:
+            g = g + zcoef[:, None] * q
+        g = tl.where(valid[:, None], g, 0.0)
+        tl.store(grad_ptr + offs, g.to(grad_ptr.dtype.element_ty), mask=tile_in)
+
+    out = part_ptr + pid * N_PARTIALS
+    tl.store(out + _HARD, tl.sum(hard.to(tl.float32), 0))
+    tl.store(out + _CORRECT, tl.sum(correct.to(tl.float32), 0))
+    tl.store(out + _RISK, tl.sum(tl.where(valid, risk, 0.0), 0))
+    tl.store(out + _ENTROPY, tl.sum(tl.where(valid, entropy, 0.0), 0))
+    tl.store(out + _VALID, tl.sum(valid.to(tl.float32), 0))
+    tl.store(out + _LOSS, tl.sum(loss_row, 0))
