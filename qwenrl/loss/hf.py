@@ -18,13 +18,26 @@ model-specific code (caches, masks, deprecated arguments) is never copied. The l
 shifted and the loss normalised as transformers' ``ForCausalLMLoss`` does: the mean over the
 valid tokens, or their sum divided by ``num_items_in_batch`` when the Trainer passes it
 (gradient accumulation). With ``tau=0, easy_weight=1`` the loss is cross-entropy.
+
+A trainer that computes the loss without calling the patched forward would silently train with
+its own loss instead. TRL's trainers do: ``trl.trainer.utils.add_fused_lm_head`` replaces
+``model.forward`` with a fused LM head whose ``fused_lm_head=True`` calls run the decoder
+directly, and ``DistillationTrainer`` calls the decoder itself. So a patched model refuses
+both, with an error that points to :func:`qwenrl.integrations.trl.use_qwenrl` (which makes
+those paths compute with qwenrl): the patched forward raises on ``fused_lm_head=True``, and a
+forward pre-hook on the decoder raises when the decoder runs a training step (training mode,
+gradients on) outside a qwenrl forward while ``model.forward`` is no longer one, i.e. after
+something (TRL's ``add_fused_lm_head``) replaced the patch (:func:`guard_decoder`,
+:func:`routed`). A caller who runs the decoder itself while the patch is in place (for hidden
+states of its own) is not refused.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -195,16 +208,82 @@ def _patch_forward(model: nn.Module, *, with_labels: bool, run: Callable[..., An
     original = getattr(model, "_linear_efe_original_forward", None) or model.forward
     model._linear_efe_original_forward = original
     model.linear_efe_stats = None
+    patcher = "apply_linear_efe" if with_labels else "linear_efe_compute_loss"
+    guard_decoder(model, f"qwenrl.loss.hf.{patcher}")
 
     @functools.wraps(original)
     def forward(*args: Any, labels: Tensor | None = None, logits_to_keep: Any = 0, **kwargs: Any):
-        ours = (labels is not None) == with_labels and model.training
-        if not (ours and _keeps_all(logits_to_keep)):
-            return original(*args, labels=labels, logits_to_keep=logits_to_keep, **kwargs)
-        out, hidden = _run_without_logits(model, original, args, kwargs)
-        return run(out, hidden, labels, kwargs)
+        if kwargs.get("fused_lm_head"):
+            raise RuntimeError(
+                f"qwenrl.loss.hf.{patcher}: this model was called with fused_lm_head=True, the "
+                "fused LM head a TRL trainer adds (trl.trainer.utils.add_fused_lm_head), which "
+                f"computes the loss itself; {patcher} cannot serve that call. With a TRL "
+                "trainer, call qwenrl.integrations.trl.use_qwenrl(trainer, **options) after "
+                f"building it, instead of {patcher}."
+            )
+        with routed(model):
+            ours = (labels is not None) == with_labels and model.training
+            if not (ours and _keeps_all(logits_to_keep)):
+                return original(*args, labels=labels, logits_to_keep=logits_to_keep, **kwargs)
+            out, hidden = _run_without_logits(model, original, args, kwargs)
+            return run(out, hidden, labels, kwargs)
 
+    forward._qwenrl_forward = True
     model.forward = forward
+
+
+@contextlib.contextmanager
+def routed(model: nn.Module) -> Iterator[None]:
+    """Marks the decoder calls made inside the block as going through a qwenrl forward, which
+    the guard of :func:`guard_decoder` lets through (calls nest)."""
+    model._qwenrl_routed = getattr(model, "_qwenrl_routed", 0) + 1
+    try:
+        yield
+    finally:
+        model._qwenrl_routed -= 1
+
+
+def guard_decoder(model: nn.Module, patched_by: str) -> None:
+    """Makes ``model``'s decoder raise when it runs a training step (``model.training`` and
+    gradients enabled) outside a qwenrl forward (:func:`routed`) while ``model.forward`` is no
+    longer a qwenrl forward (one marked ``_qwenrl_forward``): then something replaced the patch
+    and calls the decoder around it, as TRL's fused LM head does, and the qwenrl loss that
+    ``patched_by`` installed would be silently skipped. Evaluation, generation and no-grad
+    calls (TRL's metrics, a reference model) pass, and so does a direct decoder call while the
+    patch is in place. Installed once per model; ``patched_by`` (the last patcher's name) goes
+    into the message."""
+    decoder, _ = _parts(model)
+    model._qwenrl_patched_by = patched_by
+    if getattr(model, "_qwenrl_decoder_guard", None) is not None:
+        return
+
+    def check(_module: nn.Module, _args: Any) -> None:
+        if not (model.training and torch.is_grad_enabled()):
+            return
+        if getattr(model, "_qwenrl_routed", 0) or getattr(model.forward, "_qwenrl_forward", False):
+            return
+        raise RuntimeError(_bypass_message(model))
+
+    model._qwenrl_decoder_guard = decoder.register_forward_pre_hook(check)
+
+
+def _bypass_message(model: nn.Module) -> str:
+    forward = getattr(model.forward, "__func__", model.forward)
+    code = getattr(forward, "__code__", None)
+    where = f"{code.co_name} of {code.co_filename}" if code is not None else repr(forward)
+    by_trl = code is not None and "trl" in code.co_filename.replace("\\", "/").split("/")
+    return (
+        f"{model._qwenrl_patched_by} patched this {type(model).__name__}, but its forward was "
+        f"replaced ({where}) and its decoder ran a training step around the patch"
+        + (
+            ": TRL's fused LM head (trl.trainer.utils.add_fused_lm_head) computes the loss "
+            "without it"
+            if by_trl
+            else ""
+        )
+        + ", so the qwenrl loss would be silently skipped. With a TRL trainer, call "
+        "qwenrl.integrations.trl.use_qwenrl(trainer, **options) after building the trainer."
+    )
 
 
 def _keeps_all(logits_to_keep: Any) -> bool:
