@@ -11,7 +11,6 @@ import contextlib
 import random
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +24,10 @@ from qwenrl.eval.validation import log_validation, validation_totals
 from qwenrl.loss import EFELoss
 from qwenrl.models import QwenRLModels
 from qwenrl.train import distributed as D
-from qwenrl.train.checkpoint import (
-    Checkpointer,
-    move_earlier_run,
-    rng_state,
-    set_rng_state,
-    write_text_atomic,
-)
+from qwenrl.train.checkpoint import Checkpointer, move_earlier_run, write_text_atomic
 from qwenrl.train.config import TrainConfig, loss_options, model_config, ttt_config
 from qwenrl.train.monitor import Monitor, RedFlags
+from qwenrl.train.resume import TrainerCheckpoints
 from qwenrl.train.step import (
     METRIC_NAMES,
     StepForward,
@@ -51,7 +45,7 @@ class NonFiniteLossError(RuntimeError):
     """Raised after ``max_nonfinite`` consecutive non-finite losses (a checkpoint is saved)."""
 
 
-class Trainer:
+class Trainer(TrainerCheckpoints):
     """Trains :class:`~qwenrl.models.QwenRLModels` on ARC tasks as ``cfg`` says.
 
     ``__init__`` runs the setup phases (runtime, data, models, optimizers, loss, output) and
@@ -408,79 +402,6 @@ class Trainer:
             ttt_steps=cfg.ttt_steps,
             is_main=self.dist.is_main,
         )
-
-    # --- checkpoints -----------------------------------------------------------------------
-
-    def state_dict(self) -> dict[str, Any]:
-        """What the ranks share of an exact resume, weights aside (``state.pt``)."""
-        return {
-            "step": self.step,
-            "tau": self.criterion.tau,
-            "config": self.cfg.to_dict(),
-            "world_size": self.dist.world_size,
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "rl_optimizer": self.rl_optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "flags": self.flags.state_dict(),
-        }
-
-    def rank_state_dict(self) -> dict[str, Any]:
-        """This rank's own part (``rank-<r>.pt``): its embedding cache and RNG states."""
-        return {"cache": self.cache.state_dict(), "rng": rng_state()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restores :meth:`state_dict`'s parts (under FSDP the optimizer comes from the shards)."""
-        self.step = int(state["step"])
-        self.criterion.tau = state["tau"]
-        if not self.cfg.fsdp:
-            self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.rl_optimizer.load_state_dict(state["rl_optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.flags.load_state_dict(state["flags"])
-
-    def load_rank_state_dict(self, state: dict[str, Any]) -> None:
-        """Restores :meth:`rank_state_dict`'s parts."""
-        self.cache.load_state_dict(state["cache"])
-        set_rng_state(state["rng"])
-
-    def save_checkpoint(self) -> Path:
-        """Writes ``checkpoint-<step>`` atomically once every rank got here: rank 0 the shared
-        parts, every rank its own ``rank-<r>.pt`` (and under FSDP its shards; see
-        docs/distributed.md). Every rank must call it."""
-        self.read_metrics()  # the red flags' state must include every step taken
-        state, own = self.state_dict(), self.rank_state_dict()
-        if self.cfg.fsdp:
-            state.pop("optimizer")  # sharded, with the weights
-            sharded = D.sharded_state_dict(self.models, self.optimizer)
-            return self.checkpointer.save_sharded(self.step, sharded, state, own, self.dist)
-        weights = self.models.state_dict()
-        return self.checkpointer.save(self.step, weights, state, own, self.dist)
-
-    def load_checkpoint(self, path: str | Path) -> None:
-        """Restores everything :meth:`save_checkpoint` wrote; a rank whose own part is missing
-        (e.g. another number of ranks) warns and starts with an empty cache and fresh RNG."""
-        if self.cfg.fsdp:
-            sharded = D.sharded_state_dict(self.models, self.optimizer)
-            state, _ = Checkpointer.load_sharded(path, sharded, None, self.models.RENAMED)
-            D.load_sharded_state_dict(self.models, self.optimizer, sharded)
-        else:
-            weights, state = Checkpointer.load(path, self.device)
-            self.models.load_state_dict(weights)
-        self.load_state_dict(state)
-        own, why = Checkpointer.load_rank_state(path, state, self.dist)
-        if own is None:
-            warnings.warn(
-                f"rank {self.dist.rank}: no state of its own in {path} ({why}): it starts with "
-                "an empty embedding cache and fresh RNG states (the run continues, not exactly "
-                "as it would have)",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        else:
-            self.load_rank_state_dict(own)
-        self.monitor.print(f"Resumed from {path} at step {self.step}")
 
     def close(self) -> None:
         self.monitor.close()

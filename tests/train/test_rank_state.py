@@ -7,7 +7,7 @@
 * ``StepForward`` holds exactly the main optimizer's parameters (no RL head), so DDP wraps it
   without an ignore list and FSDP shards it without ``ignored_params``.
 
-    python tests/test_rank_state.py SPEC.json     # one rank of the two-process test
+    python tests/train/test_rank_state.py SPEC.json     # one rank of the two-process test
 """
 
 from __future__ import annotations
