@@ -5,7 +5,7 @@ several of them the way torchrun does (gloo on the CPU, one free port).
 
 SPEC: ``config`` (TrainConfig fields), ``steps`` (train until this global step), ``batches``
 ("own": each rank's ``batch_at(step)``; "split": the two-rank split of
-``tests/test_train.py``'s DDP test, one process taking both halves), ``greedy`` (RL actions
+``tests/train/test_train.py``'s DDP test, one process taking both halves), ``greedy`` (RL actions
 without sampling), ``save_at`` (steps after which to save a checkpoint), ``validate`` (run a
 validation at the end), ``timed`` (steps whose wall time is measured after the others) and
 ``result`` (each rank writes ``<result>.<rank>``).

@@ -10,9 +10,9 @@ all backends see the same values.
 The interpreter costs about a millisecond per program instance: the Triton cases run at small
 shapes with their block sizes shrunk (``TRITON_PATHS``: several programs per launch, several
 rows per program, several C-blocks per row), and the larger shapes (the C++ kernel's grid, the
-28,800-row float16 case) run on ``cpu`` and ``reference`` only. What only one backend has (the C++ kernel's row buffer, the
-Triton launch configurations, block sizes and direct kernel calls) is in
-tests/loss/test_loss.py and tests/kernels/test_efe_triton.py.
+28,800-row float16 case) run on ``cpu`` and ``reference`` only. What only one backend has (the
+C++ kernel's row buffer, the Triton launch configurations, block sizes and direct kernel calls)
+is in tests/loss/test_loss.py and tests/kernels/.
 """
 
 from __future__ import annotations
