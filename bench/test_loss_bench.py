@@ -163,3 +163,30 @@ def test_bf16_llm_vocab(benchmark, record, impl):
         _require_ext()
         fn = efe_loss
     _run(benchmark, record, "efe fwd+bwd llm_vocab[4096,32000] bf16 default", impl, fn, z, t)
+
+
+# The RL options: each one's cost against the same call without it (the group's baseline).
+OPTION_COSTS = {
+    "without": {},
+    "row_weight": {"row_weight": True},
+    "z_loss=1e-4": {"z_loss": 1e-4},
+    "return_per_token": {"return_per_token": True},
+    "all three": {"row_weight": True, "z_loss": 1e-4, "return_per_token": True},
+}
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("option", list(OPTION_COSTS))
+def test_option_cost(benchmark, record, shape, option):
+    """efe_loss forward+backward with one of the RL options against efe_loss without it."""
+    z, t = _inputs(shape, "default")
+    opts = dict(OPTION_COSTS[option])
+    weight = torch.randn(t.shape, generator=torch.Generator().manual_seed(1))
+    if opts.pop("row_weight", False):
+        opts["row_weight"] = weight
+
+    def fn(a, b):
+        out = efe_loss(a, b, **opts)
+        return out[0] if isinstance(out, tuple) else out
+
+    _run(benchmark, record, f"RL option cost {shape} fp32", option, fn, z, t)
