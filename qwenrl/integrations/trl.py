@@ -195,20 +195,24 @@ def _take_over_head(model: nn.Module, options: dict[str, Any], *, add: bool) -> 
         head.options = options
         return head
     settings = trl_fused_head_settings(model.forward)
+    softcap = (settings or {}).get("final_logit_softcapping")
     if settings is None:
         if not add:
             raise TypeError(
                 f"use_qwenrl: {type(model).__name__} has no TRL fused LM head "
                 "(trl.trainer.utils.add_fused_lm_head); is this the model of a TRL trainer?"
             )
-        trl_utils.add_fused_lm_head(model, outputs=FIELDS)
-        settings = trl_fused_head_settings(model.forward)
-    if settings["final_logit_softcapping"] is not None:
+        # Checked before TRL's head is added, so that a refused model is left as it was.
+        softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    if softcap is not None:
         raise NotImplementedError(
             f"use_qwenrl: {type(model).__name__} caps its logits (final_logit_softcapping="
-            f"{settings['final_logit_softcapping']}); qwenrl's loss is the softmax of "
-            "hidden @ weight.T + bias, without a softcap"
+            f"{softcap}); qwenrl's loss is the softmax of hidden @ weight.T + bias, without a "
+            "softcap"
         )
+    if settings is None:
+        trl_utils.add_fused_lm_head(model, outputs=FIELDS)
+        settings = trl_fused_head_settings(model.forward)
     unsupported = [name for name in settings["outputs"] if name not in FIELDS]
     if unsupported:
         raise NotImplementedError(
@@ -624,8 +628,8 @@ def use_qwenrl(trainer_or_model: Any, **options: Any) -> Any:
     options = check_options(options)
     if isinstance(trainer_or_model, nn.Module):
         model = trainer_or_model
-        hf.guard_decoder(model, "qwenrl.integrations.trl.use_qwenrl(model)")
         _take_over_head(model, options, add=True)
+        hf.guard_decoder(model, "qwenrl.integrations.trl.use_qwenrl(model)")
         return model
     trainer = trainer_or_model
     _refuse_zero3()

@@ -466,8 +466,13 @@ def test_options_are_checked_when_use_qwenrl_is_called(tmp_path):
 
 def test_refusals_name_what_is_not_computed(tmp_path):
     capped = tiny_model(vocab=50, final_logit_softcapping=30.0)
+    forward = capped.forward
     with pytest.raises(NotImplementedError, match="final_logit_softcapping"):
         use_qwenrl(capped)
+    assert capped.forward == forward and not hasattr(capped, "_qwenrl_patched_by")  # untouched
+    add_fused_lm_head(capped)
+    with pytest.raises(NotImplementedError, match="final_logit_softcapping"):
+        use_qwenrl(capped)  # the same through TRL's head
     kto_like = tiny_model(vocab=50)
     add_fused_lm_head(kto_like, outputs=("log_probs", "mean_logits"))
     with pytest.raises(NotImplementedError, match="mean_logits"):
