@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import zlib
 from typing import Any, NamedTuple
@@ -9,7 +10,10 @@ from typing import Any, NamedTuple
 import pytest
 import torch
 
-from qwenrl.loss import efe_loss_reference, stats_from_sums
+import qwenrl
+from qwenrl._ext import load_extension
+from qwenrl.loss import chunks, efe_loss_reference, stats_from_sums
+from qwenrl.loss.reference import PER_TOKEN_FIELDS, STAT_NAMES
 
 # `make mutate` runs the tests with a ContextVar trampoline in every function of the mutated
 # modules, which torch.compile(fullgraph=True) cannot trace: those tests say so and skip there.
@@ -118,3 +122,115 @@ def assert_within_twice_torch_error(
     floor_grad = ulp * truth_grad.abs().max().item()
     assert _max_err(loss, truth_loss) <= 2 * _max_err(own.loss, truth_loss) + floor_loss
     assert _max_err(grad, truth_grad) <= 2 * _max_err(own.grad, truth_grad) + floor_grad
+
+
+# --- linear_efe_loss: what tests/loss/test_linear_*.py and test_distill.py share -------------
+
+HAS_EXT = load_extension() is not None
+needs_ext = pytest.mark.skipif(not HAS_EXT, reason="qwenrl._C is not built")
+LINEAR_BACKENDS = [pytest.param("cpu", marks=needs_ext), "reference"]
+# How the weight gradient is made: no ``.grad`` yet / added into an existing ``weight.grad`` in
+# the backward / a fresh gradient although ``.grad`` exists (``weight_grad_in_place=False``).
+WEIGHT_GRAD_MODES = ["fresh", "in_place", "not_in_place"]
+
+
+def grad_out_for(reduction, n, seed):
+    """The upstream gradient: n random values for ``'none'``, a scalar otherwise."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, generator=g) if reduction == "none" else torch.tensor(1.7)
+
+
+@contextlib.contextmanager
+def weight_grad_into_recorded():
+    """Records, for each backward that runs the chunks again, whether the weight gradient
+    went straight into ``weight.grad`` (``grad_w_into``)."""
+    seen, real = [], chunks.chunked_grads
+
+    def grads_only(p, needs, upstream, grad_w_into=None):
+        seen.append(grad_w_into is not None)
+        return real(p, needs, upstream, grad_w_into=grad_w_into)
+
+    chunks.chunked_grads = grads_only
+    try:
+        yield seen
+    finally:
+        chunks.chunked_grads = real
+
+
+def run_linear_modes(h, w, b, t, grad_out, mode="fresh", **kw):
+    """linear_efe_loss with stats and per-token outputs, then backward(grad_out); ``mode`` is
+    one of :data:`WEIGHT_GRAD_MODES`. Returns (loss, stats, per_token, grads), the weight's
+    gradient being what this loss added to ``.grad``."""
+    hh, ww, bb = (x.detach().clone().requires_grad_() for x in (h, w, b))
+    prev = None
+    if mode != "fresh":
+        prev = torch.randn(ww.shape, generator=torch.Generator().manual_seed(5))
+        ww.grad = prev.clone()
+    grad_tensor = ww.grad
+    loss, stats, tok = qwenrl.linear_efe_loss(
+        hh, ww, t, bias=bb, return_stats=True, return_per_token=True,
+        weight_grad_in_place=mode != "not_in_place", **kw,
+    )  # fmt: skip
+    with weight_grad_into_recorded() as into:
+        loss.backward(grad_out)
+    # in place: the backward added the weight gradient into .grad; otherwise it never did
+    assert (into == [True]) if mode == "in_place" else not any(into)
+    gw = ww.grad
+    if mode == "in_place":
+        assert ww.grad is grad_tensor  # added into the very tensor
+    if prev is not None:
+        gw = gw - prev
+    return loss.detach(), stats, tok, (hh.grad, gw, bb.grad)
+
+
+def assert_linear_matches(ours, truth, *, rtol=1e-4, atol=1e-5):
+    """(loss, stats, per_token, grads) against the float64 (loss, sums, per_token [4, N],
+    grads): values, and the per-token outputs' shape (the loss's rows) and dtype."""
+    loss, stats, tok, grads = ours
+    loss64, sums64, tok64, grads64 = truth
+    torch.testing.assert_close(loss.double(), loss64, rtol=rtol, atol=atol)
+    stats64 = stats_from_sums(sums64)
+    for name in STAT_NAMES:
+        torch.testing.assert_close(
+            stats[name].double(), stats64[name].double(), rtol=1e-4, atol=1e-5
+        )
+    row_shape = loss.shape if loss.dim() else tok["lse"].shape
+    for i, name in enumerate(PER_TOKEN_FIELDS):
+        got = tok[name]
+        assert got.shape == row_shape
+        want = tok64[i].reshape(row_shape)
+        if name == "correct":
+            assert got.dtype == torch.bool and torch.equal(got, want != 0)
+        else:
+            assert got.dtype == torch.float32
+            torch.testing.assert_close(got.double(), want.double(), rtol=1e-5, atol=2e-5)
+    for g, g64 in zip(grads, grads64):
+        torch.testing.assert_close(g.double(), g64, rtol=rtol, atol=atol)
+
+
+def assert_linear_call_raises(kwargs, error, pattern, args=None):
+    """linear_efe_loss on ``args`` (hidden, weight, target and options; by default hidden
+    [4, 6, 8], weight [12, 8] and class targets) updated by ``kwargs`` raises ``error`` with a
+    message that matches ``pattern``."""
+    if args is None:
+        args = {
+            "hidden": torch.randn(4, 6, 8),
+            "weight": torch.randn(12, 8),
+            "target": torch.zeros(4, 6, dtype=torch.long),
+        }
+    args = {**args, **kwargs}
+    hidden, weight, target = args.pop("hidden"), args.pop("weight"), args.pop("target")
+    with pytest.raises(error, match=pattern):
+        qwenrl.linear_efe_loss(hidden, weight, target, **args)
+
+
+def assert_compiled_matches_eager(model, grads_of):
+    """``grads_of(fn)`` -> (loss, grads) is the same through torch.compile(model, fullgraph)
+    as through the model itself. Returns the compiled model."""
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    loss_c, grads_c = grads_of(compiled)
+    loss_e, grads_e = grads_of(model)
+    torch.testing.assert_close(loss_c, loss_e)
+    for gc, ge in zip(grads_c, grads_e):
+        torch.testing.assert_close(gc, ge)
+    return compiled

@@ -4,23 +4,26 @@ rows that are not ignored, with z = hidden @ weight.T + bias."""
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
-from loss_inputs import seed_of, skip_under_mutmut
+from loss_inputs import (
+    LINEAR_BACKENDS,
+    WEIGHT_GRAD_MODES,
+    assert_compiled_matches_eager,
+    assert_linear_call_raises,
+    assert_linear_matches,
+    grad_out_for,
+    needs_ext,
+    run_linear_modes,
+    seed_of,
+    skip_under_mutmut,
+)
 
 import qwenrl
-from qwenrl._ext import load_extension
-from qwenrl.loss import chunks, distill, efe_loss_reference, linear, linear_op, stats_from_sums
+from qwenrl.loss import chunks, distill, efe_loss_reference, linear, linear_op
 from qwenrl.loss.dispatch import resolve_backend
 from qwenrl.loss.options import EFEOptions
-from qwenrl.loss.reference import PER_TOKEN_FIELDS, STAT_NAMES
-
-HAS_EXT = load_extension() is not None
-needs_ext = pytest.mark.skipif(not HAS_EXT, reason="qwenrl._C is not built")
-BACKENDS = [pytest.param("cpu", marks=needs_ext), "reference"]
-MODES = ["fresh", "in_place", "not_in_place"]
+from qwenrl.loss.reference import PER_TOKEN_FIELDS
 
 
 def make(n, d, v, seed, *, d_t=6, ignore_frac=0.25, dtype=torch.float32, t_dtype=None):
@@ -73,74 +76,15 @@ def reference(student, teacher, t, grad_out, *, temperature=1.0, row_weight=None
     return loss.detach(), sums, full_tok, tuple(x.grad for x in leaves)
 
 
-@contextlib.contextmanager
-def weight_grad_into_recorded():
-    """Records, for each backward that runs the chunks again, whether the weight gradient
-    went straight into ``weight.grad`` (``grad_w_into``)."""
-    seen, real = [], chunks.chunked_grads
-
-    def grads_only(p, needs, upstream, grad_w_into=None):
-        seen.append(grad_w_into is not None)
-        return real(p, needs, upstream, grad_w_into=grad_w_into)
-
-    chunks.chunked_grads = grads_only
-    try:
-        yield seen
-    finally:
-        chunks.chunked_grads = real
-
-
 def run(student, teacher, t, grad_out, mode="fresh", **kw):
-    """linear_efe_loss with the teacher, stats and per-token outputs, then backward; ``mode``:
-    no ``.grad`` yet / added into an existing ``weight.grad`` / a fresh gradient although it
-    exists. The teacher's tensors require grad: they must get none."""
-    hh, ww, bb = (x.detach().clone().requires_grad_() for x in student)
+    """linear_efe_loss with the teacher (:func:`run_linear_modes` with each ``mode``). The
+    teacher's tensors require grad: they must get none."""
     th, tw, tb = (x.detach().clone().requires_grad_() for x in teacher)
-    prev = None
-    if mode != "fresh":
-        prev = torch.randn(ww.shape, generator=torch.Generator().manual_seed(5))
-        ww.grad = prev.clone()
-    grad_tensor = ww.grad
-    loss, stats, tok = qwenrl.linear_efe_loss(
-        hh, ww, t, bias=bb, teacher_hidden=th, teacher_weight=tw, teacher_bias=tb,
-        return_stats=True, return_per_token=True, weight_grad_in_place=mode != "not_in_place",
-        **kw,
-    )  # fmt: skip
-    with weight_grad_into_recorded() as into:
-        loss.backward(grad_out)
-    # in place: the backward added the weight gradient into .grad; otherwise it never did
-    assert (into == [True]) if mode == "in_place" else not any(into)
+    out = run_linear_modes(
+        *student, t, grad_out, mode, teacher_hidden=th, teacher_weight=tw, teacher_bias=tb, **kw
+    )
     assert th.grad is None and tw.grad is None and tb.grad is None  # the teacher: no gradient
-    gw = ww.grad
-    if mode == "in_place":
-        assert ww.grad is grad_tensor
-    if prev is not None:
-        gw = gw - prev
-    return loss.detach(), stats, tok, (hh.grad, gw, bb.grad)
-
-
-def assert_matches(ours, truth, *, rtol=1e-4, atol=1e-5):
-    loss, stats, tok, grads = ours
-    loss64, sums64, tok64, grads64 = truth
-    torch.testing.assert_close(loss.double(), loss64, rtol=rtol, atol=atol)
-    stats64 = stats_from_sums(sums64)
-    for name in STAT_NAMES:
-        torch.testing.assert_close(
-            stats[name].double(), stats64[name].double(), rtol=1e-4, atol=1e-5
-        )
-    for i, name in enumerate(PER_TOKEN_FIELDS):
-        want = tok64[i].reshape(tok[name].shape)
-        if name == "correct":
-            assert torch.equal(tok[name], want != 0)
-        else:
-            torch.testing.assert_close(tok[name].double(), want.double(), rtol=1e-5, atol=2e-5)
-    for g, g64 in zip(grads, grads64):
-        torch.testing.assert_close(g.double(), g64, rtol=rtol, atol=atol)
-
-
-def grad_out_for(reduction, n, seed):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, generator=g) if reduction == "none" else torch.tensor(1.7)
+    return out
 
 
 OPTION_SETS = [
@@ -149,7 +93,7 @@ OPTION_SETS = [
 ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", LINEAR_BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("temperature", [1.0, 2.5, 0.7])
 @pytest.mark.parametrize("target", ["ignored", "none"])
@@ -165,12 +109,12 @@ def test_matches_float64_materialised_reference(backend, reduction, temperature,
     ours = run(
         student, teacher, t, go, chunk_size=5, backend=backend, temperature=temperature, **opts
     )
-    assert_matches(ours, reference(student, teacher, t, go, temperature=temperature, **opts))
+    assert_linear_matches(ours, reference(student, teacher, t, go, temperature=temperature, **opts))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", LINEAR_BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", WEIGHT_GRAD_MODES)
 def test_every_option_and_both_weight_gradient_modes(backend, reduction, mode):
     """row_weight, z_loss, a hard mask, label smoothing, β and ignored rows together."""
     n, d, v = 31, 8, 41
@@ -183,7 +127,7 @@ def test_every_option_and_both_weight_gradient_modes(backend, reduction, mode):
     ours = run(
         student, teacher, t, go, mode, chunk_size=6, backend=backend, temperature=2.0, **opts
     )
-    assert_matches(ours, reference(student, teacher, t, go, temperature=2.0, **opts))
+    assert_linear_matches(ours, reference(student, teacher, t, go, temperature=2.0, **opts))
 
 
 @needs_ext
@@ -203,10 +147,10 @@ def test_uneven_chunks_and_batched_rows(chunk_size):
         ours = run(student, teacher, t, go, chunk_size=chunk_size, **opts)
         assert ours[0].shape == (shape if reduction == "none" else ())
         assert ours[2]["lse"].shape == shape and ours[3][0].shape == student[0].shape
-        assert_matches(ours, reference(student, teacher, t, go, **opts))
+        assert_linear_matches(ours, reference(student, teacher, t, go, **opts))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", LINEAR_BACKENDS)
 def test_no_grad(backend):
     student, teacher, t, rw, _ = make(25, 8, 30, seed_of("nograd", backend))
     opts = {"reduction": "none", "row_weight": rw, "temperature": 3.0}
@@ -219,7 +163,7 @@ def test_no_grad(backend):
             return_per_token=True, **opts,
         )  # fmt: skip
     assert not loss.requires_grad
-    assert_matches((loss, stats, tok, ()), (*truth[:3], ()))
+    assert_linear_matches((loss, stats, tok, ()), (*truth[:3], ()))
 
 
 @needs_ext
@@ -412,12 +356,7 @@ def test_compiles_fullgraph():
         assert all(p.grad is None for p in t_head.parameters())
         return loss.detach(), [p.grad.clone() for p in (*proj.parameters(), *head.parameters())]
 
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    loss_c, grads_c = grads_of(compiled)
-    loss_e, grads_e = grads_of(model)
-    torch.testing.assert_close(loss_c, loss_e)
-    for gc, ge in zip(grads_c, grads_e):
-        torch.testing.assert_close(gc, ge)
+    assert_compiled_matches_eager(model, grads_of)
 
 
 # --- bad input -------------------------------------------------------------------------------
@@ -479,11 +418,7 @@ def _bad_case_args():
     ],
 )
 def test_bad_inputs(kwargs, error, pattern):
-    args = _bad_case_args()
-    args.update(kwargs)
-    hidden, weight, target = args.pop("hidden"), args.pop("weight"), args.pop("target")
-    with pytest.raises(error, match=pattern):
-        qwenrl.linear_efe_loss(hidden, weight, target, **args)
+    assert_linear_call_raises(kwargs, error, pattern, _bad_case_args())
 
 
 def test_target_none_means_every_row():

@@ -9,10 +9,17 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from loss_inputs import run_linear_reference, seed_of, skip_under_mutmut
+from loss_inputs import (
+    LINEAR_BACKENDS,
+    assert_compiled_matches_eager,
+    assert_linear_call_raises,
+    needs_ext,
+    run_linear_reference,
+    seed_of,
+    skip_under_mutmut,
+)
 
 import qwenrl
-from qwenrl._ext import load_extension
 from qwenrl.loss import (
     chunks,
     efe_loss,
@@ -25,10 +32,6 @@ from qwenrl.loss import (
 from qwenrl.loss.dispatch import resolve_backend
 from qwenrl.loss.options import EFEOptions
 from qwenrl.loss.reference import STAT_NAMES
-
-HAS_EXT = load_extension() is not None
-needs_ext = pytest.mark.skipif(not HAS_EXT, reason="qwenrl._C is not built")
-BACKENDS = [pytest.param("cpu", marks=needs_ext), "reference"]
 
 
 def make_linear_inputs(n, d, v, kind, seed, *, bias=True, ignore_frac=0.2, dtype=torch.float32):
@@ -80,7 +83,7 @@ OPTION_SETS = [
 ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", LINEAR_BACKENDS)
 @pytest.mark.parametrize("kind", ["class", "soft", "log"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("opt_index", range(len(OPTION_SETS)))
@@ -320,7 +323,7 @@ def _record_modes(monkeypatch):
     return modes
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", LINEAR_BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("opt_index", [1, 2])
 def test_weight_grad_added_into_existing_grad(monkeypatch, backend, reduction, opt_index):
@@ -538,15 +541,7 @@ def test_low_precision_within_twice_torch_error(dtype):
     ],
 )
 def test_bad_inputs(kwargs, error, pattern):
-    args = {
-        "hidden": torch.randn(4, 6, 8),
-        "weight": torch.randn(12, 8),
-        "target": torch.zeros(4, 6, dtype=torch.long),
-    }
-    args.update(kwargs)
-    hidden, weight, target = args.pop("hidden"), args.pop("weight"), args.pop("target")
-    with pytest.raises(error, match=pattern):
-        qwenrl.linear_efe_loss(hidden, weight, target, **args)
+    assert_linear_call_raises(kwargs, error, pattern)
 
 
 def test_module_takes_explicit_options():
@@ -591,12 +586,7 @@ def test_compiles_fullgraph(reduction):
         loss.backward(go)
         return loss.detach(), [p.grad.clone() for p in (*proj.parameters(), *head.parameters())]
 
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    loss_c, grads_c = grads_of(compiled)
-    loss_e, grads_e = grads_of(model)
-    torch.testing.assert_close(loss_c, loss_e)
-    for gc, ge in zip(grads_c, grads_e):
-        torch.testing.assert_close(gc, ge)
+    compiled = assert_compiled_matches_eager(model, grads_of)
     bad = t.clone()
     bad[5] = 50
     with pytest.raises(Exception, match="outside"):

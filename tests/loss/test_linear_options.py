@@ -9,23 +9,25 @@ exists (``weight_grad_in_place=False``), and the rows backward of ``'none'``.
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
-from loss_inputs import seed_of, skip_under_mutmut
+from loss_inputs import (
+    LINEAR_BACKENDS,
+    WEIGHT_GRAD_MODES,
+    assert_linear_call_raises,
+    assert_linear_matches,
+    grad_out_for,
+    needs_ext,
+    run_linear_modes,
+    seed_of,
+    skip_under_mutmut,
+)
 
 import qwenrl
-from qwenrl._ext import load_extension
-from qwenrl.loss import chunks, efe_loss_reference, linear, linear_op, stats_from_sums
+from qwenrl.loss import chunks, efe_loss_reference, linear, linear_op
 from qwenrl.loss.dispatch import resolve_backend
 from qwenrl.loss.options import EFEOptions
-from qwenrl.loss.reference import PER_TOKEN_FIELDS, STAT_NAMES
-
-HAS_EXT = load_extension() is not None
-needs_ext = pytest.mark.skipif(not HAS_EXT, reason="qwenrl._C is not built")
-BACKENDS = [pytest.param("cpu", marks=needs_ext), "reference"]
-MODES = ["fresh", "in_place", "not_in_place"]
+from qwenrl.loss.reference import PER_TOKEN_FIELDS
 
 
 def make(n, d, v, seed, *, kind="class", ignore_frac=0.25, dtype=torch.float32):
@@ -65,77 +67,6 @@ def reference(h, w, b, t, grad_out, *, row_weight=None, hard_mask=None, **opts):
     return loss.detach(), sums, tok, tuple(x.grad for x in leaves)
 
 
-@contextlib.contextmanager
-def weight_grad_into_recorded():
-    """Records, for each backward that runs the chunks again, whether the weight gradient
-    went straight into ``weight.grad`` (``grad_w_into``)."""
-    seen, real = [], chunks.chunked_grads
-
-    def grads_only(p, needs, upstream, grad_w_into=None):
-        seen.append(grad_w_into is not None)
-        return real(p, needs, upstream, grad_w_into=grad_w_into)
-
-    chunks.chunked_grads = grads_only
-    try:
-        yield seen
-    finally:
-        chunks.chunked_grads = real
-
-
-def run(h, w, b, t, grad_out, mode="fresh", **kw):
-    """linear_efe_loss with stats and per-token outputs, then backward(grad_out); ``mode``
-    says how the weight gradient is made (see the module docstring). Returns (loss, stats,
-    per_token, grads), the weight's gradient being what this loss added to ``.grad``."""
-    hh, ww, bb = (x.detach().clone().requires_grad_() for x in (h, w, b))
-    prev = None
-    if mode != "fresh":
-        prev = torch.randn(w.shape, generator=torch.Generator().manual_seed(5))
-        ww.grad = prev.clone()
-    grad_tensor = ww.grad
-    loss, stats, tok = qwenrl.linear_efe_loss(
-        hh, ww, t, bias=bb, return_stats=True, return_per_token=True,
-        weight_grad_in_place=mode != "not_in_place", **kw,
-    )  # fmt: skip
-    with weight_grad_into_recorded() as into:
-        loss.backward(grad_out)
-    # in place: the backward added the weight gradient into .grad; otherwise it never did
-    assert (into == [True]) if mode == "in_place" else not any(into)
-    gw = ww.grad
-    if mode == "in_place":
-        assert ww.grad is grad_tensor  # added into the very tensor
-    if prev is not None:
-        gw = gw - prev
-    return loss.detach(), stats, tok, (hh.grad, gw, bb.grad)
-
-
-def assert_matches(ours, truth, *, rtol=1e-4, atol=1e-5):
-    loss, stats, tok, grads = ours
-    loss64, sums64, tok64, grads64 = truth
-    torch.testing.assert_close(loss.double(), loss64, rtol=rtol, atol=atol)
-    stats64 = stats_from_sums(sums64)
-    for name in STAT_NAMES:
-        torch.testing.assert_close(
-            stats[name].double(), stats64[name].double(), rtol=1e-4, atol=1e-5
-        )
-    row_shape = loss.shape if loss.dim() else tok["lse"].shape
-    for i, name in enumerate(PER_TOKEN_FIELDS):
-        got = tok[name]
-        assert got.shape == row_shape
-        want = tok64[i].reshape(row_shape)
-        if name == "correct":
-            assert got.dtype == torch.bool and torch.equal(got, want != 0)
-        else:
-            assert got.dtype == torch.float32
-            torch.testing.assert_close(got.double(), want.double(), rtol=1e-5, atol=2e-5)
-    for g, g64 in zip(grads, grads64):
-        torch.testing.assert_close(g.double(), g64, rtol=rtol, atol=atol)
-
-
-def grad_out_for(reduction, n, seed):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, generator=g) if reduction == "none" else torch.tensor(1.7)
-
-
 # What each case adds to the call: one option alone, then all of them with label smoothing,
 # β, a hard mask and ignored rows.
 CASES = {
@@ -154,18 +85,18 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", LINEAR_BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", WEIGHT_GRAD_MODES)
 def test_matches_float64_materialised_reference(backend, reduction, case, mode):
     """37 rows in chunks of 5 (the last one short), ignored rows, an upstream gradient ≠ 1."""
     n, d, v = 37, 12, 53
     h, w, b, t, rw, mask = make(n, d, v, seed_of("options", reduction, case))
     opts = dict(CASES[case](rw, mask), reduction=reduction)
     go = grad_out_for(reduction, n, seed_of("go", reduction, case))
-    ours = run(h, w, b, t, go, mode, chunk_size=5, backend=backend, **opts)
-    assert_matches(ours, reference(h, w, b, t, go, **opts))
+    ours = run_linear_modes(h, w, b, t, go, mode, chunk_size=5, backend=backend, **opts)
+    assert_linear_matches(ours, reference(h, w, b, t, go, **opts))
 
 
 @needs_ext
@@ -174,9 +105,10 @@ def test_soft_targets_with_every_option(reduction):
     h, w, b, t, rw, mask = make(29, 8, 41, seed_of("soft", reduction), kind="soft")
     opts = {**CASES["combined"](rw, mask), "reduction": reduction}
     go = grad_out_for(reduction, 29, 3)
-    for mode in MODES:
-        assert_matches(
-            run(h, w, b, t, go, mode, chunk_size=6, **opts), reference(h, w, b, t, go, **opts)
+    for mode in WEIGHT_GRAD_MODES:
+        assert_linear_matches(
+            run_linear_modes(h, w, b, t, go, mode, chunk_size=6, **opts),
+            reference(h, w, b, t, go, **opts),
         )
 
 
@@ -195,12 +127,12 @@ def test_uneven_chunks_and_batched_rows(chunk_size):
         opts = {**CASES["combined"](rw3, mask3), "reduction": reduction}
         go = grad_out_for(reduction, 42, 4)
         go = go.reshape(2, 3, 7) if reduction == "none" else go
-        ours = run(h3, w, b, t3, go, chunk_size=chunk_size, **opts)
+        ours = run_linear_modes(h3, w, b, t3, go, chunk_size=chunk_size, **opts)
         assert ours[2]["lse"].shape == (2, 3, 7) and ours[3][0].shape == h3.shape
-        assert_matches(ours, reference(h3, w, b, t3, go, **opts))
+        assert_linear_matches(ours, reference(h3, w, b, t3, go, **opts))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", LINEAR_BACKENDS)
 def test_no_grad_returns_the_same_loss_and_per_token(backend):
     h, w, b, t, rw, mask = make(33, 8, 30, seed_of("nograd", backend))
     opts = {**CASES["combined"](rw, mask), "reduction": "none"}
@@ -211,7 +143,7 @@ def test_no_grad_returns_the_same_loss_and_per_token(backend):
             return_stats=True, return_per_token=True, **opts,
         )  # fmt: skip
     assert not loss.requires_grad
-    assert_matches((loss, stats, tok, ()), (*truth[:3], ()))
+    assert_linear_matches((loss, stats, tok, ()), (*truth[:3], ()))
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -247,7 +179,7 @@ def test_low_precision_inputs(dtype):
     (loose: the gradients come back rounded to ``dtype``)."""
     h, w, b, t, rw, mask = make(64, 32, 300, seed_of("low", dtype), dtype=dtype)
     opts = {**CASES["combined"](rw, mask), "reduction": "mean"}
-    ours = run(h, w, b, t, torch.tensor(1.0), chunk_size=24, **opts)
+    ours = run_linear_modes(h, w, b, t, torch.tensor(1.0), chunk_size=24, **opts)
     loss64, sums64, tok64, grads64 = reference(h, w, b, t, torch.tensor(1.0), **opts)
     torch.testing.assert_close(ours[0].double(), loss64, rtol=1e-2, atol=1e-3)
     torch.testing.assert_close(ours[2]["lse"].double(), tok64[3].double(), rtol=1e-3, atol=1e-3)
@@ -282,15 +214,7 @@ def test_module_takes_row_weight():
     ],
 )
 def test_bad_inputs(kwargs, error, pattern):
-    args = {
-        "hidden": torch.randn(4, 6, 8),
-        "weight": torch.randn(12, 8),
-        "target": torch.zeros(4, 6, dtype=torch.long),
-    }
-    args.update(kwargs)
-    hidden, weight, target = args.pop("hidden"), args.pop("weight"), args.pop("target")
-    with pytest.raises(error, match=pattern):
-        qwenrl.linear_efe_loss(hidden, weight, target, **args)
+    assert_linear_call_raises(kwargs, error, pattern)
 
 
 # --- torch.compile: the custom ops carry row_weight and return the per-token outputs ---------
@@ -305,14 +229,14 @@ def test_the_compiled_branch_carries_the_options(monkeypatch, reduction):
     h, w, b, t, rw, mask = make(31, 8, 27, seed_of("op-branch", reduction))
     opts = {**CASES["combined"](rw, mask), "reduction": reduction, "chunk_size": 6}
     go = grad_out_for(reduction, 31, 7)
-    want = run(h, w, b, t, go, **opts)
+    want = run_linear_modes(h, w, b, t, go, **opts)
     calls = []
     real = linear_op.linear_efe_fused
     monkeypatch.setattr(
         linear, "linear_efe_fused", lambda *a, **k: calls.append(a) or real(*a, **k)
     )
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    got = run(h, w, b, t, go, **opts)
+    got = run_linear_modes(h, w, b, t, go, **opts)
     assert len(calls) == 1 and calls[0][8] is not None  # row_weight reached the op
     torch.testing.assert_close(got[0], want[0])
     for name in PER_TOKEN_FIELDS:
