@@ -4,7 +4,7 @@
 into ``weight.grad`` during the backward instead of returning a [V, D] buffer for autograd to
 add. That is only right when autograd itself would accumulate into ``.grad`` in this pass, and
 when no tensor hook on the weight expects to see the gradient. Both questions need private
-torch API; they are asked here and nowhere else, and ``tests/test_linear_loss.py`` checks
+torch API; they are asked here and nowhere else, and ``tests/loss/test_linear_loss.py`` checks
 that torch still answers them as this module expects, so a torch upgrade that changes them
 fails a test instead of silently switching modes.
 

@@ -130,7 +130,7 @@ def qwenrl_only(monkeypatch):
     """TRL's chunked kernels fail; yields the list of qwenrl linear_efe_loss calls (row
     counts) made by the integration."""
     calls: list[int] = []
-    real = qtrl.linear_efe_loss
+    real = qwenrl.linear_efe_loss
 
     def spy(hidden, *args, **kwargs):
         calls.append(hidden.shape[0])
@@ -139,7 +139,8 @@ def qwenrl_only(monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(trl_utils, "_ChunkedLogProbFunction", _Forbidden)
         m.setattr(trl_distillation, "ChunkedDivergenceFunction", _Forbidden)
-        m.setattr(qtrl, "linear_efe_loss", spy)
+        m.setattr(qtrl.head, "linear_efe_loss", spy)  # the fused head
+        m.setattr(qtrl.divergence, "linear_efe_loss", spy)  # the distillation divergence
         yield calls
 
 
