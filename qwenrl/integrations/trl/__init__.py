@@ -32,7 +32,7 @@ loss, differentiable (its backward runs the chunks again, as TRL's does), so eve
 built from it (SFT's NLL and DFT, GRPO's clipped ratios and KL to the reference model) is
 computed from qwenrl's numbers and reproduces TRL's. ``entropy`` and ``is_top1`` come from the
 same pass and carry no gradient. With EFE options (``tau``/``easy_weight`` that weight tokens,
-``entropy_weight``, ``label_smoothing``, ``z_loss``) the token loss is no longer ``-log p``:
+and any other loss option of :class:`~qwenrl.loss.EFEOptions`) the token loss is no longer ``-log p``:
 the output's ``loss`` is the EFE loss (its sum over tokens divided by ``num_items_in_batch``,
 or by the number of tokens, as TRL's), and during ``SFTTrainer.compute_loss`` the
 ``log_probs`` field carries minus the per-token EFE loss, so that SFT's loss is the EFE loss
@@ -203,10 +203,11 @@ def use_qwenrl(trainer_or_model: Any, **options: Any) -> Any:
     Args:
         trainer_or_model: a ``trl.SFTTrainer``, ``trl.GRPOTrainer`` or
             ``trl.DistillationTrainer``, or a transformers causal LM.
-        options: the loss options of :func:`qwenrl.linear_efe_loss`: ``tau``,
-            ``easy_weight``, ``entropy_weight``, ``label_smoothing``, ``z_loss`` (default:
-            cross-entropy, ``tau=0, easy_weight=1``, which reproduces TRL's numbers), and
-            ``chunk_size``, ``backend``. Anything else is a ``TypeError``. Calling again
+        options: the loss options of :func:`qwenrl.linear_efe_loss` (``LOSS_DEFAULTS``:
+            :class:`~qwenrl.loss.EFEOptions`' caller fields but ``ignore_index``,
+            ``reduction`` and ``log_target``; default: cross-entropy, ``tau=0,
+            easy_weight=1``, which reproduces TRL's numbers), and ``chunk_size``,
+            ``backend``. Anything else is a ``TypeError``. Calling again
             replaces the options.
 
     Returns:

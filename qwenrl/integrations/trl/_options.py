@@ -9,15 +9,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from qwenrl.loss.dispatch import BACKENDS
-from qwenrl.loss.options import EFEOptions
+from qwenrl.loss.options import CALLER_FIELDS, EFEOptions
 
-# The options of the token loss; the defaults are cross-entropy, so TRL's numbers come out.
+# The options of the token loss: EFEOptions' caller fields but those the integration sets
+# itself (labels are class indices, -100 is TRL's ignore index, the reduction is TRL's), with
+# the cross-entropy values as defaults, so that TRL's numbers come out: every row weighs 1
+# (easy_weight = 1, whatever tau) and every other term is off (EFEOptions' defaults).
+_SET_BY_TRL = ("ignore_index", "reduction", "log_target")
+_CROSS_ENTROPY = {"tau": 0.0, "easy_weight": 1.0}
 LOSS_DEFAULTS = {
-    "tau": 0.0,
-    "easy_weight": 1.0,
-    "entropy_weight": 0.0,
-    "label_smoothing": 0.0,
-    "z_loss": 0.0,
+    name: _CROSS_ENTROPY.get(name, getattr(EFEOptions(), name))
+    for name in CALLER_FIELDS
+    if name not in _SET_BY_TRL
 }
 # Every option use_qwenrl accepts: the loss's, and how linear_efe_loss runs.
 OPTIONS = (*LOSS_DEFAULTS, "chunk_size", "backend")
@@ -70,12 +73,12 @@ def check_options(options: dict[str, Any]) -> dict[str, Any]:
 
 
 def is_cross_entropy(options: dict[str, Any]) -> bool:
-    """Whether the per-token loss is exactly ``-log p(label)``."""
-    return (
-        float(options["easy_weight"]) == 1.0
-        and float(options["entropy_weight"]) == 0.0
-        and float(options["label_smoothing"]) == 0.0
-        and float(options["z_loss"]) == 0.0
+    """Whether the per-token loss is exactly ``-log p(label)``: every option at its
+    cross-entropy value (``tau`` aside: with ``easy_weight=1`` it weighs nothing)."""
+    return all(
+        float(options[name]) == float(value)
+        for name, value in LOSS_DEFAULTS.items()
+        if name != "tau"
     )
 
 
