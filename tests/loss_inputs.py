@@ -12,7 +12,7 @@ import torch
 
 import qwenrl
 from qwenrl._ext import load_extension
-from qwenrl.loss import chunks, efe_loss_reference, stats_from_sums
+from qwenrl.loss import chunks, efe_loss, efe_loss_reference, stats_from_sums
 from qwenrl.loss.reference import PER_TOKEN_FIELDS, STAT_NAMES
 
 # `make mutate` runs the tests with a ContextVar trampoline in every function of the mutated
@@ -43,6 +43,15 @@ def make_inputs(n, c, kind, seed, *, ignore_frac=0.2, dtype=torch.float32, scale
         t = p.log() if kind == "log" else p
     device = torch.get_default_device()
     return z.to(device), t.to(device)
+
+
+def run_efe(z, t, backend, grad_out=None, **opts):
+    """Loss, stats and d(loss·grad_out)/dz through the public API on one backend."""
+    zz = z.detach().clone().requires_grad_()
+    loss, stats = efe_loss(zz, t, backend=backend, return_stats=True, **opts)
+    go = torch.ones_like(loss) if grad_out is None else grad_out
+    loss.backward(go.to(loss.dtype))
+    return loss.detach(), stats, zz.grad
 
 
 class ReferenceRun(NamedTuple):

@@ -18,22 +18,11 @@ triton backend of tests/loss/test_conformance.py): every tensor is then created 
 
 from __future__ import annotations
 
-import os
+import pytest
+from triton_device import DEVICE, triton_missing
 
-DEVICE = os.environ.get("QWENRL_TRITON_TEST_DEVICE", "cpu")
-if DEVICE == "cpu":
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-
-import pytest  # noqa: E402
-
-pytest.importorskip("numpy", reason="the Triton interpreter needs numpy")
-pytest.importorskip("triton", reason="triton is not installed")
-if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip(
-        "TRITON_INTERPRET is set to something other than 1: no CPU interpreter",
-        allow_module_level=True,
-    )
+if triton_missing() is not None:
+    pytest.skip(triton_missing(), allow_module_level=True)
 
 import torch  # noqa: E402
 from loss_inputs import (  # noqa: E402

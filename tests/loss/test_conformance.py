@@ -17,39 +17,24 @@ is in tests/loss/test_loss.py and tests/kernels/.
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 from loss_inputs import (
     assert_within_twice_torch_error,
     make_inputs,
+    run_efe,
     run_reference,
     seed_of,
 )
+from triton_device import DEVICE as TRITON_DEVICE
+from triton_device import triton_missing
 
 from qwenrl._ext import load_extension
 from qwenrl.loss import efe_loss, efe_loss_reference
 from qwenrl.loss.reference import STAT_NAMES
 
 # --- the backends ----------------------------------------------------------------------------
-
-TRITON_DEVICE = os.environ.get("QWENRL_TRITON_TEST_DEVICE", "cpu")
-if TRITON_DEVICE == "cpu":
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-
-def _triton_missing() -> str | None:
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed"
-    if TRITON_DEVICE == "cpu" and importlib.util.find_spec("numpy") is None:
-        return "the Triton interpreter needs numpy"
-    if TRITON_DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        return "TRITON_INTERPRET is set to something other than 1: no CPU interpreter"
-    return None
-
 
 CPU = pytest.param(
     "cpu",
@@ -60,7 +45,7 @@ TRITON = pytest.param(
     "triton",
     marks=[
         pytest.mark.triton,
-        pytest.mark.skipif(_triton_missing() is not None, reason=str(_triton_missing())),
+        pytest.mark.skipif(triton_missing() is not None, reason=str(triton_missing())),
         # Interpreter noise: padding lanes and ignored rows compute -inf - (-inf) before
         # being masked.
         pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
@@ -122,15 +107,6 @@ def use_path(monkeypatch, backend: str, path: str | None) -> None:
 TRITON_PATHS = {"tile": (41, 12), "online": (7, 300)}
 
 
-def run(z, t, backend, grad_out=None, **opts):
-    """Loss, stats and d(loss·grad_out)/dz through the public API on one backend."""
-    zz = z.detach().clone().requires_grad_()
-    loss, stats = efe_loss(zz, t, backend=backend, return_stats=True, **opts)
-    go = torch.ones_like(loss) if grad_out is None else grad_out
-    loss.backward(go.to(loss.dtype))
-    return loss.detach(), stats, zz.grad
-
-
 def grad_output_for(loss_shape, seed):
     """An upstream gradient that is never all ones."""
     g = torch.Generator().manual_seed(seed + 1)
@@ -186,7 +162,7 @@ CPP_GRID = [
 
 
 def assert_matches_reference(z, t, backend, grad_out, **opts):
-    loss, stats, grad = run(z, t, backend, grad_out, **opts)
+    loss, stats, grad = run_efe(z, t, backend, grad_out, **opts)
     truth = run_reference(z, t, grad_out, **opts)
     assert loss.dtype == torch.float32 and grad.dtype == z.dtype
     torch.testing.assert_close(loss.double(), truth.loss, rtol=2e-5, atol=2e-5)
@@ -238,7 +214,7 @@ def test_hard_mask_and_batched_shape(backend, seed):
     mask = on_device(torch.rand(2, 5, 30, generator=g, device="cpu") < 0.5)
     t = on_device(t)
     for reduction in ("mean", "none"):
-        loss, stats, grad = run(z, t, backend, hard_mask=mask, reduction=reduction)
+        loss, stats, grad = run_efe(z, t, backend, hard_mask=mask, reduction=reduction)
         loss64, _, grad64 = run_reference(
             z.reshape(-1, 12), t.reshape(-1), hard_mask=mask.reshape(-1), reduction=reduction
         )
@@ -256,14 +232,14 @@ def test_non_contiguous_input(backend):
     z, t = make_inputs(12, 37, "class", seed=5)
     zt = z.t().contiguous().t()  # same values, column-major strides
     assert not zt.is_contiguous()
-    loss_a, _, grad_a = run(zt, t, backend)
-    loss_b, _, grad_b = run(z, t, backend)
+    loss_a, _, grad_a = run_efe(zt, t, backend)
+    loss_b, _, grad_b = run_efe(z, t, backend)
     torch.testing.assert_close(loss_a, loss_b)
     torch.testing.assert_close(grad_a, grad_b)
     # a strided slice of a bigger tensor
     big = torch.randn(12, 80)
     sl = big[:, ::2][:, :37]
-    loss_c, _, grad_c = run(sl, t, backend)
+    loss_c, _, grad_c = run_efe(sl, t, backend)
     loss_d, _, grad_d = run_reference(sl, t)
     torch.testing.assert_close(loss_c.double(), loss_d, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad_c.double(), grad_d, rtol=1e-4, atol=1e-7)
@@ -273,7 +249,7 @@ def test_non_contiguous_input(backend):
 @pytest.mark.parametrize("grad_out", [1.0, 2.5])
 def test_upstream_gradient_of_one_and_not_one(backend, grad_out):
     z, t = make_inputs(50, 700, "class", seed=seed_of("go", grad_out))
-    loss, _, grad = run(z, t, backend, torch.tensor(grad_out))
+    loss, _, grad = run_efe(z, t, backend, torch.tensor(grad_out))
     _, _, grad64 = run_reference(z, t, torch.tensor(grad_out))
     torch.testing.assert_close(grad.double(), grad64, rtol=1e-4, atol=1e-8)
 
@@ -282,7 +258,7 @@ def test_upstream_gradient_of_one_and_not_one(backend, grad_out):
 def test_all_rows_ignored_gives_zero_not_nan(backend):
     z = torch.randn(6, 12)
     t = torch.full((6,), -100)
-    loss, stats, grad = run(z, t, backend)
+    loss, stats, grad = run_efe(z, t, backend)
     assert loss.item() == 0.0
     assert torch.count_nonzero(grad) == 0
     assert stats["n_valid"].item() == 0 and stats["mask_ratio"].item() == 0
@@ -293,10 +269,10 @@ def test_nan_and_inf_logits_give_nan_loss(backend):
     z, t = make_inputs(16, 12, "class", seed=4, ignore_frac=0.0)
     z[3, 5] = float("nan")
     z[7, 0] = float("inf")
-    loss, stats, grad = run(z, t, backend, reduction="none")
+    loss, stats, grad = run_efe(z, t, backend, reduction="none")
     assert torch.isnan(loss[3]) and torch.isnan(loss[7])
     assert torch.isfinite(loss[[0, 1, 2, 4]]).all()
-    assert torch.isnan(run(z, t, backend)[0])
+    assert torch.isnan(run_efe(z, t, backend)[0])
 
 
 # --- low precision ---------------------------------------------------------------------------
@@ -330,7 +306,7 @@ def test_low_precision_within_twice_torch_error(monkeypatch, backend, case):
         grad_out = None
     z, t = make_inputs(n, c, kind, seed, dtype=dtype)
     t = t.to(dtype) if kind == "soft" else t
-    loss, _, grad = run(z, t, backend, grad_out, **opts)
+    loss, _, grad = run_efe(z, t, backend, grad_out, **opts)
     truth_loss, _, truth_grad = run_reference(z, t, grad_out, **opts)
     assert_within_twice_torch_error(z, t, loss, grad, truth_loss, truth_grad, grad_out, **opts)
 
@@ -362,7 +338,7 @@ def test_identity_cross_entropy(monkeypatch, backend, case, reduction):
         z, t = make_inputs(n, c, "class", seed_of(case["path"], "ce", reduction))
         grad_out = grad_output_for((n,) if reduction == "none" else (), 3)
     opts = dict(entropy_weight=0.0, easy_weight=1.0, reduction=reduction)
-    loss, _, grad = run(z, t, backend, grad_out, **opts)
+    loss, _, grad = run_efe(z, t, backend, grad_out, **opts)
     zz = z.clone().requires_grad_()
     ce = F.cross_entropy(zz, t, ignore_index=-100, reduction=reduction)
     ce.backward(torch.ones_like(ce) if grad_out is None else grad_out)
@@ -384,7 +360,7 @@ def test_identity_label_smoothing_gradient(monkeypatch, backend, case):
     else:
         n, c = TRITON_PATHS[case["path"]]
         z, t = make_inputs(n, c, "class", seed_of(case["path"], "ls"), ignore_frac=0.0)
-    loss, _, grad = run(z, t, backend, easy_weight=1.0, label_smoothing=eps, reduction="none")
+    loss, _, grad = run_efe(z, t, backend, easy_weight=1.0, label_smoothing=eps, reduction="none")
     zz = z.clone().requires_grad_()
     ce = F.cross_entropy(zz, t, label_smoothing=eps, reduction="none")
     ce.sum().backward()
@@ -407,7 +383,7 @@ def test_identity_kl_div(monkeypatch, backend, case, kind):
         n, c = TRITON_PATHS[case["path"]]
         z, t = make_inputs(n, c, kind, seed_of(case["path"], "kl", kind))
     log_target = kind == "log"
-    loss, _, grad = run(z, t, backend, easy_weight=1.0, reduction="sum", log_target=log_target)
+    loss, _, grad = run_efe(z, t, backend, easy_weight=1.0, reduction="sum", log_target=log_target)
     zz = z.clone().requires_grad_()
     kl = F.kl_div(F.log_softmax(zz, -1), t, reduction="sum", log_target=log_target)
     kl.backward()
@@ -465,7 +441,7 @@ def test_masked_classes_equal_cross_entropy(backend, c):
     """-inf logits (vocabulary or action masks) are classes with q = 0: as in F.cross_entropy
     the loss and gradient are finite."""
     z, t, masked = masked_inputs(37, c, seed_of("mask", c))
-    loss, _, grad = run(z, t, backend, tau=0.0, easy_weight=1.0)
+    loss, _, grad = run_efe(z, t, backend, tau=0.0, easy_weight=1.0)
     zz = z.clone().requires_grad_()
     ce = F.cross_entropy(zz, t)
     ce.backward()
@@ -482,14 +458,14 @@ def test_masked_classes_with_every_option(backend, c):
     weights: finite, and equal to the float64 reference on the unmasked classes."""
     z, t, masked = masked_inputs(29, c, seed_of("mask-all", c))
     opts = {"entropy_weight": 0.4, "tau": 0.5}
-    loss, stats, grad = run(z, t, backend, **opts)
+    loss, stats, grad = run_efe(z, t, backend, **opts)
     loss64, _, grad64 = run_reference(z, t, **opts)
     assert torch.isfinite(loss) and torch.isfinite(grad).all()
     torch.testing.assert_close(loss.double(), loss64, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad.double(), grad64, rtol=1e-4, atol=1e-7)
     p = torch.softmax(torch.randn(29, c), -1).masked_fill(masked, 0.0)
     p = p / p.sum(-1, keepdim=True)
-    loss, _, grad = run(z, p, backend, entropy_weight=0.4)
+    loss, _, grad = run_efe(z, p, backend, entropy_weight=0.4)
     assert torch.isfinite(loss) and torch.isfinite(grad).all()
 
 
@@ -500,7 +476,7 @@ def test_masked_target_class_and_all_masked_row(backend):
     z, t = make_inputs(4, 12, "class", seed=17, ignore_frac=0.0)
     z[1, t[1]] = NEG_INF
     z[2] = NEG_INF
-    loss, _, _ = run(z, t, backend, tau=0.0, easy_weight=1.0, reduction="none")
+    loss, _, _ = run_efe(z, t, backend, tau=0.0, easy_weight=1.0, reduction="none")
     ce = F.cross_entropy(z, t, reduction="none")
     assert loss[1].item() == ce[1].item() == float("inf")
     assert torch.isnan(loss[2]) and torch.isnan(ce[2])

@@ -13,7 +13,10 @@ import warnings
 import pytest
 import torch
 from loss_inputs import (
+    HAS_EXT,
     make_inputs,
+    needs_ext,
+    run_efe,
     run_reference,
     seed_of,
     skip_under_mutmut,
@@ -23,24 +26,12 @@ import qwenrl
 from qwenrl._ext import load_extension
 from qwenrl.loss import dispatch, efe_loss, efe_loss_reference
 
-HAS_EXT = load_extension() is not None
-needs_ext = pytest.mark.skipif(not HAS_EXT, reason="qwenrl._C is not built")
-
-
-def run(z, t, backend, grad_out=None, **opts):
-    """Loss, stats and d(loss·grad_out)/dz through the public API on one backend."""
-    zz = z.detach().clone().requires_grad_()
-    loss, stats = efe_loss(zz, t, backend=backend, return_stats=True, **opts)
-    go = torch.ones_like(loss) if grad_out is None else grad_out
-    loss.backward(go.to(loss.dtype))
-    return loss.detach(), stats, zz.grad
-
 
 @needs_ext
 def test_qwen_vocabulary_width():
     """C = 151,936 (a Qwen vocabulary): the per-thread row buffer path at full width."""
     z, t = make_inputs(2, 151936, "class", seed=seed_of("vocab"), ignore_frac=0.0)
-    loss, stats, grad = run(z, t, "cpu", entropy_weight=0.2, label_smoothing=0.05)
+    loss, stats, grad = run_efe(z, t, "cpu", entropy_weight=0.2, label_smoothing=0.05)
     loss64, _, grad64 = run_reference(z, t, entropy_weight=0.2, label_smoothing=0.05)
     torch.testing.assert_close(loss.double(), loss64, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad.double(), grad64, rtol=1e-4, atol=1e-8)
