@@ -13,11 +13,12 @@ import contextlib
 from typing import Any
 
 import pytest
+import tiny_lm
 import torch
 from datasets import Dataset
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from torch.profiler import ProfilerActivity, profile
-from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+from transformers import PreTrainedTokenizerFast
 from trl import (
     DistillationConfig,
     DistillationTrainer,
@@ -60,21 +61,8 @@ def tokenizer(vocab: int = VOCAB) -> PreTrainedTokenizerFast:
 
 
 def tiny_model(vocab: int = VOCAB, hidden: int = 32, seed: int = 0, **config: Any):
-    torch.manual_seed(seed)
-    cfg = Qwen3Config(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        intermediate_size=64,
-        max_position_embeddings=128,
-        pad_token_id=0,
-        eos_token_id=1,
-        **config,
-    )
-    return Qwen3ForCausalLM(cfg)
+    config = {"max_position_embeddings": 128, "pad_token_id": 0, "eos_token_id": 1, **config}
+    return tiny_lm.tiny_qwen3(vocab, hidden, seed, **config)
 
 
 def counting_sequences(n: int = 48, vocab: int = VOCAB, seed: int = 1) -> Dataset:

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import tiny_lm
 import torch
 
 HERE = Path(__file__).resolve().parent  # the child process imports this module by name
@@ -22,21 +23,7 @@ VOCAB, HIDDEN, BATCH, SEQ = 32000, 64, 4, 128
 
 
 def tiny_qwen3(vocab: int = VOCAB, hidden: int = HIDDEN, seed: int = 0, tie: bool = False):
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = Qwen3Config(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        intermediate_size=128,
-        max_position_embeddings=512,
-        tie_word_embeddings=tie,
-    )
-    return Qwen3ForCausalLM(cfg)
+    return tiny_lm.tiny_qwen3(vocab, hidden, seed, tie_word_embeddings=tie)
 
 
 def batches(n_steps: int, vocab: int = VOCAB, seed: int = 1):
@@ -87,7 +74,9 @@ def train(mode: str, steps: int) -> dict:
 
 
 def run_child(mode: str, steps: int) -> dict:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(HERE)]))
+    # This file, tests/ (its shared helpers) and the checkout, as pytest's pythonpath has them.
+    paths = [str(ROOT), str(HERE), str(HERE.parent)]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
     env["OMP_NUM_THREADS"] = "1"
     code = f"import json, test_hf; print(json.dumps(test_hf.train({mode!r}, {steps})))"
     out = subprocess.run(

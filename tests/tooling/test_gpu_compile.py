@@ -22,6 +22,7 @@ import bytes_model  # noqa: E402
 import gpu_compile  # noqa: E402
 
 from qwenrl.kernels import efe  # noqa: E402
+from qwenrl.loss.options import EFEOptions  # noqa: E402
 
 # Register allocation (and so spills) is a property of the compiler: these checks hold for the
 # Triton of requirements.lock. An older Triton (pyproject.toml's floor, `make test-floors`)
@@ -77,20 +78,10 @@ def test_the_launcher_launches_what_launch_config_returns(monkeypatch):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     z = torch.randn(41, 12, device=device)
     t = torch.randint(0, 12, (41,), device=device)
-    efe.efe_forward_triton(
-        z,
-        t,
-        None,
-        torch.empty_like(z),
-        soft=False,
-        log_target=False,
-        tau=0.6,
-        easy_weight=0.5,
-        entropy_weight=0.0,
-        label_smoothing=0.0,
-        ignore_index=-100,
-        reduction="mean",
-    )
+    options = EFEOptions().kernel_kwargs()
+    for name in ("validate", "per_token"):  # the launcher's caller handles these
+        del options[name]
+    efe.efe_forward_triton(z, t, None, torch.empty_like(z), **options)
     assert seen == [real(41, 12, online=False)]
     assert seen[0].kernel is efe._efe_tile_kernel and seen[0].block_n == 64
 
