@@ -17,11 +17,10 @@ from __future__ import annotations
 import torch
 
 from qwenrl.loss import chunks
-from qwenrl.loss.dispatch import grad_dtype, resolve_backend
+from qwenrl.loss.dispatch import grad_dtype, outputs_like, resolve_backend
 from qwenrl.loss.distill import Teacher
 from qwenrl.loss.linear_function import upstream_grads
 from qwenrl.loss.options import EFEOptions, op_schema
-from qwenrl.loss.reference import PER_TOKEN_FIELDS
 
 _INPUTS = "Tensor hidden, Tensor weight, Tensor? bias, Tensor? target, Tensor? hard_mask"
 _SETTINGS = "str backend, SymInt chunk_size, bool[] needs"
@@ -96,10 +95,7 @@ def _grad_shapes(hidden, weight, needs, reduction):
 @linear_efe_fused.register_fake
 def _linear_efe_fused_fake(hidden, weight, bias, target, hard_mask, backend, chunk_size, needs,
                            *extra, reduction, per_token, **_options):  # fmt: skip
-    n = hidden.shape[0]
-    loss = hidden.new_empty((n,) if reduction == "none" else (), dtype=torch.float32)
-    sums = hidden.new_empty((5,), dtype=torch.float32)
-    tok = hidden.new_empty((len(PER_TOKEN_FIELDS), n) if per_token else (0,), dtype=torch.float32)
+    loss, sums, tok = outputs_like(hidden, reduction, per_token)  # one row per hidden row
     return (loss, sums, *_grad_shapes(hidden, weight, needs, reduction), tok)
 
 
