@@ -13,9 +13,11 @@ weight.T`` (and its gradients w.r.t. both) plus, where its name says so, per-tok
 * ``trl_head_log_probs_entropy_top1``: the same asked for ``entropy`` and ``is_top1`` too
   (``SFTTrainer``'s fields; the loss still from ``log_probs``);
 * ``linear_efe_loss_per_token``: ``qwenrl.linear_efe_loss(..., return_per_token=True)`` in its
-  default mode (``'mean'``: the gradients are computed in the forward, the weight gradient
-  added into the existing ``.grad`` during the backward), cross-entropy options — loss plus
-  logprob, entropy and correctness per token in one pass;
+  default mode (``.grad`` exists, so the forward computes the loss alone and the backward runs
+  the chunks again, adding the weight gradient into ``.grad``), cross-entropy options — loss
+  plus logprob, entropy and correctness per token in one pass;
+* ``linear_efe_loss_per_token_forward_grad``: the same with ``weight_grad_in_place=False``
+  (the gradients computed in the forward, one transient [V, D] float32 weight gradient);
 * ``use_qwenrl_head``: what ``use_qwenrl`` runs per micro-batch
   (:func:`qwenrl.integrations.trl.token_losses`: ``reduction='none'``, so that ``log_probs``
   is differentiable for TRL's own losses; its backward runs the chunks again, as TRL's does);
@@ -57,6 +59,7 @@ CPU_METHODS = [
     "trl_head_log_probs",
     "trl_head_log_probs_entropy_top1",
     "linear_efe_loss_per_token",
+    "linear_efe_loss_per_token_forward_grad",
     "use_qwenrl_head",
     "torch_chunked",
 ]
@@ -95,8 +98,12 @@ def loss_fn(method: str):
             return -log_probs.mean()
 
         return trl_head
-    if method == "linear_efe_loss_per_token":
-        return lambda h, w, t: qwenrl.linear_efe_loss(h, w, t, return_per_token=True, **CE)[0]
+    if method.startswith("linear_efe_loss_per_token"):
+        # The default weight-gradient mode (in place, as .grad exists), or the forward path.
+        in_place = not method.endswith("_forward_grad")
+        return lambda h, w, t: qwenrl.linear_efe_loss(
+            h, w, t, return_per_token=True, weight_grad_in_place=in_place, **CE
+        )[0]
     if method == "use_qwenrl_head":
         from qwenrl.integrations.trl import LOSS_DEFAULTS, token_losses
 

@@ -36,8 +36,7 @@ from torch import Tensor
 from qwenrl.kernels.efe_math import N_PARTIALS
 from qwenrl.kernels.efe_online import _efe_online_kernel
 from qwenrl.kernels.efe_tile import _efe_tile_kernel
-from qwenrl.loss.options import SUM_FIELDS
-from qwenrl.loss.reference import PER_TOKEN_FIELDS
+from qwenrl.loss.options import PER_TOKEN_FIELDS, SUM_FIELDS
 
 __all__ = [
     "LaunchConfig",

@@ -7,8 +7,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from qwenrl.loss.options import SUM_FIELDS
-from qwenrl.loss.reference import PER_TOKEN_FIELDS
+from qwenrl.loss.options import PER_TOKEN_FIELDS, SUM_FIELDS
 
 # Per program: the sums of qwenrl.loss.options.SUM_FIELDS at these indices, then Σ loss.
 _HARD = tl.constexpr(SUM_FIELDS.index("n_hard"))
@@ -18,7 +17,7 @@ _ENTROPY = tl.constexpr(SUM_FIELDS.index("entropy"))
 _VALID = tl.constexpr(SUM_FIELDS.index("n_valid"))
 _LOSS = tl.constexpr(len(SUM_FIELDS))
 N_PARTIALS = tl.constexpr(len(SUM_FIELDS) + 1)
-# Rows of the per-token buffer [4, N] (qwenrl.loss.reference.PER_TOKEN_FIELDS).
+# Rows of the per-token buffer [4, N] (qwenrl.loss.options.PER_TOKEN_FIELDS).
 _LOGPROB = tl.constexpr(PER_TOKEN_FIELDS.index("logprob"))
 _TOK_ENTROPY = tl.constexpr(PER_TOKEN_FIELDS.index("entropy"))
 _TOK_CORRECT = tl.constexpr(PER_TOKEN_FIELDS.index("correct"))

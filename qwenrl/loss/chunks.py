@@ -37,10 +37,9 @@ import math
 import torch
 from torch import Tensor
 
-from qwenrl.loss.dispatch import ForwardFn, check_target_range, grad_dtype
+from qwenrl.loss.dispatch import ForwardFn, check_target_range, grad_dtype, new_per_token_buffer
 from qwenrl.loss.distill import Teacher, soft_target
 from qwenrl.loss.options import EFEOptions
-from qwenrl.loss.reference import PER_TOKEN_FIELDS
 
 # Multiplies a float16 chunk gradient before its cast to float16: |g| ≤ w·(1 + β·(1 + log V)),
 # so with β up to ~30 the largest value stays below float16's 65504, while values down to
@@ -113,9 +112,7 @@ class LinearProblem:
 def per_token_buffer(n_rows: int, like: Tensor, options: EFEOptions) -> Tensor | None:
     """An uninitialised float32 [4, N] ``per_token_out`` where ``options.per_token`` asks for
     the per-row outputs, else None."""
-    if not options.per_token:
-        return None
-    return like.new_empty((len(PER_TOKEN_FIELDS), n_rows), dtype=torch.float32)
+    return new_per_token_buffer(like, n_rows, True) if options.per_token else None
 
 
 @dataclasses.dataclass(frozen=True)

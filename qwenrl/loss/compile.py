@@ -3,9 +3,10 @@
 Dynamo cannot trace the ``autograd.Function`` that hands the fused gradient buffer to autograd,
 so under ``torch.compile`` :func:`qwenrl.efe_loss` calls this functional op instead: it
 allocates the gradient and calls the dispatcher op ``qwenrl::efe_forward``
-(:mod:`qwenrl.loss.dispatch`), whose kernel the device picks. It has a fake implementation (shapes only, for tracing) and an autograd formula that
-scales the gradient the kernel already wrote: the graph around the loss is compiled and the
-kernel still runs once, forward and backward in one launch. The op validates class targets
+(:mod:`qwenrl.loss.dispatch`), whose kernel the device picks. It has a fake implementation
+(shapes only, for tracing) and an autograd formula that scales the gradient the kernel already
+wrote: the graph around the loss is compiled and the kernel still runs once, forward and
+backward in one launch. The op validates class targets
 itself (``validate``), so the default options need no data-dependent branch in the graph and
 compile with ``fullgraph=True``.
 

@@ -9,8 +9,10 @@ Every backend is a :data:`ForwardFn`::
 It validates class targets when ``options.validate`` (before any gradient is written), and in
 the same pass as the loss writes into ``grad`` the gradient of the *reduced* loss w.r.t. the
 logits: pre-scaled by r_i·w_i and, for ``'mean'``, by 1/N_valid (for ``'none'``, each row's own
-loss), and with ``options.per_token`` the per-row outputs (``PER_TOKEN_FIELDS``). ``grad`` has the dtype :func:`grad_dtype` gives. Backward is then at most one multiply
-(:func:`apply_upstream`), and none at all for ``loss.backward()`` on the CPU.
+loss), and with ``options.per_token`` the per-row outputs (``PER_TOKEN_FIELDS``, into a
+:func:`new_per_token_buffer`). ``grad`` has the dtype :func:`grad_dtype` gives. Backward is
+then at most one multiply (:func:`apply_upstream`), and none at all for ``loss.backward()`` on
+the CPU.
 
 The convention is one dispatcher op, ``qwenrl::efe_forward`` (:func:`efe_forward`), declared
 once with :class:`EFEOptions`' fields as keyword arguments. Its CPU kernel is the C++
@@ -32,8 +34,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from qwenrl.loss.options import SUM_FIELDS, EFEOptions, op_schema
-from qwenrl.loss.reference import PER_TOKEN_FIELDS, efe_loss_reference
+from qwenrl.loss.options import PER_TOKEN_FIELDS, SUM_FIELDS, EFEOptions, op_schema
+from qwenrl.loss.reference import efe_loss_reference
 
 BACKENDS = ("auto", "triton", "cpu", "reference")
 
@@ -66,6 +68,13 @@ def new_grad_buffer(logits: Tensor) -> Tensor:
 
         return load_extension().empty_grad(logits.shape, dtype)
     return logits.new_empty(logits.shape, dtype=dtype)
+
+
+def new_per_token_buffer(like: Tensor, n_rows: int, per_token: bool) -> Tensor:
+    """The float32 per-row outputs of ``n_rows`` rows on ``like``'s device: uninitialised
+    [4, N] (``PER_TOKEN_FIELDS``) when ``per_token`` asks for them, else empty."""
+    shape = (len(PER_TOKEN_FIELDS), n_rows) if per_token else (0,)
+    return like.new_empty(shape, dtype=torch.float32)
 
 
 def check_target_range(target: Tensor, n_classes: int, ignore_index: int) -> None:
@@ -125,8 +134,7 @@ def _triton_forward(logits, target, hard_mask, row_weight, grad, options: EFEOpt
     del kwargs["validate"]
     # The kernels write the per-row outputs into a buffer of ours, like the gradient.
     per_token = kwargs.pop("per_token")
-    shape = (len(PER_TOKEN_FIELDS), logits.shape[0]) if per_token else (0,)
-    per_token_out = logits.new_empty(shape, dtype=torch.float32)
+    per_token_out = new_per_token_buffer(logits, logits.shape[0], per_token)
     loss, sums = efe_forward_triton(
         logits,
         target,
@@ -181,11 +189,15 @@ def _load(name: str) -> str | None:
             from qwenrl._ext import require_extension
 
             ext = require_extension("the C++ EFE loss backend")
-            if tuple(getattr(ext, "SUM_FIELDS", ())) != SUM_FIELDS:
-                raise ImportError(
-                    f"qwenrl._C returns its sums as {getattr(ext, 'SUM_FIELDS', 'unnamed')}, "
-                    f"not {SUM_FIELDS}: a stale build; rebuild it with `make ext`"
-                )
+            for name, fields in (
+                ("SUM_FIELDS", SUM_FIELDS),
+                ("PER_TOKEN_FIELDS", PER_TOKEN_FIELDS),
+            ):
+                if tuple(getattr(ext, name, ())) != fields:
+                    raise ImportError(
+                        f"qwenrl._C's {name} is {getattr(ext, name, 'missing')}, not {fields}: "
+                        "a stale build; rebuild it with `make ext`"
+                    )
         else:
             import qwenrl.kernels.efe  # noqa: F401
     except ImportError as exc:
@@ -249,8 +261,7 @@ def outputs_like(logits: Tensor, reduction: str, per_token: bool) -> tuple[Tenso
     f32 = torch.float32
     loss = logits.new_empty((n,) if reduction == "none" else (), dtype=f32)
     sums = logits.new_empty((len(SUM_FIELDS),), dtype=f32)
-    rows = logits.new_empty((len(PER_TOKEN_FIELDS), n) if per_token else (0,), dtype=f32)
-    return loss, sums, rows
+    return loss, sums, new_per_token_buffer(logits, n, per_token)
 
 
 @torch.library.register_fake("qwenrl::efe_forward")
@@ -262,7 +273,7 @@ def _efe_forward_fake(
 
 def _op_forward(backend: str) -> ForwardFn:
     def forward(logits, target, hard_mask, row_weight, grad, options: EFEOptions):
-        return torch.ops.qwenrl.efe_forward.default(
+        return efe_forward(
             logits, target, hard_mask, row_weight, grad, backend, **options.kernel_kwargs()
         )
 

@@ -17,6 +17,10 @@ REDUCTIONS = ("none", "mean", "sum")
 # tuple (checked when it loads), the Triton kernels store at these indices, and
 # :func:`qwenrl.loss.reference.stats_from_sums` reads them by name.
 SUM_FIELDS = ("n_hard", "n_correct", "risk", "entropy", "n_valid")
+# The per-row outputs of ``return_per_token``, the rows of every backend's float32 [4, N]
+# buffer in this order: the C++ kernel exports the same tuple (checked when it loads) and the
+# Triton kernels store at these indices.
+PER_TOKEN_FIELDS = ("logprob", "entropy", "correct", "lse")
 
 
 @dataclass(frozen=True)

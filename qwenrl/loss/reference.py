@@ -24,11 +24,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from qwenrl.loss.options import REDUCTIONS, SUM_FIELDS
+from qwenrl.loss.options import PER_TOKEN_FIELDS, REDUCTIONS, SUM_FIELDS
 
 STAT_NAMES = ("mask_ratio", "accuracy", "risk", "entropy", "n_valid")
-# The per-row outputs of ``return_per_token``, in the order of the fused kernels' [4, N] buffer.
-PER_TOKEN_FIELDS = ("logprob", "entropy", "correct", "lse")
 
 
 def per_token_by_name(per_token: Tensor) -> dict[str, Tensor]:

@@ -93,3 +93,25 @@ def test_a_device_without_a_fused_kernel_runs_the_reference():
     assert dispatch._DEVICE_BACKEND.get("mps", "reference") == "reference"
     name, _ = dispatch.resolve_backend("auto", torch.device("mps"))
     assert name == "reference"
+
+
+@pytest.mark.parametrize("name", ["SUM_FIELDS", "PER_TOKEN_FIELDS"])
+def test_a_stale_extension_build_is_refused_by_name(monkeypatch, name):
+    """An extension whose field names differ from Python's (a stale build) does not load as
+    the C++ backend: the reason names the tuple and says how to rebuild."""
+    import types
+
+    import qwenrl._ext
+    from qwenrl.loss import options
+
+    fields = {"SUM_FIELDS": options.SUM_FIELDS, "PER_TOKEN_FIELDS": options.PER_TOKEN_FIELDS}
+    fields[name] = tuple(reversed(fields[name]))
+    stale = types.SimpleNamespace(**fields)
+    monkeypatch.setattr(qwenrl._ext, "require_extension", lambda what: stale)
+    why = dispatch._load.__wrapped__("cpu")
+    assert why is not None and name in why and "make ext" in why
+    fields[name] = tuple(reversed(fields[name]))  # both right again: it loads
+    monkeypatch.setattr(
+        qwenrl._ext, "require_extension", lambda what: types.SimpleNamespace(**fields)
+    )
+    assert dispatch._load.__wrapped__("cpu") is None
