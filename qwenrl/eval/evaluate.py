@@ -26,7 +26,6 @@ summary and one row per task are written atomically to ``--out``, by default
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -36,10 +35,10 @@ from typing import Any
 import torch
 
 from qwenrl.data import load_tasks
-from qwenrl.eval.run import find_checkpoint, load_run
+from qwenrl.eval.run import OVERRIDABLE, add_override_flags, find_checkpoint, load_run, overrides_of
 from qwenrl.eval.tasks import evaluate_tasks
 from qwenrl.train.checkpoint import write_json_atomic
-from qwenrl.train.config import ConfigError, TrainConfig, check_config, config_from_dict, ttt_config
+from qwenrl.train.config import ConfigError, check_config, config_from_dict, ttt_config
 
 __all__ = ["build_parser", "main"]
 
@@ -53,17 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--tasks", type=int, default=0, help="the first N evaluation tasks (0: all)"
     )
-    run_help = {f.name: f.metadata["help"] for f in dataclasses.fields(TrainConfig)}
-    for name, kind in (
-        ("vote_transforms", int),
-        ("ttt_steps", int),
-        ("ttt_lr", float),
-        ("ttt_batch_size", int),
-    ):
-        parser.add_argument(
-            f"--{name}", type=kind, default=None, help=f"{run_help[name]}; default: the run's value"
-        )
-    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N; default: the run's")
+    add_override_flags(parser, OVERRIDABLE)
     parser.add_argument("--out", default=None, help="result JSON; default: RUN_DIR/eval/...")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
@@ -74,11 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.tasks < 0:
         parser.error(f"--tasks must be >= 0, got {args.tasks}")
-    overrides = {
-        k: getattr(args, k)
-        for k in ("vote_transforms", "ttt_steps", "ttt_lr", "ttt_batch_size", "device")
-        if getattr(args, k) is not None
-    }
+    overrides = overrides_of(args)
     try:  # this command's options first, with the trainer's bounds, then the run's config
         check_config(config_from_dict(overrides, where="options"))
         checkpoint = find_checkpoint(args.run)
@@ -114,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         "ttt_steps": cfg.ttt_steps,
         "ttt_lr": cfg.ttt_lr,
         "ttt_batch_size": cfg.ttt_batch_size,
+        "ttt_augment": cfg.ttt_augment,
+        "ttt_stop_after": cfg.ttt_stop_after,
         **totals.summary(),
         "wall_s": round(time.perf_counter() - start, 2),
     }

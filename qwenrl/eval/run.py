@@ -10,7 +10,9 @@ and the rest of a run's state as well, under the run's processes.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,39 @@ from qwenrl.models import QwenRLModels
 from qwenrl.train.checkpoint import Checkpointer, find_checkpoint
 from qwenrl.train.config import TrainConfig, check_config, config_from_dict, model_config
 
-__all__ = ["find_checkpoint", "load_run"]
+__all__ = ["add_override_flags", "find_checkpoint", "load_run", "overrides_of"]
+
+# The run options an evaluation command may override: their flags, help and bounds are the
+# trainer's (TrainConfig), their default the run's own value.
+OVERRIDABLE = (
+    "vote_transforms",
+    "ttt_steps",
+    "ttt_lr",
+    "ttt_batch_size",
+    "ttt_augment",
+    "ttt_stop_after",
+    "device",
+)
+
+
+def add_override_flags(parser: argparse.ArgumentParser, names: Sequence[str]) -> None:
+    """``--NAME`` for each of ``names`` (of :data:`OVERRIDABLE`), default ``None`` = the run's."""
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    for name in names:
+        if name not in OVERRIDABLE:
+            raise ValueError(f"{name!r} is not an option an evaluation may override")
+        f = fields[name]
+        kind = type(f.default)
+        text = f"{f.metadata['help']}; default: the run's value".replace("%", "%%")
+        if kind is bool:
+            parser.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, help=text)
+        else:
+            parser.add_argument(f"--{name}", type=kind, default=None, help=text)
+
+
+def overrides_of(args: argparse.Namespace) -> dict[str, Any]:
+    """The override flags given on the command line (those left out are the run's)."""
+    return {k: getattr(args, k) for k in OVERRIDABLE if getattr(args, k, None) is not None}
 
 
 def load_run(

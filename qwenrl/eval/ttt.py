@@ -33,21 +33,35 @@ from qwenrl.models import QwenRLModels
 
 @dataclass(frozen=True)
 class TTTConfig:
-    """Test-time training settings (``steps = 0``: none)."""
+    """Test-time training settings (``steps = 0``: none).
+
+    ``augment=False`` trains on the demonstrations as they are (leave-one-out only), which fits
+    a task in far fewer steps than under D8 × colour augmentation (``docs/evaluation.md``).
+    ``stop_after``: training ends early once that many consecutive batches came out exact,
+    every cell of every sample (0: always ``steps`` steps).
+    """
 
     steps: int = 0
     lr: float = 1e-3
     batch_size: int = 8
-    num_colour_perms: int = 2  # augmentations drawn from 8 × num_colour_perms
+    augment: bool = True
+    num_colour_perms: int = 2  # with augment: augmentations drawn from 8 × num_colour_perms
     tau: float = 0.3  # the EFE loss's hard-cell threshold (the trainer's late τ)
     easy_weight: float = 0.5
+    stop_after: int = 3
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.steps < 0 or self.batch_size < 1 or self.num_colour_perms < 1:
+        if (
+            self.steps < 0
+            or self.batch_size < 1
+            or self.num_colour_perms < 1
+            or self.stop_after < 0
+        ):
             raise ValueError(
-                "test-time training needs steps >= 0, batch_size >= 1 and num_colour_perms >= 1, "
-                f"got {self.steps}, {self.batch_size}, {self.num_colour_perms}"
+                "test-time training needs steps >= 0, batch_size >= 1, num_colour_perms >= 1 "
+                f"and stop_after >= 0, got {self.steps}, {self.batch_size}, "
+                f"{self.num_colour_perms} and {self.stop_after}"
             )
         if not self.lr > 0:
             raise ValueError(f"test-time training lr must be > 0, got {self.lr}")
@@ -85,7 +99,7 @@ def adapt_to_task(
         [ArcTask(id="ttt", train=tuple(demos), test=())],
         split="ttt",
         leave_one_out=True,
-        augment=True,
+        augment=cfg.augment,
         num_colour_perms=cfg.num_colour_perms,
         aug_seed=cfg.seed,
     )
@@ -103,13 +117,20 @@ def adapt_to_task(
     optimizer = torch.optim.AdamW([*params, offset], lr=cfg.lr, weight_decay=0.0)
     criterion = EFELoss(tau=cfg.tau, easy_weight=cfg.easy_weight)
     rng = np.random.default_rng([cfg.seed, 3, task_seed])
-    # A task has n · 8 · num_colour_perms samples; each is built, and its prompt encoded,
-    # once (Qwen is frozen here), however often it is drawn.
+    # A task has n (· 8 · num_colour_perms with augment) samples; each is built, and its prompt
+    # encoded, once (Qwen is frozen here), however often it is drawn. Batches walk through
+    # shuffled passes over them: no sample twice in a batch, none left out of a pass.
     samples: dict[int, Sample] = {}
     embeddings: dict[int, torch.Tensor] = {}  # prompt key → frozen embedding [dim]
+    order: list[int] = []
+    exact_run = 0  # consecutive batches predicted exactly
     with torch.enable_grad():
         for _ in range(cfg.steps):
-            drawn = [int(i) for i in rng.integers(len(ds), size=cfg.batch_size)]
+            drawn = []
+            while len(drawn) < min(cfg.batch_size, len(ds)):
+                if not order:
+                    order = [int(i) for i in rng.permutation(len(ds)) if i not in drawn]
+                drawn.append(order.pop())
             for i in drawn:
                 if i not in samples:
                     samples[i] = ds[i]
@@ -127,8 +148,14 @@ def adapt_to_task(
             pick = torch.from_numpy(rng.integers(min(2, ranked.shape[-1]), size=len(batch)))
             action = ranked.gather(1, pick.to(device)[:, None]).squeeze(1)
             logits = tuned.agent(batch.query, tuned.policy.steer(refined, action), batch.hints)
-            loss = criterion(logits, batch.target.view(len(batch), -1))
+            target = batch.target.view(len(batch), -1)
+            loss = criterion(logits, target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if cfg.stop_after:
+                exact = bool((logits.detach().argmax(-1) == target).all())
+                exact_run = exact_run + 1 if exact else 0
+                if exact_run >= cfg.stop_after:
+                    break
     return tuned, offset.detach()

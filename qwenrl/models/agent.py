@@ -83,6 +83,8 @@ class GridAgent(nn.Module):
             so the agent also learns what holds without the prompt (unseen tasks' prompts are
             out of distribution).
         vote_scale: logits per unit of ``vote_gain``, the learned trust in the colour votes.
+        use_hints: ``False`` ignores the hints passed in (every sample as without hints): the
+            ablation of the demonstration hints.
     """
 
     def __init__(
@@ -97,6 +99,7 @@ class GridAgent(nn.Module):
         copy_gain: float = 5.0,
         prompt_dropout: float = 0.0,
         vote_scale: float = 25.0,
+        use_hints: bool = True,
     ) -> None:
         super().__init__()
         if CANVAS % patch:
@@ -105,6 +108,7 @@ class GridAgent(nn.Module):
             raise ValueError(f"num_classes={num_classes} must cover the {NUM_COLOURS} colours")
         self.patch = patch
         self.prompt_dropout = prompt_dropout
+        self.use_hints = use_hints
         self.side = CANVAS // patch
         self.num_classes = num_classes
         self.cell_emb = nn.Embedding(NUM_CLASSES, dim)  # canvas tokens: colours, OUTSIDE, PAD
@@ -153,7 +157,7 @@ class GridAgent(nn.Module):
         """Query tokens [B, 30, 30] (int64), prompt [B, dim] and the demonstration hints
         (batched; ``None`` = :meth:`DemoHints.empty`, no hints for any sample) → logits [B, 900, C]."""
         s, b = self.side, query.shape[0]
-        if hints is None:
+        if hints is None or not self.use_hints:
             hints = DemoHints.empty(b, query.device)
         elif hints.votes.shape != (b, CANVAS, CANVAS, NUM_COLOURS):
             raise ValueError(

@@ -30,8 +30,9 @@ class ModelConfig:
     dropout: float = 0.0
     prompt_dropout: float = 0.0
     num_classes: int = NUM_CLASSES
-    refiner_depth: int = 2
-    num_actions: int = 4
+    refiner_depth: int = 2  # 0: the refiner is the identity
+    num_actions: int = 4  # 1: one fixed action, nothing for the RL policy to choose
+    hints: bool = True  # False: the agent never sees the demonstration hints
     reward_scale: float = 5.0
     entropy_coef: float = 0.01
     baseline_momentum: float = 0.9
@@ -93,6 +94,7 @@ class QwenRLModels(nn.Module):
             config.dropout,
             config.num_classes,
             prompt_dropout=config.prompt_dropout,
+            use_hints=config.hints,
         )
 
     def main_param_groups(self, agent_lr: float, qwen_lr: float) -> list[dict]:

@@ -18,7 +18,8 @@ from torch.distributions import Categorical
 
 
 class PromptRefiner(nn.Module):
-    """Differentiable refinement of the prompt embedding: ``depth`` pre-norm residual MLPs.
+    """Differentiable refinement of the prompt embedding: ``depth`` pre-norm residual MLPs and a
+    final LayerNorm; ``depth = 0`` is the identity (no parameters: the ablation without a refiner).
 
     ``apply(prompt)`` [B, dim] → [B, dim]. It must never run without autograd while training:
     every gradient that reaches Qwen passes through it, so a ``no_grad`` here freezes Qwen
@@ -38,7 +39,7 @@ class PromptRefiner(nn.Module):
             )
             for _ in range(depth)
         )
-        self.norm = nn.LayerNorm(dim)
+        self.norm = nn.LayerNorm(dim) if depth else nn.Identity()
 
     def forward(self, prompt: torch.Tensor) -> torch.Tensor:
         """Prompt embeddings [B, dim] → refined [B, dim]."""

@@ -108,6 +108,17 @@ class TrainConfig:
         0.3, "share of training samples whose prompt conditioning is zeroed", min=0, max=1,
         model="prompt_dropout",
     )  # fmt: skip
+    # --- ablations: each switch turns one part of the pipeline off ---
+    num_actions: int = _opt(
+        4, "steering actions the RL policy chooses from (1 = one fixed action: no RL)", min=1,
+        model="num_actions",
+    )  # fmt: skip
+    refiner_depth: int = _opt(
+        2, "residual blocks of the prompt refiner (0 = the identity)", min=0, model="refiner_depth"
+    )
+    demo_hints: bool = _opt(
+        True, "give the agent the demonstrations' output-shape and colour hints", model="hints"
+    )
     # --- hardware ---
     device: str = _opt("cpu", "cpu, cuda or cuda:N")
     amp: str = _opt(
@@ -132,6 +143,13 @@ class TrainConfig:
     )
     ttt_lr: float = _opt(1e-3, "learning rate of test-time training (> 0)", min=0)
     ttt_batch_size: int = _opt(8, "samples per test-time training step", min=1)
+    ttt_augment: bool = _opt(
+        True, "test-time training under D8 × colour augmentation (off: the demonstrations as "
+        "they are, which fit in far fewer steps)",
+    )  # fmt: skip
+    ttt_stop_after: int = _opt(
+        3, "consecutive exact test-time training batches that end it early (0 = never)", min=0
+    )
     log_every: int = _opt(10, "batches between log lines / metrics.jsonl records", min=1)
     tensorboard: bool = _opt(False, "also log to TensorBoard in --out/tb")
     out: str = _opt("runs/default", "run directory (config, metrics, checkpoints, TensorBoard)")
@@ -279,6 +297,8 @@ def ttt_config(cfg: TrainConfig) -> TTTConfig:
         steps=cfg.ttt_steps,
         lr=cfg.ttt_lr,
         batch_size=cfg.ttt_batch_size,
+        augment=cfg.ttt_augment,
+        stop_after=cfg.ttt_stop_after,
         tau=cfg.tau_end,
         easy_weight=cfg.easy_weight,
         seed=cfg.seed,

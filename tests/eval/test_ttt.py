@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from qwenrl.data import ArcDataset, ArcTask, collate
+from qwenrl.data import OUTSIDE, PAD, ArcDataset, ArcTask, collate, grid_to_canvas, pairs_to_text
+from qwenrl.data.grids import NUM_CLASSES
 from qwenrl.eval import ttt
 from qwenrl.eval.ttt import TTTConfig, adapt_to_task
 from qwenrl.loss import EFELoss
 from qwenrl.models import ModelConfig, QwenRLModels
+from qwenrl.models.agent import GridAgent
 
 
 def _flip_task(seed: int, n_train: int = 3) -> ArcTask:
@@ -74,7 +76,14 @@ def test_ttt_without_steps_or_leave_one_out_samples_returns_the_models(models: Q
 
 
 def test_ttt_config_rejects_bad_values():
-    for bad in ({"steps": -1}, {"batch_size": 0}, {"lr": 0.0}, {"num_colour_perms": 0}):
+    bad_values = (
+        {"steps": -1},
+        {"batch_size": 0},
+        {"lr": 0.0},
+        {"num_colour_perms": 0},
+        {"stop_after": -1},
+    )
+    for bad in bad_values:
         with pytest.raises(ValueError, match="^test-time training (needs|lr must be)"):
             TTTConfig(**bad)
     # the smallest valid values are accepted
@@ -252,3 +261,66 @@ def test_ttt_feeds_embedding_plus_offset_and_trains_the_two_likeliest_actions(
     prompts.clear()
     adapt_to_task(models, task.train, TTTConfig(steps=4, num_colour_perms=4, seed=3))
     assert set("".join(prompts)) & set("3456789")  # other colour permutations drawn
+
+
+def test_ttt_without_augmentation_trains_on_the_pairs_as_they_are(models, monkeypatch):
+    """augment=False: the samples are the n leave-one-out pairs, untransformed; a batch larger
+    than n holds each of them once."""
+    batches = []
+    real_collate = ttt.collate
+
+    def recording_collate(samples):
+        batches.append([(s.prompt, s.query.clone()) for s in samples])
+        return real_collate(samples)
+
+    monkeypatch.setattr(ttt, "collate", recording_collate)
+    task = _flip_task(8)
+    adapt_to_task(models, task.train, TTTConfig(steps=2, batch_size=8, augment=False, stop_after=0))
+    expected = {
+        pairs_to_text([p for i, p in enumerate(task.train) if i != j]): grid_to_canvas(x, PAD)
+        for j, (x, _) in enumerate(task.train)
+    }
+    assert len(batches) == 2
+    for batch in batches:
+        assert sorted(prompt for prompt, _ in batch) == sorted(expected)
+        for prompt, query in batch:
+            assert torch.equal(query, expected[prompt])
+
+
+def test_ttt_batches_hold_distinct_samples_and_cover_a_pass(models, monkeypatch):
+    keys = []
+    real_collate = ttt.collate
+
+    def recording_collate(samples):
+        keys.append([(s.prompt, s.query.numpy().tobytes()) for s in samples])
+        return real_collate(samples)
+
+    monkeypatch.setattr(ttt, "collate", recording_collate)
+    task = _flip_task(9)  # 3 pairs × 8 D8 transforms = 24 samples
+    adapt_to_task(models, task.train, TTTConfig(steps=6, batch_size=4, num_colour_perms=1))
+    assert all(len(set(batch)) == 4 for batch in keys)
+    assert len({k for batch in keys for k in batch}) == 24  # six batches of four: one pass
+
+
+def test_ttt_stops_after_consecutive_exact_batches(models, monkeypatch):
+    """Every output is the same grid, and the agent is made to predict exactly it: training
+    ends after ``stop_after`` steps, or runs all ``steps`` with ``stop_after=0``."""
+    rng = np.random.default_rng(3)
+    out = rng.integers(0, 10, size=(2, 3))
+    task = ArcTask(
+        id="const", train=tuple((rng.integers(0, 10, size=(2, 3)), out) for _ in range(3)), test=()
+    )
+    exact = torch.nn.functional.one_hot(grid_to_canvas(out, OUTSIDE).view(-1), NUM_CLASSES)
+
+    def oracle(self, query, prompt, hints=None):
+        return 10.0 * exact.float().expand(len(query), -1, -1) + 0 * prompt.sum()
+
+    steps = []
+    monkeypatch.setattr(GridAgent, "forward", oracle)
+    monkeypatch.setattr(
+        ttt.torch.optim.AdamW, "step", lambda self, *a, **k: steps.append(1), raising=True
+    )
+    for stop_after, want in ((2, 2), (0, 5)):
+        steps.clear()
+        adapt_to_task(models, task.train, TTTConfig(steps=5, augment=False, stop_after=stop_after))
+        assert len(steps) == want

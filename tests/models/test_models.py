@@ -389,3 +389,34 @@ def test_update_averages_gradients_and_reward_through_the_hook():
     assert all(any(g is s for s in seen) for g in grads)
     assert all(torch.equal(a, p) for a, p in zip(before, policy.policy_parameters()))
     assert policy.baseline.item() == pytest.approx(0.9 * baseline)  # averaged mean reward: 0
+
+
+# --- ablation switches -----------------------------------------------------------------------
+
+
+def test_a_refiner_of_depth_zero_is_the_identity():
+    refiner = PromptRefiner(16, depth=0).train()
+    prompt = torch.randn(3, 16, requires_grad=True)
+    assert torch.equal(refiner.apply(prompt), prompt) and not list(refiner.parameters())
+    assert len(list(PromptRefiner(16, depth=1).parameters())) > 0
+
+
+def test_an_agent_without_hints_ignores_the_hints_it_is_given(batch):
+    torch.manual_seed(0)
+    with_hints = GridAgent(32, 1, 2).eval()
+    without = GridAgent(32, 1, 2, use_hints=False).eval()
+    without.load_state_dict(with_hints.state_dict())
+    assert batch.hints.shape.any()  # real samples carry hints
+    with torch.no_grad():
+        blind = without(batch.query, torch.zeros(len(batch), 32), batch.hints)
+        empty = with_hints(batch.query, torch.zeros(len(batch), 32))
+        seeing = with_hints(batch.query, torch.zeros(len(batch), 32), batch.hints)
+    assert torch.equal(blind, empty) and not torch.equal(blind, seeing)
+
+
+def test_the_switches_reach_the_models():
+    m = _models(num_actions=1, refiner_depth=0, hints=False)
+    assert m.policy.steering.shape[0] == 1 and not m.agent.use_hints
+    assert not list(m.refiner.parameters())
+    conditioned, _, action = m.condition(torch.randn(4, 32))
+    assert not action.any()  # one action: always action 0
