@@ -34,11 +34,10 @@ from typing import Any
 
 import torch
 
-from qwenrl.data import load_tasks
-from qwenrl.eval.run import OVERRIDABLE, add_override_flags, find_checkpoint, load_run, overrides_of
+from qwenrl.eval.run import OVERRIDABLE, add_run_arguments, load_run_from_args
 from qwenrl.eval.tasks import evaluate_tasks
 from qwenrl.train.checkpoint import write_json_atomic
-from qwenrl.train.config import ConfigError, check_config, config_from_dict, ttt_config
+from qwenrl.train.config import ttt_config
 
 __all__ = ["build_parser", "main"]
 
@@ -48,33 +47,18 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m qwenrl.eval.evaluate",
         description=__doc__.split("\n\n")[0],
     )
-    parser.add_argument("run", help="a run directory (its newest checkpoint) or a checkpoint")
-    parser.add_argument(
-        "--tasks", type=int, default=0, help="the first N evaluation tasks (0: all)"
-    )
-    add_override_flags(parser, OVERRIDABLE)
+    add_run_arguments(parser, OVERRIDABLE)
     parser.add_argument("--out", default=None, help="result JSON; default: RUN_DIR/eval/...")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.tasks < 0:
-        parser.error(f"--tasks must be >= 0, got {args.tasks}")
-    overrides = overrides_of(args)
-    try:  # this command's options first, with the trainer's bounds, then the run's config
-        check_config(config_from_dict(overrides, where="options"))
-        checkpoint = find_checkpoint(args.run)
-        models, cfg, step = load_run(checkpoint, overrides)
-    except ConfigError as exc:
-        parser.error(str(exc))
-    except (FileNotFoundError, ValueError, KeyError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    _, eval_tasks = load_tasks(cfg.data)
-    tasks = eval_tasks[: args.tasks] if args.tasks else eval_tasks
+    run = load_run_from_args(parser, args)
+    if isinstance(run, int):
+        return run
+    models, cfg, checkpoint, tasks = run.models, run.cfg, run.checkpoint, run.tasks
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
     device_type = torch.device(cfg.device).type
 
@@ -93,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     summary = {
         "checkpoint": str(checkpoint),
-        "step": step,
+        "step": run.step,
         "device": cfg.device,
         "vote_transforms": cfg.vote_transforms,
         "ttt_steps": cfg.ttt_steps,

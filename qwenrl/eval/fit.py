@@ -31,13 +31,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from qwenrl.data import ArcTask, load_tasks
-from qwenrl.eval.run import OVERRIDABLE, add_override_flags, find_checkpoint, load_run, overrides_of
+from qwenrl.data import ArcTask
+from qwenrl.eval.run import OVERRIDABLE, add_run_arguments, load_run_from_args
 from qwenrl.eval.ttt import TTTConfig, adapt_to_task
 from qwenrl.eval.voting import predict
 from qwenrl.models import QwenRLModels
 from qwenrl.train.checkpoint import write_json_atomic
-from qwenrl.train.config import ConfigError, check_config, config_from_dict, ttt_config
+from qwenrl.train.config import ttt_config
 
 __all__ = ["TaskFit", "fit_task", "main"]
 
@@ -78,38 +78,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m qwenrl.eval.fit", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("run", help="a run directory (its newest checkpoint) or a checkpoint")
-    parser.add_argument(
-        "--tasks", type=int, default=50, help="the first N evaluation tasks (0: all)"
-    )
+    add_run_arguments(parser, [n for n in OVERRIDABLE if n != "vote_transforms"])
     parser.add_argument(
         "--fit_share", type=float, default=FIT_SHARE, help="share of pairs exact for a task to fit"
     )
-    add_override_flags(parser, [n for n in OVERRIDABLE if n != "vote_transforms"])
     parser.add_argument("--out", default=None, help="result JSON; default: RUN_DIR/eval/fit-...")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.tasks < 0:
-        parser.error(f"--tasks must be >= 0, got {args.tasks}")
     if not 0 < args.fit_share <= 1:
         parser.error(f"--fit_share must be in (0, 1], got {args.fit_share}")
-    overrides = overrides_of(args)
-    try:
-        check_config(config_from_dict(overrides, where="options"))
-        checkpoint = find_checkpoint(args.run)
-        models, cfg, step = load_run(checkpoint, overrides)
-    except ConfigError as exc:
-        parser.error(str(exc))
-    except (FileNotFoundError, ValueError, KeyError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    _, eval_tasks = load_tasks(cfg.data)
-    tasks = eval_tasks[: args.tasks] if args.tasks else eval_tasks
+    run = load_run_from_args(parser, args)
+    if isinstance(run, int):
+        return run
+    models, cfg, checkpoint, tasks = run.models, run.cfg, run.checkpoint, run.tasks
     ttt = ttt_config(cfg)
     rows: list[TaskFit] = []
     bar = tqdm(tasks, desc="Fitting", unit="task", disable=args.quiet, file=sys.stderr)
@@ -121,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     counted = [r for r in rows if r.pairs]
     summary = {
         "checkpoint": str(checkpoint),
-        "step": step,
+        "step": run.step,
         "ttt_steps": cfg.ttt_steps,
         "ttt_lr": cfg.ttt_lr,
         "ttt_batch_size": cfg.ttt_batch_size,

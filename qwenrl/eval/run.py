@@ -12,15 +12,23 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from qwenrl.data import load_tasks
 from qwenrl.models import QwenRLModels
 from qwenrl.train.checkpoint import Checkpointer, find_checkpoint
-from qwenrl.train.config import TrainConfig, check_config, config_from_dict, model_config
+from qwenrl.train.config import (
+    ConfigError,
+    TrainConfig,
+    check_config,
+    config_from_dict,
+    model_config,
+)
 
-__all__ = ["add_override_flags", "find_checkpoint", "load_run", "overrides_of"]
+__all__ = ["RunArgs", "add_run_arguments", "find_checkpoint", "load_run", "load_run_from_args"]
 
 # The run options an evaluation command may override: their flags, help and bounds are the
 # trainer's (TrainConfig), their default the run's own value.
@@ -35,10 +43,16 @@ OVERRIDABLE = (
 )
 
 
-def add_override_flags(parser: argparse.ArgumentParser, names: Sequence[str]) -> None:
-    """``--NAME`` for each of ``names`` (of :data:`OVERRIDABLE`), default ``None`` = the run's."""
+def add_run_arguments(parser: argparse.ArgumentParser, overridable: Sequence[str]) -> None:
+    """The arguments every evaluation command shares: the run, ``--tasks``, ``--NAME`` for each
+    of ``overridable`` (of :data:`OVERRIDABLE`; default ``None`` = the run's value) and
+    ``--quiet``."""
+    parser.add_argument("run", help="a run directory (its newest checkpoint) or a checkpoint")
+    parser.add_argument(
+        "--tasks", type=int, default=0, help="the first N evaluation tasks (0: all)"
+    )
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    for name in names:
+    for name in overridable:
         if name not in OVERRIDABLE:
             raise ValueError(f"{name!r} is not an option an evaluation may override")
         f = fields[name]
@@ -48,11 +62,40 @@ def add_override_flags(parser: argparse.ArgumentParser, names: Sequence[str]) ->
             parser.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, help=text)
         else:
             parser.add_argument(f"--{name}", type=kind, default=None, help=text)
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def overrides_of(args: argparse.Namespace) -> dict[str, Any]:
-    """The override flags given on the command line (those left out are the run's)."""
-    return {k: getattr(args, k) for k in OVERRIDABLE if getattr(args, k, None) is not None}
+@dataclasses.dataclass(frozen=True)
+class RunArgs:
+    """What :func:`load_run_from_args` read: the models, the options, the checkpoint and its
+    step, and the evaluation tasks the command is to score (``--tasks``)."""
+
+    models: QwenRLModels
+    cfg: TrainConfig
+    checkpoint: Path
+    step: int
+    tasks: list
+
+
+def load_run_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> RunArgs | int:
+    """The run and tasks of a command built with :func:`add_run_arguments`. A bad option is a
+    usage error (``parser.error``: exit 2 with the usage); a missing or unreadable run prints
+    ``error: ...`` to stderr and returns 2, for the command to return."""
+    if args.tasks < 0:
+        parser.error(f"--tasks must be >= 0, got {args.tasks}")
+    overrides = {k: getattr(args, k) for k in OVERRIDABLE if getattr(args, k, None) is not None}
+    try:  # the command's options first, with the trainer's bounds, then the run's config
+        check_config(config_from_dict(overrides, where="options"))
+        checkpoint = find_checkpoint(args.run)
+        models, cfg, step = load_run(checkpoint, overrides)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    except (FileNotFoundError, ValueError, KeyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    _, eval_tasks = load_tasks(cfg.data)
+    tasks = eval_tasks[: args.tasks] if args.tasks else eval_tasks
+    return RunArgs(models, cfg, checkpoint, step, list(tasks))
 
 
 def load_run(

@@ -397,6 +397,7 @@ def test_load_run_names_the_checkpoint_and_keeps_fp16_off_the_cpu(saved_run):
 @pytest.mark.parametrize("amp", ["bf16", "off"])
 def test_predictions_run_under_the_runs_autocast(saved_run, monkeypatch, capsys, amp):
     from qwenrl.eval import evaluate as evaluate_mod
+    from qwenrl.eval import run as run_mod
 
     seen = []
 
@@ -405,9 +406,9 @@ def test_predictions_run_under_the_runs_autocast(saved_run, monkeypatch, capsys,
             seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
         return TaskTotals()
 
-    real_load = evaluate_mod.load_run
+    real_load = run_mod.load_run
     monkeypatch.setattr(evaluate_mod, "evaluate_tasks", fake_evaluate_tasks)
-    monkeypatch.setattr(evaluate_mod, "load_run", lambda c, o: real_load(c, {**o, "amp": amp}))
+    monkeypatch.setattr(run_mod, "load_run", lambda c, o: real_load(c, {**o, "amp": amp}))
     run, _ = saved_run
     assert main([str(run), "--tasks", "1", "--quiet"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
