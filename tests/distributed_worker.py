@@ -130,15 +130,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(world: int, spec: dict[str, Any], tmp: Path, timeout: float = 240) -> list[dict]:
-    """Runs ``world`` worker processes on ``spec`` (torchrun's environment, gloo on the
-    loopback); returns each rank's result."""
-    import torch
-
-    tmp.mkdir(parents=True, exist_ok=True)
-    spec = {**spec, "result": str(tmp / f"result-{world}")}
-    spec_file = tmp / f"spec-{world}.json"
-    spec_file.write_text(json.dumps(spec))
+def run_ranks(world: int, argv: list[str], timeout: float) -> None:
+    """Runs ``argv`` as ``world`` processes under torchrun's environment (gloo on the loopback,
+    a free port) and waits for each to print ``DONE``; a rank that fails names itself and its
+    stderr, and the others are killed rather than left waiting."""
     port = free_port()
     procs = []
     for rank in range(world):
@@ -147,11 +142,7 @@ def launch(world: int, spec: dict[str, Any], tmp: Path, timeout: float = 240) ->
         env.setdefault("OMP_NUM_THREADS", "1")
         procs.append(
             subprocess.Popen(
-                [sys.executable, str(WORKER), str(spec_file)],
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
+                argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
             )
         )
     try:
@@ -165,6 +156,18 @@ def launch(world: int, spec: dict[str, Any], tmp: Path, timeout: float = 240) ->
         for p in procs:  # one failed rank must not leave the others waiting forever
             p.kill()
             p.wait()
+
+
+def launch(world: int, spec: dict[str, Any], tmp: Path, timeout: float = 240) -> list[dict]:
+    """Runs ``world`` worker processes on ``spec`` (:func:`run_ranks`); returns each rank's
+    result."""
+    import torch
+
+    tmp.mkdir(parents=True, exist_ok=True)
+    spec = {**spec, "result": str(tmp / f"result-{world}")}
+    spec_file = tmp / f"spec-{world}.json"
+    spec_file.write_text(json.dumps(spec))
+    run_ranks(world, [sys.executable, str(WORKER), str(spec_file)], timeout)
     return [torch.load(f"{spec['result']}.{r}", weights_only=False) for r in range(world)]
 
 

@@ -23,6 +23,23 @@ skip_under_mutmut = pytest.mark.skipif(
 )
 
 
+def kernel_options(kind: str, reduction: str, **overrides) -> dict:
+    """The Triton launcher's keyword options for a target ``kind`` (``class``, ``soft`` or
+    ``log``) and a reduction: every option away from its default (β, ε), ``overrides`` last."""
+    opts = dict(
+        soft=kind != "class",
+        log_target=kind == "log",
+        tau=0.6,
+        easy_weight=0.5,
+        entropy_weight=0.2,
+        label_smoothing=0.05,
+        ignore_index=-100,
+        reduction=reduction,
+    )
+    opts.update(overrides)
+    return opts
+
+
 def seed_of(*params) -> int:
     """A seed per parameter set: fresh across cases, stable across runs."""
     return zlib.crc32(repr(params).encode())

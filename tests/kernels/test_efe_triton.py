@@ -26,6 +26,7 @@ if triton_missing() is not None:
 
 import torch  # noqa: E402
 from loss_inputs import (  # noqa: E402
+    kernel_options,
     make_inputs,
     run_reference,
     seed_of,
@@ -80,32 +81,17 @@ def test_odd_shapes(online, kind):
         for reduction in ("mean", "none"):
             g = torch.empty_like(z)
             loss, sums = kefe.efe_forward_triton(
-                z, t, None, g, **_convention(kind, reduction), online=online, block_c=block_c
+                z, t, None, g, **kernel_options(kind, reduction), online=online, block_c=block_c
             )
-            loss64, sums64, grad64 = _reference_convention(z, t, kind, reduction)
+            loss64, sums64, grad64 = _reference_run(z, t, kind, reduction)
             torch.testing.assert_close(loss.double(), loss64, rtol=2e-5, atol=2e-5)
             torch.testing.assert_close(g.double(), grad64, rtol=1e-4, atol=1e-6)
             torch.testing.assert_close(sums.double(), sums64.double(), rtol=1e-4, atol=1e-4)
 
 
-def _convention(kind, reduction, **overrides):
-    opts = dict(
-        soft=kind != "class",
-        log_target=kind == "log",
-        tau=0.6,
-        easy_weight=0.5,
-        entropy_weight=0.2,
-        label_smoothing=0.05,
-        ignore_index=-100,
-        reduction=reduction,
-    )
-    opts.update(overrides)
-    return opts
-
-
-def _reference_convention(z, t, kind, reduction, **overrides):
+def _reference_run(z, t, kind, reduction, **overrides):
     """The reference in float64, with the fused convention's gradient (of loss.sum())."""
-    opts = _convention(kind, reduction, **overrides)
+    opts = kernel_options(kind, reduction, **overrides)
     del opts["soft"]
     return run_reference(z, t, **opts)
 
@@ -117,9 +103,9 @@ def test_unnormalised_soft_target(online):
     t = t * 1.3
     t[2, 3] = -0.01
     g = torch.empty_like(z)
-    conv = _convention("soft", "none")
+    conv = kernel_options("soft", "none")
     loss, sums = kefe.efe_forward_triton(z, t, None, g, **conv, online=online, block_c=16)
-    loss64, sums64, grad64 = _reference_convention(z, t, "soft", "none")
+    loss64, sums64, grad64 = _reference_run(z, t, "soft", "none")
     torch.testing.assert_close(loss.double(), loss64, rtol=2e-5, atol=2e-5)
     torch.testing.assert_close(g.double(), grad64, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(sums.double(), sums64.double(), rtol=1e-4, atol=1e-4)
@@ -132,9 +118,9 @@ def test_large_c_split_into_blocks(kind):
     z, t = make_inputs(n, c, kind, seed_of("large", kind), ignore_frac=0.0)
     g = torch.empty_like(z)
     loss, sums = kefe.efe_forward_triton(
-        z, t, None, g, **_convention(kind, "sum"), online=True, block_c=1024
+        z, t, None, g, **kernel_options(kind, "sum"), online=True, block_c=1024
     )
-    loss64, sums64, grad64 = _reference_convention(z, t, kind, "sum")
+    loss64, sums64, grad64 = _reference_run(z, t, kind, "sum")
     torch.testing.assert_close(loss.double(), loss64, rtol=2e-5, atol=1e-4)
     torch.testing.assert_close(g.double(), grad64, rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(sums.double(), sums64.double(), rtol=1e-4, atol=1e-4)
@@ -150,9 +136,13 @@ def test_wide_rows_pick_the_online_kernel(monkeypatch):
         kefe, "_launch", lambda *a, **k: calls.append(k["online"]) or launch(*a, **k)
     )
     z, t = make_inputs(5, 40, "class", seed_of("pick"))
-    wide = kefe.efe_forward_triton(z, t, None, None, **_convention("class", "none"))
-    narrow = kefe.efe_forward_triton(z[:, :20], t % 20, None, None, **_convention("class", "none"))
-    tile = kefe.efe_forward_triton(z, t, None, None, **_convention("class", "none"), online=False)
+    wide = kefe.efe_forward_triton(z, t, None, None, **kernel_options("class", "none"))
+    narrow = kefe.efe_forward_triton(
+        z[:, :20], t % 20, None, None, **kernel_options("class", "none")
+    )
+    tile = kefe.efe_forward_triton(
+        z, t, None, None, **kernel_options("class", "none"), online=False
+    )
     assert calls == [True, False, False]
     torch.testing.assert_close(wide[0], tile[0], rtol=1e-5, atol=1e-6)
     assert narrow[0].shape == (5,)
@@ -167,9 +157,9 @@ def test_tile_several_rows_per_program(seed):
     )
     g = torch.empty_like(z)
     loss, sums = kefe.efe_forward_triton(
-        z, t, mask, g, **_convention("class", "mean"), online=False, block_n=32
+        z, t, mask, g, **kernel_options("class", "mean"), online=False, block_n=32
     )
-    loss64, sums64, grad64 = _reference_convention(z, t, "class", "mean", hard_mask=mask)
+    loss64, sums64, grad64 = _reference_run(z, t, "class", "mean", hard_mask=mask)
     torch.testing.assert_close(loss.double(), loss64, rtol=2e-5, atol=1e-6)
     torch.testing.assert_close(g.double(), grad64, rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(sums.double(), sums64.double(), rtol=1e-4, atol=1e-4)
@@ -182,7 +172,7 @@ def test_all_rows_ignored_gives_zero_not_nan(online, reduction):
     t = torch.full((6,), -100)
     g = torch.full_like(z, 7.0)
     loss, sums = kefe.efe_forward_triton(
-        z, t, None, g, **_convention("class", reduction), online=online, block_c=16
+        z, t, None, g, **kernel_options("class", reduction), online=online, block_c=16
     )
     assert torch.count_nonzero(loss) == 0 and not torch.isnan(loss).any()
     assert torch.count_nonzero(g) == 0
@@ -193,7 +183,7 @@ def test_zero_rows():
     z = torch.randn(0, 12)
     for reduction in ("mean", "none"):
         loss, sums = kefe.efe_forward_triton(
-            z, torch.zeros(0, dtype=torch.int64), None, None, **_convention("class", reduction)
+            z, torch.zeros(0, dtype=torch.int64), None, None, **kernel_options("class", reduction)
         )
         assert loss.shape == ((0,) if reduction == "none" else ())
         assert torch.count_nonzero(sums) == 0
@@ -206,11 +196,11 @@ def test_gradient_in_place_over_the_logits(online, kind):
     z, t = make_inputs(9, 50, kind, seed_of("inplace", online, kind))
     separate = torch.empty_like(z)
     loss_a, sums_a = kefe.efe_forward_triton(
-        z, t, None, separate, **_convention(kind, "mean"), online=online, block_c=16
+        z, t, None, separate, **kernel_options(kind, "mean"), online=online, block_c=16
     )
     zz = z.clone()
     loss_b, sums_b = kefe.efe_forward_triton(
-        zz, t, None, zz, **_convention(kind, "mean"), online=online, block_c=16
+        zz, t, None, zz, **kernel_options(kind, "mean"), online=online, block_c=16
     )
     torch.testing.assert_close(zz, separate, rtol=0, atol=0)
     torch.testing.assert_close(loss_a, loss_b, rtol=0, atol=0)
@@ -225,12 +215,12 @@ def test_nan_and_inf_logits_give_nan_loss(online):
     z, t = make_inputs(8, 40, "class", seed_of("nan", online), ignore_frac=0.0)
     z[3, 5] = float("nan")
     z[6, 0] = float("inf")
-    conv = _convention("class", "none")
+    conv = kernel_options("class", "none")
     loss, sums = kefe.efe_forward_triton(z, t, None, None, **conv, online=online, block_c=16)
     assert torch.isnan(loss[3]) and torch.isnan(loss[6])
     assert torch.isfinite(loss[[0, 1, 2, 4, 5, 7]]).all()
     assert torch.isnan(sums[2])
-    conv = _convention("class", "mean")
+    conv = kernel_options("class", "mean")
     g = torch.empty_like(z)
     loss, _ = kefe.efe_forward_triton(z, t, None, g, **conv, online=online, block_c=16)
     assert torch.isnan(loss)
@@ -243,11 +233,11 @@ def test_out_of_range_class_target_gives_nan_row(online):
     z, t = make_inputs(6, 40, "class", seed_of("range", online), ignore_frac=0.0)
     t[1], t[4] = 40 + 10**6, -7
     g = torch.empty_like(z)
-    conv = _convention("class", "none")
+    conv = kernel_options("class", "none")
     loss, _ = kefe.efe_forward_triton(z, t, None, g, **conv, online=online, block_c=16)
     bad, good = [1, 4], [0, 2, 3, 5]
     assert torch.isnan(loss[bad]).all() and torch.isnan(g[bad]).all()
-    loss64, _, grad64 = _reference_convention(z[good], t[good], "class", "none")
+    loss64, _, grad64 = _reference_run(z[good], t[good], "class", "none")
     torch.testing.assert_close(loss[good].double(), loss64, rtol=2e-5, atol=2e-5)
     torch.testing.assert_close(g[good].double(), grad64, rtol=1e-4, atol=1e-6)
 
@@ -307,7 +297,7 @@ def test_custom_op_registration(kind, reduction):
 
     z, t = make_inputs(6, 12, kind, seed_of("opcheck", kind, reduction))
     zz = z.clone().requires_grad_()
-    options = dict(_convention(kind, reduction), validate=False, z_loss=0.0, per_token=False)
+    options = dict(kernel_options(kind, reduction), validate=False, z_loss=0.0, per_token=False)
     torch.library.opcheck(
         efe_fused,
         (zz, t, None, None, "triton", True),
@@ -341,9 +331,9 @@ def test_masked_classes_are_finite(online, kind):
         t[2, 40:] = 0.0
         t = t / t.sum(-1, keepdim=True)
     g = torch.empty_like(z)
-    conv = _convention(kind, "none", label_smoothing=0.0)
+    conv = kernel_options(kind, "none", label_smoothing=0.0)
     loss, _ = kefe.efe_forward_triton(z, t, None, g, **conv, online=online, block_c=16)
-    loss64, _, grad64 = _reference_convention(z, t, kind, "none", label_smoothing=0.0)
+    loss64, _, grad64 = _reference_run(z, t, kind, "none", label_smoothing=0.0)
     assert torch.isfinite(loss).all() and torch.isfinite(g).all()
     torch.testing.assert_close(loss.double(), loss64, rtol=2e-5, atol=2e-5)
     torch.testing.assert_close(g.double(), grad64, rtol=1e-4, atol=1e-6)
@@ -359,7 +349,7 @@ def test_masked_classes_equal_cross_entropy(online):
     ce = torch.nn.functional.cross_entropy(zz, t)
     ce.backward()
     g = torch.empty_like(z)
-    conv = _convention("class", "mean", tau=0.0, easy_weight=1.0, entropy_weight=0.0)
+    conv = kernel_options("class", "mean", tau=0.0, easy_weight=1.0, entropy_weight=0.0)
     conv["label_smoothing"] = 0.0
     loss, _ = kefe.efe_forward_triton(z, t, None, g, **conv, online=online, block_c=16)
     torch.testing.assert_close(loss, ce.detach(), rtol=1e-5, atol=1e-6)

@@ -20,7 +20,7 @@ if triton_missing() is not None:
     pytest.skip(triton_missing(), allow_module_level=True)
 
 import torch  # noqa: E402
-from loss_inputs import make_inputs, seed_of  # noqa: E402
+from loss_inputs import kernel_options, make_inputs, seed_of  # noqa: E402
 
 from qwenrl._ext import load_extension  # noqa: E402
 from qwenrl.kernels import efe as kefe  # noqa: E402
@@ -66,21 +66,6 @@ def _row_weight(n: int, seed: int) -> torch.Tensor:
 def _hard_mask(n: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed + 11)
     return (torch.rand(n, generator=g, device="cpu") < 0.5).to(DEVICE)
-
-
-def _convention(kind: str, reduction: str, **overrides) -> dict:
-    opts = dict(
-        soft=kind != "class",
-        log_target=kind == "log",
-        tau=0.6,
-        easy_weight=0.5,
-        entropy_weight=0.2,
-        label_smoothing=0.05,
-        ignore_index=-100,
-        reduction=reduction,
-    )
-    opts.update(overrides)
-    return opts
 
 
 def run_kernel(z, t, *, hard_mask=None, row_weight=None, per_token=True, with_grad=True, **kw):
@@ -140,7 +125,7 @@ def test_all_options_match_reference(kernel, kind, reduction):
     z, t = make_inputs(n, c, kind, seed)
     if kind == "class":
         t[2] = -100  # at least one ignored row, with a nonzero row weight
-    opts = _convention(kind, reduction, z_loss=Z_LOSS)
+    opts = kernel_options(kind, reduction, z_loss=Z_LOSS)
     extra = dict(row_weight=_row_weight(n, seed))
     if reduction == "sum":
         extra["hard_mask"] = _hard_mask(n, seed)
@@ -158,7 +143,7 @@ def test_each_option_alone(kernel, option):
     (n, c), launch = KERNELS[kernel]["shape"], KERNELS[kernel]["launch"]
     seed = seed_of("alone", kernel, option)
     z, t = make_inputs(n, c, "class", seed)
-    opts = _convention("class", "mean", z_loss=Z_LOSS if option == "z_loss" else 0.0)
+    opts = kernel_options("class", "mean", z_loss=Z_LOSS if option == "z_loss" else 0.0)
     extra = dict(row_weight=_row_weight(n, seed)) if option == "row_weight" else {}
     got = run_kernel(z, t, per_token=option == "per_token", **extra, **opts, **launch)
     assert (got[3] is not None) == (option == "per_token")
@@ -172,7 +157,7 @@ def test_without_gradient(kernel, kind):
     (n, c), launch = KERNELS[kernel]["shape"], KERNELS[kernel]["launch"]
     seed = seed_of("nograd", kernel, kind)
     z, t = make_inputs(n, c, kind, seed)
-    opts = _convention(kind, "none", z_loss=Z_LOSS)
+    opts = kernel_options(kind, "none", z_loss=Z_LOSS)
     rw = _row_weight(n, seed)
     got = run_kernel(z, t, row_weight=rw, with_grad=False, **opts, **launch)
     assert got[2] is None
@@ -187,7 +172,7 @@ def test_gradient_in_place_over_the_logits(kernel, kind):
     (n, c), launch = KERNELS[kernel]["shape"], KERNELS[kernel]["launch"]
     seed = seed_of("inplace", kernel, kind)
     z, t = make_inputs(n, c, kind, seed)
-    opts = _convention(kind, "mean", z_loss=Z_LOSS)
+    opts = kernel_options(kind, "mean", z_loss=Z_LOSS)
     rw = _row_weight(n, seed)
     loss, sums, grad, tok = run_kernel(z, t, row_weight=rw, **opts, **launch)
     zz = z.clone()
@@ -207,7 +192,7 @@ def test_all_rows_ignored_stay_zero(kernel, reduction):
     (n, c), launch = KERNELS[kernel]["shape"], KERNELS[kernel]["launch"]
     z, _ = make_inputs(n, c, "class", seed_of("ignored", kernel, reduction))
     t = torch.full((n,), -100)
-    opts = _convention("class", reduction, z_loss=Z_LOSS)
+    opts = kernel_options("class", reduction, z_loss=Z_LOSS)
     loss, sums, grad, tok = run_kernel(z, t, row_weight=_row_weight(n, 3), **opts, **launch)
     for out in (loss, sums, grad, tok):
         assert not torch.isnan(out).any() and torch.count_nonzero(out) == 0
@@ -223,7 +208,7 @@ def test_low_precision_logits(kernel, kind, dtype):
     seed = seed_of("lowp", kernel, kind, dtype)
     z, t = make_inputs(n, c, kind, seed, dtype=dtype)
     t = t.to(dtype) if kind == "soft" else t
-    opts = _convention(kind, "mean", z_loss=Z_LOSS)
+    opts = kernel_options(kind, "mean", z_loss=Z_LOSS)
     rw = _row_weight(n, seed)
     got = run_kernel(z, t, row_weight=rw, **opts, **launch)
     assert got[2].dtype == grad_dtype(dtype)
@@ -252,7 +237,7 @@ def test_nan_rows_and_masked_classes_match_cpp(kernel):
     t[2], t[3], t[4] = 3, 0, 0  # where argmax z lands on those rows: still not correct
     t[5], t[6], t[7] = c + 10**6, -7, -100  # out of range (not validated) twice, ignored
     # No smoothing: it would put mass on the masked class (an infinite risk).
-    opts = _convention("class", "none", z_loss=Z_LOSS, label_smoothing=0.0)
+    opts = kernel_options("class", "none", z_loss=Z_LOSS, label_smoothing=0.0)
     rw = _row_weight(n, 5)
     loss, _, _, tok = run_kernel(z, t, row_weight=rw, with_grad=False, **opts, **launch)
 
@@ -339,7 +324,7 @@ def test_public_api_without_per_token_returns_no_buffer():
     from qwenrl.loss.dispatch import efe_forward
 
     z, t = make_inputs(6, 12, "class", seed_of("empty"))
-    conv = dict(_convention("class", "mean"), validate=True, z_loss=0.0)
+    conv = dict(kernel_options("class", "mean"), validate=True, z_loss=0.0)
     for per_token in (False, True):
         loss, sums, tok = efe_forward(z, t, None, None, None, "triton", per_token=per_token, **conv)
         assert tok.dtype == torch.float32
@@ -351,7 +336,7 @@ def test_public_api_without_per_token_returns_no_buffer():
 
 def test_bad_buffers_are_refused():
     z, t = make_inputs(5, 12, "class", seed_of("bad"))
-    conv = _convention("class", "mean")
+    conv = kernel_options("class", "mean")
     for tok in (torch.empty(4, 6), torch.empty(4, 5, dtype=torch.float64), torch.empty(5, 4).T):
         with pytest.raises(ValueError, match="per_token_out"):
             kefe.efe_forward_triton(z, t, None, None, per_token_out=tok, **conv)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from distributed_worker import run_ranks
 from tiny_run import tiny_config, write_arc_tasks
 
 import qwenrl
@@ -315,42 +315,9 @@ print("DONE", flush=True)
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(world: int, cfg: TrainConfig, result: Path) -> None:
-    import os
-
-    port = _free_port()
-    procs = []
-    for rank in range(world):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
-        env["OMP_NUM_THREADS"] = "1"
-        cfg_json = json.dumps(cfg.__dict__)
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-c", DDP_WORKER, cfg_json, str(result)],
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-        )
-    try:
-        for rank, p in enumerate(procs):
-            out, err = p.communicate(timeout=300)
-            # A gloo process can abort in its C++ teardown at interpreter exit (SIGABRT) after
-            # all its work and destroy_process_group are done; that is not a training result.
-            finished = "DONE" in out and (p.returncode == 0 or p.returncode == -6)
-            assert finished, f"rank {rank}/{world} exited {p.returncode}:\n{err[-3000:]}"
-    finally:
-        for p in procs:  # one failed rank must not leave the other waiting forever
-            p.kill()
-            p.wait()
+    argv = [sys.executable, "-c", DDP_WORKER, json.dumps(cfg.__dict__), str(result)]
+    run_ranks(world, argv, timeout=300)
 
 
 @pytest.mark.slow
