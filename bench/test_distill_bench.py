@@ -20,17 +20,13 @@ The benchmark row is the wall time of that one step; the ratio is against the ba
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from peak_memory import HAS_CLEAR_REFS, in_fresh_process, measure_step
 
-ROOT = Path(__file__).resolve().parents[1]
 N, D, D_T, V = 512, 256, 384, 151936
 METHODS = ["materialised", "trl_chunked_divergence", "linear_efe_loss"]
 
@@ -64,45 +60,20 @@ def _loss(method: str, h, w, ht, wt) -> torch.Tensor:
     raise ValueError(method)
 
 
-def _status(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(field)
-
-
 def _child(method: str) -> None:
     h, w, ht, wt = _inputs()
-    _loss(method, h, w, ht, wt).backward()  # the gradients and allocator pools now exist
-    h.grad.zero_(), w.grad.zero_()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # peak RSS := current RSS
-    base = _status("VmRSS")
-    start, cpu = time.perf_counter(), time.process_time()
-    loss = _loss(method, h, w, ht, wt)
-    loss.backward()
-    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-    extra = (_status("VmHWM") - base) / 2**20
-    print(
-        json.dumps(
-            {"seconds": seconds, "cpu_s": cpu, "extra_peak_mb": extra, "loss": float(loss.detach())}
-        )
-    )
+    losses = []
+
+    def one_step():
+        loss = _loss(method, h, w, ht, wt)
+        loss.backward()
+        losses.append(float(loss.detach()))
+
+    result = measure_step(one_step, reset=lambda: (h.grad.zero_(), w.grad.zero_()))
+    print(json.dumps({**result, "loss": losses[-1]}))
 
 
-def _in_fresh_process(method: str) -> dict:
-    out = subprocess.run(
-        [sys.executable, __file__, method],
-        env=dict(os.environ, PYTHONPATH=str(ROOT)),
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
+@pytest.mark.skipif(not HAS_CLEAR_REFS, reason="needs Linux /proc")
 @pytest.mark.parametrize("method", METHODS)
 def test_distillation_at_qwen_vocabulary(benchmark, record, method):
     if method == "trl_chunked_divergence":
@@ -110,7 +81,7 @@ def test_distillation_at_qwen_vocabulary(benchmark, record, method):
     result = {}
 
     def run():
-        result.update(_in_fresh_process(method))
+        result.update(in_fresh_process(__file__, method))
         return result["seconds"]
 
     benchmark.pedantic(run, rounds=1, iterations=1)

@@ -26,19 +26,15 @@ minus the RSS before it. The summary prints each method's ratio against the grou
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from peak_memory import HAS_CLEAR_REFS, in_fresh_process, measure_step
 
 import qwenrl
 
-ROOT = Path(__file__).resolve().parents[1]
 CPU_CASES = {"h4096xV32000": (4096, 1024, 32000), "h2048xV151936": (2048, 1024, 151936)}
 CPU_METHODS = [
     "torch_reference",
@@ -94,41 +90,13 @@ def zero_grads(*leaves) -> None:
             x.grad.zero_()
 
 
-def _status(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(field)
-
-
-def measure_in_fresh_process(case_name: str, method: str) -> dict:
-    """One step's extra peak RSS (and its time) in a new process: see the module docstring."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    out = subprocess.run(
-        [sys.executable, __file__, case_name, method],
-        env=env,
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def _child(case_name: str, method: str) -> None:
     h, w, t = inputs(CPU_CASES[case_name], "cpu", torch.float32)
     fn = loss_fn(method)
-    step(fn, h, w, t)  # gradients and allocator pools now exist
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # peak RSS := current RSS
-    base = _status("VmRSS")
-    start = time.perf_counter()
-    step(fn, h, w, t)
-    seconds = time.perf_counter() - start
-    print(json.dumps({"extra_peak_mb": (_status("VmHWM") - base) / 2**20, "seconds": seconds}))
+    print(json.dumps(measure_step(lambda: step(fn, h, w, t))))
 
 
-@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
+@pytest.mark.skipif(not HAS_CLEAR_REFS, reason="needs Linux /proc")
 @pytest.mark.parametrize(
     "case_name",
     # the quick set: V = 32000 (the 151,936 vocabulary is --bench-full)
@@ -140,7 +108,7 @@ def _child(case_name: str, method: str) -> None:
     [pytest.param(m, marks=pytest.mark.full if m in QUICK_SKIPS else ()) for m in CPU_METHODS],
 )
 def test_cpu_linear_loss(benchmark, record, case_name, method):
-    mem = measure_in_fresh_process(case_name, method)
+    mem = in_fresh_process(__file__, case_name, method)
     h, w, t = inputs(CPU_CASES[case_name], "cpu", torch.float32)
     fn = loss_fn(method)
 

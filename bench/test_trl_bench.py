@@ -38,19 +38,15 @@ group's first row are printed at the end, never asserted.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from peak_memory import HAS_CLEAR_REFS, in_fresh_process, measure_step
 
 import qwenrl
 
-ROOT = Path(__file__).resolve().parents[1]
 # The quick set's case (a few seconds a row) and the quoted one (--bench-full: ~6 s a
 # forward+backward per method on 2 cores, ~30 s a row with its memory run).
 CPU_CASES = {"h1024xD1024xV32000": (1024, 1024, 32000), "h4096xD1024xV32000": (4096, 1024, 32000)}
@@ -130,39 +126,10 @@ def zero_grads(*leaves) -> None:
             x.grad.zero_()
 
 
-def _status(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(field)
-
-
-def measure_in_fresh_process(case_name: str, method: str) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    out = subprocess.run(
-        [sys.executable, __file__, case_name, method],
-        env=env,
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def _child(case_name: str, method: str) -> None:
     h, w, t = inputs(CPU_CASES[case_name], "cpu", torch.float32)
     fn = loss_fn(method)
-    step(fn, h, w, t)  # gradients and allocator pools now exist
-    zero_grads(h, w)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # peak RSS := current RSS
-    base = _status("VmRSS")
-    start, cpu = time.perf_counter(), time.process_time()
-    step(fn, h, w, t)
-    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-    extra = (_status("VmHWM") - base) / 2**20
-    print(json.dumps({"extra_peak_mb": extra, "seconds": seconds, "cpu_s": cpu}))
+    print(json.dumps(measure_step(lambda: step(fn, h, w, t), reset=lambda: zero_grads(h, w))))
 
 
 def _cpu_params():
@@ -172,11 +139,11 @@ def _cpu_params():
             yield pytest.param(case, method, marks=() if quick else pytest.mark.full)
 
 
-@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
+@pytest.mark.skipif(not HAS_CLEAR_REFS, reason="needs Linux /proc")
 @pytest.mark.parametrize(("case_name", "method"), list(_cpu_params()))
 def test_cpu_trl_head(benchmark, record, case_name, method):
     pytest.importorskip("trl")
-    mem = measure_in_fresh_process(case_name, method)
+    mem = in_fresh_process(__file__, case_name, method)
     h, w, t = inputs(CPU_CASES[case_name], "cpu", torch.float32)
     fn = loss_fn(method)
     rounds = 3 if case_name == QUICK_CASE else 1
