@@ -26,14 +26,25 @@ import sys
 import time
 from pathlib import Path
 
+# Without refresh windows (refresh_every 0 or -1) the sampler's window is one step, so an epoch
+# (one pass over the prompts, one working set per window) is 10 times shorter: 20 such epochs,
+# τ switching after 10 and one validation at the end keep the default's 960 steps and schedule.
+SAME_STEPS = ["--epochs", "20", "--tau_epoch", "10", "--val_every", "20"]
+
 # name → (the flags that turn the part off, what is off). "default" is the run itself.
 ABLATIONS: dict[str, tuple[list[str], str]] = {
     "default": ([], "nothing: the default run"),
     "no_rl": (["--num_actions", "1"], "the RL policy: one fixed steering action"),
     "no_refiner": (["--refiner_depth", "0"], "the refiner: identity"),
     "frozen_qwen": (["--qwen_lr", "0"], "Qwen's updates (lr 0: Qwen stays at its initialisation)"),
-    "refresh_every_step": (["--refresh_every", "0"], "the cache: Qwen re-encodes every step"),
-    "refresh_never": (["--refresh_every", "-1"], "the cache refresh: embeddings never expire"),
+    "refresh_every_step": (
+        ["--refresh_every", "0", *SAME_STEPS],
+        "the cache: Qwen re-encodes every step",
+    ),
+    "refresh_never": (
+        ["--refresh_every", "-1", *SAME_STEPS],
+        "the cache refresh: embeddings never expire",
+    ),
     "no_hints": (["--no-demo_hints"], "the demonstration hints"),
     "tau_fixed": (["--tau_end", "0.6"], "the τ curriculum: τ = 0.6 throughout"),
 }

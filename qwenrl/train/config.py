@@ -134,6 +134,7 @@ class TrainConfig:
     # --- validation, logging, checkpoints ---
     val_tasks: int = _opt(0, "evaluation tasks used for validation each epoch (0 = all 400)", min=0)
     val_batch_size: int = _opt(16, "validation batch size", min=1)
+    val_every: int = _opt(1, "epochs between validations (the last epoch always validates)", min=1)
     vote_transforms: int = _opt(
         1, "augmentations (D8 × colour) whose predictions vote for validation's two attempts "
         "(1 = the task as it is)", min=1,

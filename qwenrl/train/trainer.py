@@ -344,7 +344,8 @@ class Trainer(TrainerCheckpoints):
                     self.save_checkpoint()
             bar.close()
             self.read_metrics()
-            summary = self.validate(epoch)
+            if self.step >= self.total_steps or (epoch + 1) % cfg.val_every == 0:
+                summary = self.validate(epoch)
             if not cfg.save_every or self.step % cfg.save_every:
                 self.save_checkpoint()
         return summary

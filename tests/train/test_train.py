@@ -730,3 +730,14 @@ def test_setup_details(tmp_path, arc_dir, capsys):
     default_ws = Trainer(tiny_config(tmp_path / "d", arc_dir, working_set=0), quiet=True)
     assert default_ws.cache.capacity == 4 * 4 * default_ws.cfg.batch_size
     default_ws.close()
+
+
+def test_val_every_skips_validations_but_never_the_last(tmp_path, arc_dir):
+    cfg = tiny_config(tmp_path / "run", arc_dir, epochs=3, max_batches=1, val_every=2)
+    trainer = Trainer(cfg, quiet=True)
+    summary = trainer.train()
+    trainer.close()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert [r["epoch"] for r in records if r["kind"] == "val"] == [1, 2]
+    assert summary["epoch"] == 2
+    assert latest_checkpoint(tmp_path / "run").name == f"checkpoint-{3:08d}"  # every epoch saves
