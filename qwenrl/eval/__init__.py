@@ -12,7 +12,9 @@ Modules (docs/trainer-layout.md has the map):
 * :mod:`~qwenrl.eval.val_grids` — the ``val_grids.json`` schema ``qwenrl.plot`` reads;
 * :mod:`~qwenrl.eval.run` — :func:`load_run`: a saved run (plain or sharded) in one process;
 * :mod:`~qwenrl.eval.evaluate` — ``python -m qwenrl.eval.evaluate`` (alias
-  ``python -m qwenrl.evaluate``).
+  ``python -m qwenrl.evaluate``);
+* :mod:`~qwenrl.eval.fit` — ``python -m qwenrl.eval.fit``: can test-time training fit a
+  task's own demonstrations?
 
 The trainer (:mod:`qwenrl.train`) imports from here; this package imports the trainer's
 configuration, checkpoint and (for types) distributed and monitor modules, never the
