@@ -25,13 +25,13 @@ minus the RSS before it. The summary prints each method's ratio against the grou
 
 from __future__ import annotations
 
-import json
 import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
-from peak_memory import HAS_CLEAR_REFS, in_fresh_process, measure_step
+from lm_head_cases import CE, child_step, cuda_step, inputs, liger_flce, step, zero_grads
+from peak_memory import HAS_CLEAR_REFS, in_fresh_process
 
 import qwenrl
 
@@ -46,16 +46,6 @@ CPU_METHODS = [
 QUICK_SKIPS = ("torch_reference", "linear_efe_loss_fresh_grad")  # run with --bench-full
 GPU_CASES = {"bf16_h8192x4096xV151936": (8192, 4096, 151936)}
 GPU_METHODS = ["liger_flce", "torch_chunked", "linear_efe_loss", "linear_efe_loss_fresh_grad"]
-CE = {"tau": 0.0, "easy_weight": 1.0}
-
-
-def inputs(case: tuple[int, int, int], device: str, dtype: torch.dtype):
-    n, d, v = case
-    g = torch.Generator().manual_seed(0)
-    h = torch.randn(n, d, generator=g).to(device, dtype).requires_grad_()
-    w = (torch.randn(v, d, generator=g) * d**-0.5).to(device, dtype).requires_grad_()
-    t = torch.randint(0, v, (n,), generator=g).to(device)
-    return h, w, t
 
 
 def loss_fn(method: str):
@@ -72,28 +62,8 @@ def loss_fn(method: str):
     if method == "linear_efe_loss_fresh_grad":  # gradients in the forward, a new [V, D] buffer
         return lambda h, w, t: qwenrl.linear_efe_loss(h, w, t, weight_grad_in_place=False, **CE)
     if method == "liger_flce":
-        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-
-        crit = LigerFusedLinearCrossEntropyLoss()
-        return lambda h, w, t: crit(w, h, t)
+        return liger_flce()
     raise ValueError(method)
-
-
-def step(fn, h, w, t) -> None:
-    fn(h, w, t).backward()
-
-
-def zero_grads(*leaves) -> None:
-    """``zero_grad(set_to_none=False)``: the gradients stay allocated (see the docstring)."""
-    for x in leaves:
-        if x.grad is not None:
-            x.grad.zero_()
-
-
-def _child(case_name: str, method: str) -> None:
-    h, w, t = inputs(CPU_CASES[case_name], "cpu", torch.float32)
-    fn = loss_fn(method)
-    print(json.dumps(measure_step(lambda: step(fn, h, w, t))))
 
 
 @pytest.mark.skipif(not HAS_CLEAR_REFS, reason="needs Linux /proc")
@@ -126,19 +96,10 @@ def test_gpu_linear_loss(benchmark, record, case_name, method):
     h, w, t = inputs(GPU_CASES[case_name], "cuda", torch.bfloat16)
     fn = loss_fn(method)
 
-    def run():
-        zero_grads(h, w)
-        step(fn, h, w, t)
-        torch.cuda.synchronize()
-
-    run()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    run()
-    extra = (torch.cuda.max_memory_allocated() - base) / 2**20
+    run, extra = cuda_step(fn, h, w, t)
     benchmark.pedantic(run, rounds=5, warmup_rounds=1)
     record(f"cuda bf16 {case_name} ({torch.cuda.get_device_name()})", method, extra_peak_mb=extra)
 
 
 if __name__ == "__main__":
-    _child(sys.argv[1], sys.argv[2])
+    child_step(*inputs(CPU_CASES[sys.argv[1]], "cpu", torch.float32), loss_fn(sys.argv[2]))

@@ -21,7 +21,10 @@ weight.T`` (and its gradients w.r.t. both) plus, where its name says so, per-tok
 * ``use_qwenrl_head``: what ``use_qwenrl`` runs per micro-batch
   (:func:`qwenrl.integrations.trl.token_losses`: ``reduction='none'``, so that ``log_probs``
   is differentiable for TRL's own losses; its backward runs the chunks again, as TRL's does);
-* ``torch_chunked``: ``F.linear_cross_entropy(..., options=nn.LinearCrossEntropyOptions())``.
+* ``torch_chunked``: ``F.linear_cross_entropy(..., options=nn.LinearCrossEntropyOptions())``;
+* ``gemm_floor``: not a loss, the floor under every row: the three matrix products an exact
+  fp32 head makes (logits, hidden gradient, weight gradient into ``.grad``) in 512-row chunks,
+  and nothing else. TRL's time over it bounds the ratio any head can reach here.
 
 GPU rows (bfloat16, [8192 × 4096] × [151936]): TRL's head on its Triton path, Liger-Kernel's
 fused linear cross entropy, ``linear_efe_loss_per_token``; collected everywhere, skipped
@@ -37,13 +40,22 @@ group's first row are printed at the end, never asserted.
 
 from __future__ import annotations
 
-import json
 import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
-from peak_memory import HAS_CLEAR_REFS, in_fresh_process, measure_step
+from lm_head_cases import (
+    CE,
+    child_step,
+    cuda_step,
+    gemm_floor,
+    inputs,
+    liger_flce,
+    step,
+    zero_grads,
+)
+from peak_memory import HAS_CLEAR_REFS, in_fresh_process
 
 import qwenrl
 
@@ -58,21 +70,12 @@ CPU_METHODS = [
     "linear_efe_loss_per_token_forward_grad",
     "use_qwenrl_head",
     "torch_chunked",
+    "gemm_floor",
 ]
 # The quick set: the baseline and qwenrl's call at the small shape.
 QUICK_METHODS = ("trl_head_log_probs", "linear_efe_loss_per_token")
 GPU_CASES = {"bf16_h8192xD4096xV151936": (8192, 4096, 151936)}
 GPU_METHODS = ["trl_head_log_probs", "liger_flce", "linear_efe_loss_per_token"]
-CE = {"tau": 0.0, "easy_weight": 1.0}
-
-
-def inputs(case: tuple[int, int, int], device: str, dtype: torch.dtype):
-    n, d, v = case
-    g = torch.Generator().manual_seed(0)
-    h = torch.randn(n, d, generator=g).to(device, dtype).requires_grad_()
-    w = (torch.randn(v, d, generator=g) * d**-0.5).to(device, dtype).requires_grad_()
-    t = torch.randint(0, v, (n,), generator=g).to(device)
-    return h, w, t
 
 
 def loss_fn(method: str):
@@ -107,29 +110,11 @@ def loss_fn(method: str):
     if method == "torch_chunked":
         opts = torch.nn.LinearCrossEntropyOptions()
         return lambda h, w, t: F.linear_cross_entropy(h, w, t, options=opts)
+    if method == "gemm_floor":
+        return gemm_floor()
     if method == "liger_flce":
-        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-
-        crit = LigerFusedLinearCrossEntropyLoss()
-        return lambda h, w, t: crit(w, h, t)
+        return liger_flce()
     raise ValueError(method)
-
-
-def step(fn, h, w, t) -> None:
-    fn(h, w, t).backward()
-
-
-def zero_grads(*leaves) -> None:
-    """``zero_grad(set_to_none=False)``: the gradients stay allocated."""
-    for x in leaves:
-        if x.grad is not None:
-            x.grad.zero_()
-
-
-def _child(case_name: str, method: str) -> None:
-    h, w, t = inputs(CPU_CASES[case_name], "cpu", torch.float32)
-    fn = loss_fn(method)
-    print(json.dumps(measure_step(lambda: step(fn, h, w, t), reset=lambda: zero_grads(h, w))))
 
 
 def _cpu_params():
@@ -164,20 +149,11 @@ def test_gpu_trl_head(benchmark, record, case_name, method):
     h, w, t = inputs(GPU_CASES[case_name], "cuda", torch.bfloat16)
     fn = loss_fn(method)
 
-    def run():
-        zero_grads(h, w)
-        step(fn, h, w, t)
-        torch.cuda.synchronize()
-
-    run()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    run()
-    extra = (torch.cuda.max_memory_allocated() - base) / 2**20
+    run, extra = cuda_step(fn, h, w, t)
     benchmark.pedantic(run, rounds=5, warmup_rounds=1)
     record(f"trl head cuda bf16 {case_name} ({torch.cuda.get_device_name()})", method,
            extra_peak_mb=extra)  # fmt: skip
 
 
 if __name__ == "__main__":
-    _child(sys.argv[1], sys.argv[2])
+    child_step(*inputs(CPU_CASES[sys.argv[1]], "cpu", torch.float32), loss_fn(sys.argv[2]))

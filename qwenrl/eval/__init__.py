@@ -24,8 +24,9 @@ schema without loading the models.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from qwenrl._lazy import lazy_getattr
 
 if TYPE_CHECKING:
     from qwenrl.eval.run import find_checkpoint, load_run
@@ -75,7 +76,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"qwenrl.eval.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module 'qwenrl.eval' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

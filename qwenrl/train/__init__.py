@@ -18,8 +18,9 @@ imported on first use (``import qwenrl.train`` loads no models).
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from qwenrl._lazy import lazy_getattr
 
 if TYPE_CHECKING:
     from qwenrl.train.checkpoint import Checkpointer, latest_checkpoint
@@ -58,7 +59,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"qwenrl.train.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module 'qwenrl.train' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

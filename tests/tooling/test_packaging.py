@@ -16,6 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 # Run from the repository root exactly as a user does (`python -c` puts the working directory
@@ -23,6 +25,8 @@ ROOT = Path(__file__).resolve().parents[2]
 _RESOLVE = r"""
 import importlib, importlib.metadata as md, json, sys
 from pathlib import Path
+
+import pytest
 import transformers.modeling_utils  # imports the `kernels` distribution (transformers >= 5.25)
 root = Path.cwd().resolve()
 ours = {"qwenrl"}
@@ -98,3 +102,25 @@ def test_every_package_in_the_tree_ships_in_the_wheel():
     }
     assert found and found <= listed, sorted(found - listed)
     assert "qwenrl.kernels" in listed and "qwenrl._csrc" in listed
+
+
+@pytest.mark.parametrize("package", ["qwenrl.eval", "qwenrl.train"])
+def test_lazy_packages_export_exactly_their_names(package):
+    """Each public name resolves from the submodule it is mapped to, without importing the rest
+    at package import; anything else is an AttributeError that names the package."""
+    code = f"""
+import importlib, sys
+pkg = importlib.import_module({package!r})
+assert sorted(pkg.__all__) == sorted(pkg._EXPORTS), "__all__ and the export map differ"
+assert "qwenrl.models" not in sys.modules, "importing the package loaded the models"
+for name in pkg.__all__:
+    value = getattr(pkg, name)
+    assert value is getattr(sys.modules[{package!r} + "." + pkg._EXPORTS[name]], name), name
+try:
+    pkg.no_such_name
+except AttributeError as err:
+    assert "no_such_name" in str(err) and {package!r} in str(err), err
+else:
+    raise AssertionError("an unknown name resolved")
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
