@@ -1,7 +1,7 @@
 """Whole training runs that measure the pipeline: ablations and the compute curve.
 
     python bench/pipeline_runs.py ablations            # the default run, then one per part off
-    python bench/pipeline_runs.py curve --epochs 2 8 24  # validation against training minutes
+    python bench/pipeline_runs.py curve --epochs 2 8 28  # validation against training minutes
     python bench/pipeline_runs.py --flags="--num_threads 1" ablations   # flags for every run
 
 Each run is ``python -m qwenrl.train`` with the embedded defaults and a few flags, in its own
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     abl = sub.add_parser("ablations", help="the default run and one run per part turned off")
     abl.add_argument("--only", nargs="+", choices=list(ABLATIONS), default=list(ABLATIONS))
     cur = sub.add_parser("curve", help="validation after runs of several lengths")
-    cur.add_argument("--epochs", type=int, nargs="+", default=[2, 8, 24])
+    cur.add_argument("--epochs", type=int, nargs="+", default=[2, 8, 28])
     args = parser.parse_args(argv)
     if args.what == "curve" and any(e < 1 for e in args.epochs):
         parser.error(f"--epochs must be >= 1, got {args.epochs}")

@@ -16,9 +16,8 @@ import pytest
 import tiny_lm
 import torch
 from datasets import Dataset
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tiny_lm import RUN
 from torch.profiler import ProfilerActivity, profile
-from transformers import PreTrainedTokenizerFast
 from trl import (
     DistillationConfig,
     DistillationTrainer,
@@ -38,43 +37,19 @@ from qwenrl.loss.hf import apply_linear_efe, linear_efe_compute_loss
 
 VOCAB = 300
 CE = {"tau": 0.0, "easy_weight": 1.0}
-# Settings every trainer here shares: CPU, float32, no files, no progress bars.
-RUN = {
-    "report_to": [],
-    "use_cpu": True,
-    "bf16": False,
-    "save_strategy": "no",
-    "seed": 0,
-    "disable_tqdm": True,
-    "logging_steps": 1,
-    "dataloader_num_workers": 0,
-}
 
 
-def tokenizer(vocab: int = VOCAB) -> PreTrainedTokenizerFast:
-    """Words t0 … t{vocab-3} are the ids 2 … vocab-1; 0 is padding, 1 end of sequence."""
-    words = {"<pad>": 0, "<eos>": 1, **{f"t{i}": i + 2 for i in range(vocab - 2)}}
-    tok = Tokenizer(models.WordLevel(words, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.decoder = decoders.WordPiece(prefix="##")  # joins the words with spaces
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+def tokenizer(vocab: int = VOCAB):
+    return tiny_lm.word_tokenizer(vocab)
+
+
+def counting_sequences(n: int = 48, vocab: int = VOCAB, seed: int = 1) -> Dataset:
+    return tiny_lm.counting_sequences(n, vocab, seed)
 
 
 def tiny_model(vocab: int = VOCAB, hidden: int = 32, seed: int = 0, **config: Any):
     config = {"max_position_embeddings": 128, "pad_token_id": 0, "eos_token_id": 1, **config}
     return tiny_lm.tiny_qwen3(vocab, hidden, seed, **config)
-
-
-def counting_sequences(n: int = 48, vocab: int = VOCAB, seed: int = 1) -> Dataset:
-    """Pre-tokenized runs of consecutive ids (learnable: accuracy rises within a few steps),
-    of 5 to 19 tokens, so batches carry padding."""
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for _ in range(n):
-        length = int(torch.randint(5, 20, (1,), generator=g))
-        start = int(torch.randint(2, vocab - 20, (1,), generator=g))
-        rows.append({"input_ids": list(range(start, start + length))})
-    return Dataset.from_list(rows)
 
 
 def sft_trainer(tmp_path, steps: int = 12, model=None, **args: Any) -> SFTTrainer:
