@@ -139,17 +139,22 @@ class TrainConfig:
         1, "augmentations (D8 × colour) whose predictions vote for validation's two attempts "
         "(1 = the task as it is)", min=1,
     )  # fmt: skip
+    # Test-time training: TTTConfig's fields of the same names, prefixed (its defaults).
     ttt_steps: int = _opt(
-        0, "test-time training steps on each validation task's demonstrations (0 = none)", min=0
+        TTTConfig.steps,
+        "test-time training steps on each validation task's demonstrations (0 = none)",
+        min=0,
     )
-    ttt_lr: float = _opt(1e-3, "learning rate of test-time training (> 0)", min=0)
-    ttt_batch_size: int = _opt(8, "samples per test-time training step", min=1)
+    ttt_lr: float = _opt(TTTConfig.lr, "learning rate of test-time training (> 0)", min=0)
+    ttt_batch_size: int = _opt(TTTConfig.batch_size, "samples per test-time training step", min=1)
     ttt_augment: bool = _opt(
-        True, "test-time training under D8 × colour augmentation (off: the demonstrations as "
+        TTTConfig.augment, "test-time training under D8 × colour augmentation (off: the demonstrations as "
         "they are, which fit in far fewer steps)",
     )  # fmt: skip
     ttt_stop_after: int = _opt(
-        3, "consecutive exact test-time training batches that end it early (0 = never)", min=0
+        TTTConfig.stop_after,
+        "consecutive exact test-time training batches that end it early (0 = never)",
+        min=0,
     )
     log_every: int = _opt(10, "batches between log lines / metrics.jsonl records", min=1)
     tensorboard: bool = _opt(False, "also log to TensorBoard in --out/tb")
@@ -294,16 +299,9 @@ def loss_options(cfg: TrainConfig) -> dict[str, Any]:
 
 def ttt_config(cfg: TrainConfig) -> TTTConfig:
     """The test-time training settings of a run (the loss as in training's last epochs)."""
-    return TTTConfig(
-        steps=cfg.ttt_steps,
-        lr=cfg.ttt_lr,
-        batch_size=cfg.ttt_batch_size,
-        augment=cfg.ttt_augment,
-        stop_after=cfg.ttt_stop_after,
-        tau=cfg.tau_end,
-        easy_weight=cfg.easy_weight,
-        seed=cfg.seed,
-    )
+    prefixed = {f.name: getattr(cfg, "ttt_" + f.name) for f in dataclasses.fields(TTTConfig)
+                if hasattr(cfg, "ttt_" + f.name)}  # fmt: skip
+    return TTTConfig(**prefixed, tau=cfg.tau_end, easy_weight=cfg.easy_weight, seed=cfg.seed)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -324,3 +324,23 @@ def test_ttt_stops_after_consecutive_exact_batches(models, monkeypatch):
         steps.clear()
         adapt_to_task(models, task.train, TTTConfig(steps=5, augment=False, stop_after=stop_after))
         assert len(steps) == want
+
+
+def test_a_runs_ttt_settings_carry_every_ttt_field_and_the_late_loss():
+    from qwenrl.train.config import TrainConfig, ttt_config
+
+    cfg = TrainConfig(ttt_steps=7, ttt_lr=0.02, ttt_batch_size=3, ttt_augment=False,
+                      ttt_stop_after=5, tau_end=0.45, easy_weight=0.25, seed=9)  # fmt: skip
+    got = ttt_config(cfg)
+    assert (got.steps, got.lr, got.batch_size, got.augment, got.stop_after) == (
+        7,
+        0.02,
+        3,
+        False,
+        5,
+    )
+    assert (got.tau, got.easy_weight, got.seed) == (0.45, 0.25, 9)
+    # the run's defaults are test-time training's own
+    default = ttt_config(TrainConfig())
+    for name in ("steps", "lr", "batch_size", "augment", "stop_after"):
+        assert getattr(default, name) == getattr(TTTConfig(), name), name
