@@ -26,17 +26,14 @@ summary and one row per task are written atomically to ``--out``, by default
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from qwenrl.eval.run import OVERRIDABLE, add_run_arguments, load_run_from_args
+from qwenrl.eval.run import OVERRIDABLE, TTT_OPTIONS, add_run_arguments, load_run_from_args
 from qwenrl.eval.tasks import evaluate_tasks
-from qwenrl.train.checkpoint import write_json_atomic
 from qwenrl.train.config import ttt_config
 
 __all__ = ["build_parser", "main"]
@@ -76,23 +73,12 @@ def main(argv: list[str] | None = None) -> int:
         progress=not args.quiet,
     )
     summary = {
-        "checkpoint": str(checkpoint),
-        "step": run.step,
-        "device": cfg.device,
-        "vote_transforms": cfg.vote_transforms,
-        "ttt_steps": cfg.ttt_steps,
-        "ttt_lr": cfg.ttt_lr,
-        "ttt_batch_size": cfg.ttt_batch_size,
-        "ttt_augment": cfg.ttt_augment,
-        "ttt_stop_after": cfg.ttt_stop_after,
+        **run.header("device", "vote_transforms", *TTT_OPTIONS),
         **totals.summary(),
         "wall_s": round(time.perf_counter() - start, 2),
     }
     name = f"{checkpoint.name}-v{cfg.vote_transforms}-ttt{cfg.ttt_steps}-n{len(tasks)}.json"
-    out = Path(args.out) if args.out else checkpoint.parent / "eval" / name
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out, {**summary, "per_task": totals.rows})
-    print(json.dumps(summary))
+    run.write_report(args.out, name, summary, totals.rows)
     return 0
 
 

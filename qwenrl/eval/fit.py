@@ -20,23 +20,20 @@ line.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from qwenrl.data import ArcTask
-from qwenrl.eval.run import OVERRIDABLE, add_run_arguments, load_run_from_args
+from qwenrl.eval.run import OVERRIDABLE, TTT_OPTIONS, add_run_arguments, load_run_from_args
 from qwenrl.eval.ttt import TTTConfig, adapt_to_task
 from qwenrl.eval.voting import predict
 from qwenrl.models import QwenRLModels
-from qwenrl.train.checkpoint import write_json_atomic
 from qwenrl.train.config import ttt_config
 
 __all__ = ["TaskFit", "fit_task", "main"]
@@ -105,13 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     bar.close()
     counted = [r for r in rows if r.pairs]
     summary = {
-        "checkpoint": str(checkpoint),
-        "step": run.step,
-        "ttt_steps": cfg.ttt_steps,
-        "ttt_lr": cfg.ttt_lr,
-        "ttt_batch_size": cfg.ttt_batch_size,
-        "ttt_augment": cfg.ttt_augment,
-        "ttt_stop_after": cfg.ttt_stop_after,
+        **run.header(*TTT_OPTIONS),
         "tasks": len(counted),
         "fitted": sum(r.fits(args.fit_share) for r in counted),
         "fit_rate": round(sum(r.fits(args.fit_share) for r in counted) / max(len(counted), 1), 4),
@@ -122,10 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     aug = "" if cfg.ttt_augment else "-noaug"
     name = f"fit-{checkpoint.name}-ttt{cfg.ttt_steps}-lr{cfg.ttt_lr:g}{aug}-n{len(tasks)}.json"
-    out = Path(args.out) if args.out else checkpoint.parent / "eval" / name
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out, {**summary, "per_task": [r.__dict__ for r in rows]})
-    print(json.dumps(summary))
+    run.write_report(args.out, name, summary, [r.__dict__ for r in rows])
     return 0
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any
 
 from qwenrl.data import load_tasks
 from qwenrl.models import QwenRLModels
-from qwenrl.train.checkpoint import Checkpointer, find_checkpoint
+from qwenrl.train.checkpoint import Checkpointer, find_checkpoint, write_json_atomic
 from qwenrl.train.config import (
     ConfigError,
     TrainConfig,
@@ -41,6 +42,7 @@ OVERRIDABLE = (
     "ttt_stop_after",
     "device",
 )
+TTT_OPTIONS = tuple(name for name in OVERRIDABLE if name.startswith("ttt_"))
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, overridable: Sequence[str]) -> None:
@@ -75,6 +77,23 @@ class RunArgs:
     checkpoint: Path
     step: int
     tasks: list
+
+    def header(self, *options: str) -> dict[str, Any]:
+        """A report's first fields: the checkpoint, its step and the named run options."""
+        return {
+            "checkpoint": str(self.checkpoint),
+            "step": self.step,
+            **{name: getattr(self.cfg, name) for name in options},
+        }
+
+    def write_report(self, out: str | None, name: str, summary: dict, per_task: list) -> Path:
+        """Writes ``summary`` and its ``per_task`` rows atomically to ``out`` (default:
+        ``<run dir>/eval/<name>``) and prints the summary as one JSON line."""
+        path = Path(out) if out else self.checkpoint.parent / "eval" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, {**summary, "per_task": per_task})
+        print(json.dumps(summary))
+        return path
 
 
 def load_run_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> RunArgs | int:

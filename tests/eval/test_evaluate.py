@@ -344,6 +344,9 @@ def test_the_result_file_and_line_name_what_was_run(saved_run, capsys, tmp_path)
     saved = json.loads(out.read_text())
     assert summary["checkpoint"] == str(find_checkpoint(run)) == saved["checkpoint"]
     assert (summary["device"], summary["ttt_steps"], summary["ttt_lr"]) == ("cpu", 1, 0.003)
+    settings = ("vote_transforms", "ttt_batch_size", "ttt_augment", "ttt_stop_after")
+    assert [summary[k] for k in settings] == [1, 8, True, 3]  # the run's own values
+    assert summary["step"] == saved["step"] > 0
     assert 0 < summary["wall_s"] <= elapsed and summary["wall_s"] == round(summary["wall_s"], 2)
     assert [set(r) for r in saved["per_task"]] == [{"task_id", "solved"}] * 2
     assert [r["task_id"] for r in saved["per_task"]] == ["eval000", "eval001"]
