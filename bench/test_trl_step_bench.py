@@ -9,10 +9,13 @@ Qwen3 built from its config (width 512, vocabulary 32,000, float32, CPU), traine
 of 480 to 511 tokens, 4 a micro-batch, 2 micro-batches a step (about 4,000 tokens a step): a
 small body, so that the head's share of the step is the one of a small LLM's fine-tuning.
 
-Both rows are cross-entropy (``use_qwenrl``'s default options) and log the same losses (the
+Every row is cross-entropy (``use_qwenrl``'s default options) and logs the same losses (the
 integration tests check that). Inside TRL the head runs with ``reduction='none'`` (TRL's losses
-need a differentiable log-prob per token), so its backward always runs the chunks again: the
-``weight_grad_in_place`` choice of ``linear_efe_loss`` does not arise in a TRL step.
+need a differentiable log-prob per token), so its backward always runs the chunks again, in
+either weight-gradient mode; the modes differ only in where the weight gradient goes when
+``.grad`` exists (the second micro-batch of each step): added into it in place
+(``use_qwenrl``, the default) or built as a new [V, D] tensor that autograd then adds
+(``use_qwenrl_forward_grad``: ``use_qwenrl(trainer, weight_grad_in_place=False)``).
 
 Time: ``trainer.train()`` over 3 optimiser steps, pytest-benchmark's median of 2 rounds after a
 warm-up round (each round starts from the same model: ``train()`` re-creates the optimiser);
@@ -32,7 +35,7 @@ import pytest
 from peak_memory import HAS_CLEAR_REFS, ROOT, in_fresh_process, measure_step
 
 CASES = {"qwen3_L2_D512_V32000_seq512": (512, 32000, 512)}  # (width, vocabulary, max length)
-METHODS = ["trl_head", "use_qwenrl"]
+METHODS = ["trl_head", "use_qwenrl", "use_qwenrl_forward_grad"]
 STEPS, BATCH, ACCUMULATE = 3, 4, 2
 
 
@@ -56,10 +59,10 @@ def sft_trainer(case: str, method: str, out: str):
     trainer = SFTTrainer(
         model, args=config, train_dataset=data, processing_class=word_tokenizer(vocab)
     )
-    if method == "use_qwenrl":
+    if method.startswith("use_qwenrl"):
         from qwenrl.integrations.trl import use_qwenrl
 
-        use_qwenrl(trainer)
+        use_qwenrl(trainer, weight_grad_in_place=not method.endswith("_forward_grad"))
 
     class StepTimes(TrainerCallback):
         def __init__(self) -> None:

@@ -230,6 +230,26 @@ def test_use_qwenrl_twice_replaces_the_options(tmp_path):
     assert trainer._qwenrl_options["easy_weight"] == 0.5
 
 
+def test_weight_grad_in_place_reaches_the_loss_and_both_modes_train_alike(tmp_path, monkeypatch):
+    runs, seen, real = {}, [], qwenrl.linear_efe_loss
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("weight_grad_in_place"))
+        return real(*args, **kwargs)
+
+    for in_place in (True, False):
+        trainer = use_qwenrl(sft_trainer(tmp_path, steps=2), weight_grad_in_place=in_place)
+        seen.clear()
+
+        with monkeypatch.context() as m:
+            m.setattr(qtrl.head, "linear_efe_loss", spy)
+            trainer.train()
+        assert seen == [in_place] * 4  # 2 steps × 2 micro-batches
+        runs[in_place] = dict(trainer.model.named_parameters())
+    for name, p in runs[True].items():
+        torch.testing.assert_close(p, runs[False][name], atol=1e-5, rtol=0, msg=name)
+
+
 # --- GRPO ---------------------------------------------------------------------------------
 
 
@@ -424,6 +444,8 @@ def test_options_are_checked_when_use_qwenrl_is_called(tmp_path):
         use_qwenrl(model, chunk_size=0)
     with pytest.raises(ValueError, match="backend"):
         use_qwenrl(model, backend="cuda")
+    with pytest.raises(TypeError, match="weight_grad_in_place must be a bool"):
+        use_qwenrl(model, weight_grad_in_place="no")
     with pytest.raises(TypeError, match="not a supported TRL trainer"):
         use_qwenrl(object())
 

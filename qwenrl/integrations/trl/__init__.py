@@ -207,8 +207,8 @@ def use_qwenrl(trainer_or_model: Any, **options: Any) -> Any:
             :class:`~qwenrl.loss.EFEOptions`' caller fields but ``ignore_index``,
             ``reduction`` and ``log_target``; default: cross-entropy, ``tau=0,
             easy_weight=1``, which reproduces TRL's numbers), and ``chunk_size``,
-            ``backend``. Anything else is a ``TypeError``. Calling again
-            replaces the options.
+            ``backend``, ``weight_grad_in_place`` (how :func:`qwenrl.linear_efe_loss` runs).
+            Anything else is a ``TypeError``. Calling again replaces the options.
 
     Returns:
         ``trainer_or_model``.

@@ -23,7 +23,7 @@ LOSS_DEFAULTS = {
     if name not in _SET_BY_TRL
 }
 # Every option use_qwenrl accepts: the loss's, and how linear_efe_loss runs.
-OPTIONS = (*LOSS_DEFAULTS, "chunk_size", "backend")
+OPTIONS = (*LOSS_DEFAULTS, "chunk_size", "backend", "weight_grad_in_place")
 # The FusedCausalLMOutput fields qwenrl's pass computes (log_probs always).
 FIELDS = ("log_probs", "entropy", "is_top1")
 # What use_qwenrl reads off TRL's _fused_forward (the variables of its closure).
@@ -68,6 +68,11 @@ def check_options(options: dict[str, Any]) -> dict[str, Any]:
     if merged.get("backend", "auto") not in BACKENDS:
         raise ValueError(
             f"use_qwenrl: backend must be one of {BACKENDS}, got {merged['backend']!r}"
+        )
+    if not isinstance(merged.get("weight_grad_in_place", True), bool):
+        raise TypeError(
+            "use_qwenrl: weight_grad_in_place must be a bool, got "
+            f"{merged['weight_grad_in_place']!r}"
         )
     return merged
 
