@@ -297,6 +297,16 @@ def test_grpo_style_loss_with_row_weight_matches_trls_formula():
     assert_grads_close(grads(model), theirs)
 
 
+# The trainers that generate completions (GRPO, on-policy distillation): 3 short steps.
+GENERATING = {
+    "per_device_train_batch_size": 4,
+    "gradient_accumulation_steps": 2,
+    "max_completion_length": 6,
+    "max_steps": 3,
+    "learning_rate": 1e-2,
+}
+
+
 def prompts(n: int = 16) -> Dataset:
     return Dataset.from_list(
         [{"prompt": " ".join(f"t{(3 * i + j) % 60}" for j in range(4))} for i in range(n)]
@@ -315,13 +325,8 @@ def grpo_trainer(tmp_path, **args: Any) -> GRPOTrainer:
     model.config._name_or_path = str(path)
     config = GRPOConfig(
         output_dir=str(tmp_path / "grpo"),
-        per_device_train_batch_size=4,
         num_generations=4,
-        gradient_accumulation_steps=2,
-        max_completion_length=6,
-        max_steps=3,
-        learning_rate=1e-2,
-        **{"beta": 0.04, **RUN, **args},
+        **{"beta": 0.04, **RUN, **GENERATING, **args},
     )
     return GRPOTrainer(
         model=model,
@@ -359,12 +364,7 @@ def test_grpo_refuses_what_it_cannot_compute(tmp_path):
 def distillation_trainer(tmp_path, **args: Any) -> DistillationTrainer:
     config = DistillationConfig(
         output_dir=str(tmp_path / "distil"),
-        per_device_train_batch_size=4,
-        gradient_accumulation_steps=2,
-        max_completion_length=6,
-        max_steps=3,
-        learning_rate=1e-2,
-        **{"beta": 0.0, "temperature": 0.7, **RUN, **args},
+        **{"beta": 0.0, "temperature": 0.7, **RUN, **GENERATING, **args},
     )
     return DistillationTrainer(
         model=tiny_model(vocab=64),
