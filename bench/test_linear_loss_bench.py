@@ -11,10 +11,10 @@ cross entropy; they are collected everywhere and skipped without CUDA (or withou
 
 Both are measured with the gradients of a previous step still allocated (zeroed in place, as
 ``zero_grad(set_to_none=False)`` or gradient accumulation leave them), so each method's new
-weight gradient is added into an existing ``.grad``. ``linear_efe_loss`` then adds it in place
-during the backward (its default); ``linear_efe_loss_fresh_grad`` is the same call with
-``weight_grad_in_place=False``, which computes every gradient in the forward into new buffers
-(what it does anyway when ``.grad`` is None).
+weight gradient is added into an existing ``.grad``. ``linear_efe_loss`` (its default) computes
+every gradient in the forward into new buffers, which autograd adds; ``linear_efe_loss_in_place``
+is the same call with ``weight_grad_in_place=True``, which adds the weight gradient into
+``.grad`` during the backward (running the chunks again: one more matrix product per chunk).
 
 Time: pytest-benchmark's median over a few rounds (each is seconds on a CPU). Extra peak
 memory: each (case, method) runs again in a fresh process (so cases cannot pollute each
@@ -41,11 +41,11 @@ CPU_METHODS = [
     "torch_chunked",
     "linear_then_efe_loss",
     "linear_efe_loss",
-    "linear_efe_loss_fresh_grad",
+    "linear_efe_loss_in_place",
 ]
-QUICK_SKIPS = ("torch_reference", "linear_efe_loss_fresh_grad")  # run with --bench-full
+QUICK_SKIPS = ("torch_reference", "linear_efe_loss_in_place")  # run with --bench-full
 GPU_CASES = {"bf16_h8192x4096xV151936": (8192, 4096, 151936)}
-GPU_METHODS = ["liger_flce", "torch_chunked", "linear_efe_loss", "linear_efe_loss_fresh_grad"]
+GPU_METHODS = ["liger_flce", "torch_chunked", "linear_efe_loss", "linear_efe_loss_in_place"]
 
 
 def loss_fn(method: str):
@@ -59,8 +59,8 @@ def loss_fn(method: str):
         return lambda h, w, t: qwenrl.efe_loss(F.linear(h, w), t, **CE)
     if method == "linear_efe_loss":
         return lambda h, w, t: qwenrl.linear_efe_loss(h, w, t, **CE)
-    if method == "linear_efe_loss_fresh_grad":  # gradients in the forward, a new [V, D] buffer
-        return lambda h, w, t: qwenrl.linear_efe_loss(h, w, t, weight_grad_in_place=False, **CE)
+    if method == "linear_efe_loss_in_place":  # the weight gradient into .grad in the backward
+        return lambda h, w, t: qwenrl.linear_efe_loss(h, w, t, weight_grad_in_place=True, **CE)
     if method == "liger_flce":
         return liger_flce()
     raise ValueError(method)

@@ -13,11 +13,13 @@ weight.T`` (and its gradients w.r.t. both) plus, where its name says so, per-tok
 * ``trl_head_log_probs_entropy_top1``: the same asked for ``entropy`` and ``is_top1`` too
   (``SFTTrainer``'s fields; the loss still from ``log_probs``);
 * ``linear_efe_loss_per_token``: ``qwenrl.linear_efe_loss(..., return_per_token=True)`` in its
-  default mode (``.grad`` exists, so the forward computes the loss alone and the backward runs
-  the chunks again, adding the weight gradient into ``.grad``), cross-entropy options — loss
-  plus logprob, entropy and correctness per token in one pass;
-* ``linear_efe_loss_per_token_forward_grad``: the same with ``weight_grad_in_place=False``
-  (the gradients computed in the forward, one transient [V, D] float32 weight gradient);
+  default mode (for a ``'mean'`` loss every gradient is computed in the forward: three matrix
+  products per chunk, and one transient [V, D] float32 weight gradient that autograd adds into
+  ``.grad``), cross-entropy options — loss plus logprob, entropy and correctness per token in
+  one pass;
+* ``linear_efe_loss_per_token_in_place``: the same with ``weight_grad_in_place=True`` (the
+  forward computes the loss alone and the backward runs the chunks again, adding the weight
+  gradient straight into ``.grad``: four matrix products per chunk, no [V, D] buffer);
 * ``use_qwenrl_head``: what ``use_qwenrl`` runs per micro-batch
   (:func:`qwenrl.integrations.trl.token_losses`: ``reduction='none'``, so that ``log_probs``
   is differentiable for TRL's own losses; its backward runs the chunks again, as TRL's does);
@@ -67,7 +69,7 @@ CPU_METHODS = [
     "trl_head_log_probs",
     "trl_head_log_probs_entropy_top1",
     "linear_efe_loss_per_token",
-    "linear_efe_loss_per_token_forward_grad",
+    "linear_efe_loss_per_token_in_place",
     "use_qwenrl_head",
     "torch_chunked",
     "gemm_floor",
@@ -98,8 +100,8 @@ def loss_fn(method: str):
 
         return trl_head
     if method.startswith("linear_efe_loss_per_token"):
-        # The default weight-gradient mode (in place, as .grad exists), or the forward path.
-        in_place = not method.endswith("_forward_grad")
+        # The default weight-gradient mode (the forward path), or in place (True).
+        in_place = True if method.endswith("_in_place") else None
         return lambda h, w, t: qwenrl.linear_efe_loss(
             h, w, t, return_per_token=True, weight_grad_in_place=in_place, **CE
         )[0]

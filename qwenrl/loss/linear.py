@@ -79,6 +79,18 @@ def _check_linear(hidden, weight, bias) -> None:
             raise ValueError(f"bias is on {bias.device} but hidden is on {hidden.device}")
 
 
+def _in_place(weight_grad_in_place: bool | None, options: EFEOptions | None) -> bool:
+    """``weight_grad_in_place`` resolved for a call with ``options`` (``None``: in place where
+    the backward runs the chunks again anyway, i.e. for ``'none'``)."""
+    if weight_grad_in_place is not None and not isinstance(weight_grad_in_place, bool):
+        raise TypeError(
+            f"weight_grad_in_place must be True, False or None, got {weight_grad_in_place!r}"
+        )
+    if weight_grad_in_place is None:
+        return options is not None and options.reduction == "none"
+    return weight_grad_in_place
+
+
 def linear_efe_loss(
     hidden: Tensor,
     weight: Tensor,
@@ -104,7 +116,7 @@ def linear_efe_loss(
     return_stats: bool = False,
     return_per_token: bool = False,
     validate: bool | None = None,
-    weight_grad_in_place: bool = True,
+    weight_grad_in_place: bool | None = None,
 ) -> Tensor | tuple:
     """:func:`qwenrl.efe_loss` of ``hidden @ weight.T + bias``, one chunk of rows at a time.
 
@@ -130,10 +142,14 @@ def linear_efe_loss(
             stats and per-token outputs are those of the tempered distributions, unscaled).
             The teacher gets no gradient.
         weight_grad_in_place: when ``weight.grad`` already exists (float32; see
-            :func:`~qwenrl.loss.grad_engine.writable_grad`), add the weight gradient straight into it during the
-            backward, which then runs the chunks again (one more matmul per chunk), instead of
-            building a fresh [V, D] float32 gradient for autograd to add: the loss then needs
-            no memory of the weight's size. Eager mode only; under ``torch.compile`` the
+            :func:`~qwenrl.loss.grad_engine.writable_grad`), whether to add the weight gradient
+            straight into it during the backward instead of building a fresh [V, D] float32
+            gradient for autograd to add. ``True``: always, so the loss needs no memory of the
+            weight's size; for ``'mean'``/``'sum'`` the backward then runs the chunks again
+            (one more matmul per chunk). ``False``: never. ``None`` (the default): where it
+            costs no matmul, i.e. for ``'none'``, whose backward runs the chunks again anyway;
+            ``'mean'``/``'sum'`` compute the gradients in the forward, the fastest path
+            (docs/loss.md has the numbers). Eager mode only; under ``torch.compile`` the
             gradient is always a fresh tensor.
 
     Returns:
@@ -187,6 +203,7 @@ def linear_efe_loss(
     )
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    in_place = _in_place(weight_grad_in_place, options)
     h = hidden.reshape(-1, d)
     if target is None:
         tgt = None
@@ -216,7 +233,7 @@ def linear_efe_loss(
         settings = ChunkSettings(forward_fn, options, chunk)
         if any(needs):
             loss, sums, per_token = LinearEFEFunction.apply(
-                h, weight, bias, tgt, mask, settings, bool(weight_grad_in_place), *extra
+                h, weight, bias, tgt, mask, settings, in_place, *extra
             )
         else:  # no_grad / inference_mode / frozen inputs: the loss alone, no gradient buffers
             per_token = chunks.per_token_buffer(h.shape[0], h, options)
@@ -250,14 +267,15 @@ class LinearEFELoss(OptionsModule):
         chunk_size: int | None = None,
         backend: str = "auto",
         validate: bool | None = None,
-        weight_grad_in_place: bool = True,
+        weight_grad_in_place: bool | None = None,
     ) -> None:
         super().__init__()
         self._set_options(backend=backend, validate=validate, **caller_options(locals()))
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
         self.chunk_size = chunk_size
-        self.weight_grad_in_place = bool(weight_grad_in_place)
+        _in_place(weight_grad_in_place, None)  # checked now, not at the first call
+        self.weight_grad_in_place = weight_grad_in_place
 
     def forward(
         self,

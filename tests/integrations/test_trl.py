@@ -444,7 +444,7 @@ def test_options_are_checked_when_use_qwenrl_is_called(tmp_path):
         use_qwenrl(model, chunk_size=0)
     with pytest.raises(ValueError, match="backend"):
         use_qwenrl(model, backend="cuda")
-    with pytest.raises(TypeError, match="weight_grad_in_place must be a bool"):
+    with pytest.raises(TypeError, match="weight_grad_in_place must be True, False or None"):
         use_qwenrl(model, weight_grad_in_place="no")
     with pytest.raises(TypeError, match="not a supported TRL trainer"):
         use_qwenrl(object())

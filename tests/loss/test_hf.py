@@ -129,10 +129,12 @@ def test_patched_forward_loss_equals_the_models_own():
     assert model(input_ids=ids).logits.shape == (BATCH, SEQ, 500)
 
 
-def test_gradient_accumulation_with_tied_embeddings(monkeypatch):
+@pytest.mark.parametrize("in_place", [True, None, False])
+def test_gradient_accumulation_with_tied_embeddings(monkeypatch, in_place):
     """Micro-batches accumulated into .grad, with the head tied to the input embedding: after
-    the first, the head's gradient is added in place during the backward, and the embedding's
-    own gradient is added to the same .grad by autograd. Equal to the model's own loss."""
+    the first, the head's gradient is added in place during the backward (True) or built in
+    the forward (the default for the mean loss, and False), and the embedding's own gradient
+    is added to the same .grad by autograd. Equal to the model's own loss in every mode."""
     from qwenrl.loss import grad_engine
     from qwenrl.loss.hf import apply_linear_efe
 
@@ -140,7 +142,7 @@ def test_gradient_accumulation_with_tied_embeddings(monkeypatch):
         model = tiny_qwen3(vocab=400, tie=True)
         assert model.lm_head.weight is model.model.embed_tokens.weight
         if patch:
-            apply_linear_efe(model, **CE)
+            apply_linear_efe(model, weight_grad_in_place=in_place, **CE)
         for ids, labels in batches(3, vocab=400):
             model(input_ids=ids, labels=labels).loss.backward()
         return {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -149,7 +151,7 @@ def test_gradient_accumulation_with_tied_embeddings(monkeypatch):
     real = grad_engine.writable_grad
     monkeypatch.setattr(grad_engine, "writable_grad", lambda w: calls.append(real(w)) or real(w))
     ours = accumulated(True)
-    assert any(g is not None for g in calls)  # the in-place path ran
+    assert any(g is not None for g in calls) == (in_place is True)  # the in-place path ran
     own = accumulated(False)
     for name, g in own.items():
         torch.testing.assert_close(ours[name], g, rtol=1e-4, atol=1e-6)

@@ -17,6 +17,7 @@ from loss_inputs import (
     run_linear_reference,
     seed_of,
     skip_under_mutmut,
+    weight_grad_into_recorded,
 )
 
 import qwenrl
@@ -337,7 +338,9 @@ def test_weight_grad_added_into_existing_grad(monkeypatch, backend, reduction, o
     hh, ww, bb = h.clone().requires_grad_(), _with_grad(w, prev_w), _with_grad(b, prev_b)
     grad_tensor = ww.grad
     modes = _record_modes(monkeypatch)
-    loss = qwenrl.linear_efe_loss(hh, ww, t, bias=bb, chunk_size=7, backend=backend, **opts)
+    loss = qwenrl.linear_efe_loss(
+        hh, ww, t, bias=bb, chunk_size=7, backend=backend, weight_grad_in_place=True, **opts
+    )
     up = torch.randn(loss.shape, generator=g) if reduction == "none" else torch.tensor(0.37)
     loss.backward(up)
     # forward: the loss only; backward: every gradient, the weight's into its .grad
@@ -380,6 +383,38 @@ def test_in_place_step_allocates_nothing_of_the_weight_size(reduction):
     assert step(False) >= weight_bytes
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_the_default_adds_in_place_only_where_the_backward_reruns_anyway(reduction):
+    """weight_grad_in_place=None with .grad present: 'none' (whose backward runs the chunks
+    again in any case) adds into .grad; 'mean'/'sum' compute every gradient in the forward
+    (three matmuls per chunk, not four: the backward runs no chunk). Both equal the explicit
+    modes' gradients."""
+    n, d, v = 24, 8, 40
+    h, w, _, t = make_linear_inputs(n, d, v, "class", seed_of("default", reduction), bias=False)
+    grads, reruns = {}, {}
+    for mode in (None, True, False):
+        hh, ww = h.clone().requires_grad_(), _with_grad(w, torch.ones_like(w))
+        grad_tensor = ww.grad
+        with weight_grad_into_recorded() as into:
+            loss = qwenrl.linear_efe_loss(
+                hh, ww, t, chunk_size=8, reduction=reduction, weight_grad_in_place=mode
+            )
+            loss.backward(torch.ones_like(loss))
+        reruns[mode] = list(into)
+        grads[mode] = (hh.grad, ww.grad - 1.0)
+        if mode is None and reduction == "none":
+            assert ww.grad is grad_tensor  # added into the very tensor
+    if reduction == "none":
+        assert reruns[None] == reruns[True] == [True] and reruns[False] == [False]
+    else:
+        assert reruns[None] == reruns[False] == [] and reruns[True] == [True]
+    for mode in (True, False):
+        for ours, theirs in zip(grads[None], grads[mode]):
+            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    with pytest.raises(TypeError, match="weight_grad_in_place must be True, False or None"):
+        qwenrl.linear_efe_loss(h, w, t, weight_grad_in_place="yes")
+
+
 def test_in_place_only_where_the_engine_accumulates(monkeypatch):
     """autograd.grad returns the gradient and leaves .grad alone; backward(inputs=[hidden])
     leaves the weight's .grad alone; a tensor hook on the weight sees the true gradient."""
@@ -389,26 +424,28 @@ def test_in_place_only_where_the_engine_accumulates(monkeypatch):
     modes = _record_modes(monkeypatch)
 
     hh, ww = h.clone().requires_grad_(), _with_grad(w, prev)
-    gh, gw = torch.autograd.grad(qwenrl.linear_efe_loss(hh, ww, t, chunk_size=8), [hh, ww])
+    gh, gw = torch.autograd.grad(
+        qwenrl.linear_efe_loss(hh, ww, t, chunk_size=8, weight_grad_in_place=True), [hh, ww]
+    )
     assert torch.equal(ww.grad, prev) and hh.grad is None
     torch.testing.assert_close(gw.double(), gw64, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(gh.double(), gh64, rtol=1e-4, atol=1e-5)
     assert modes[-1] == ((True, True, False), False)
 
-    qwenrl.linear_efe_loss(hh, ww, t, chunk_size=8).backward(inputs=[hh])
+    qwenrl.linear_efe_loss(hh, ww, t, chunk_size=8, weight_grad_in_place=True).backward(inputs=[hh])
     assert torch.equal(ww.grad, prev)
     torch.testing.assert_close(hh.grad.double(), gh64, rtol=1e-4, atol=1e-5)
 
     finished = []  # post-accumulate hooks (what optimizers-in-backward use) see the sum
     ww.register_post_accumulate_grad_hook(lambda p: finished.append(p.grad.clone()))
-    qwenrl.linear_efe_loss(hh, ww, t, chunk_size=8).backward()
+    qwenrl.linear_efe_loss(hh, ww, t, chunk_size=8, weight_grad_in_place=True).backward()
     assert modes[-1][1] is True
     torch.testing.assert_close(finished[0].double(), prev.double() + gw64, rtol=1e-4, atol=1e-5)
     ww.grad = prev.clone()
 
     seen = []
     ww.register_hook(lambda g: seen.append(g.clone()))
-    qwenrl.linear_efe_loss(hh, ww, t, chunk_size=8).backward()
+    qwenrl.linear_efe_loss(hh, ww, t, chunk_size=8, weight_grad_in_place=True).backward()
     torch.testing.assert_close(seen[0].double(), gw64, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(ww.grad.double(), prev.double() + gw64, rtol=1e-4, atol=1e-5)
     assert modes[-1][1] is False  # hooked: a fresh gradient for autograd to hand the hook
@@ -421,7 +458,9 @@ def test_gradient_accumulation_over_micro_batches(monkeypatch):
     modes = _record_modes(monkeypatch)
     ww, bb = w.clone().requires_grad_(), b.clone().requires_grad_()
     for part in (slice(0, 13), slice(13, 27), slice(27, 40)):
-        qwenrl.linear_efe_loss(h[part], ww, t[part], bias=bb, chunk_size=6).backward()
+        qwenrl.linear_efe_loss(
+            h[part], ww, t[part], bias=bb, chunk_size=6, weight_grad_in_place=True
+        ).backward()
     assert [m[1] for m in modes] == [False, False, True, False, True]
     truth_w, truth_b = torch.zeros(w.shape, dtype=torch.float64), 0.0
     for part in (slice(0, 13), slice(13, 27), slice(27, 40)):
@@ -444,7 +483,9 @@ def test_in_place_under_activation_checkpointing(use_reentrant):
         ww, pp = _with_grad(w, torch.ones_like(w)), _with_grad(proj, torch.zeros_like(proj))
 
         def f(x, weight, p):
-            return qwenrl.linear_efe_loss(torch.tanh(x @ p), weight, t, chunk_size=7)
+            return qwenrl.linear_efe_loss(
+                torch.tanh(x @ p), weight, t, chunk_size=7, weight_grad_in_place=True
+            )
 
         loss = checkpoint(f, h, ww, pp, use_reentrant=use_reentrant) if wrap else f(h, ww, pp)
         (2 * loss).backward()
@@ -608,7 +649,7 @@ class _Head(torch.nn.Module):
     def forward(self, x, target):
         return qwenrl.linear_efe_loss(
             torch.tanh(self.proj(x)), self.head.weight, target, bias=self.head.bias,
-            chunk_size=5, entropy_weight=0.2,
+            chunk_size=5, entropy_weight=0.2, weight_grad_in_place=True,
         )  # fmt: skip
 
 
@@ -922,10 +963,13 @@ def test_int32_targets_equal_int64():
 
 def test_module_defaults_are_the_options_defaults():
     """LinearEFELoss() holds EFEOptions' defaults (what linear_efe_loss defaults to), the
-    in-place weight gradient on and the chunk rule; one row per chunk is allowed."""
+    weight-gradient rule (None: in place where it is free) and the chunk rule; one row per
+    chunk is allowed."""
     crit = qwenrl.LinearEFELoss()
     assert crit.efe_options == EFEOptions(soft=True)
-    assert crit.weight_grad_in_place is True and crit.chunk_size is None
+    assert crit.weight_grad_in_place is None and crit.chunk_size is None
+    with pytest.raises(TypeError, match="weight_grad_in_place must be True, False or None"):
+        qwenrl.LinearEFELoss(weight_grad_in_place=1)
     assert (crit.backend, crit.validate) == ("auto", None)
     assert qwenrl.LinearEFELoss(chunk_size=1).chunk_size == 1
     with pytest.raises(ValueError, match="chunk_size must be a positive int or None, got 0"):

@@ -69,10 +69,10 @@ def check_options(options: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(
             f"use_qwenrl: backend must be one of {BACKENDS}, got {merged['backend']!r}"
         )
-    if not isinstance(merged.get("weight_grad_in_place", True), bool):
+    in_place = merged.get("weight_grad_in_place")
+    if in_place is not None and not isinstance(in_place, bool):
         raise TypeError(
-            "use_qwenrl: weight_grad_in_place must be a bool, got "
-            f"{merged['weight_grad_in_place']!r}"
+            f"use_qwenrl: weight_grad_in_place must be True, False or None, got {in_place!r}"
         )
     return merged
 
