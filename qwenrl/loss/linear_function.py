@@ -28,7 +28,8 @@ class LinearEFEFunction(torch.autograd.Function):
     """Eager autograd for :func:`linear_efe_loss`, in one of two modes.
 
     * **Gradients in the forward** (while ``weight.grad`` is None, as after the default
-      ``zero_grad()``, or with ``weight_grad_in_place=False``): the forward computes the
+      ``zero_grad()``, or with ``weight_grad_in_place`` false — as :func:`linear_efe_loss`
+      resolves its default for ``'mean'``/``'sum'``): the forward computes the
       gradients (:func:`~qwenrl.loss.chunks.chunked_loss_and_grads`), the backward scales them
       in place. The buffers are handed to autograd as the result, so they can be consumed
       once: a second backward through the same loss raises instead of returning them scaled
