@@ -685,6 +685,8 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str, as_view: bo
             model(x[rows], t[rows]).backward()
         grads = {n: p.grad for n, p in model.module.named_parameters()}
         torch.save((grads, into), f"{out_dir}/grads{rank}.pt")
+        del model
+        dist.barrier()  # as the trainer's shutdown: no rank tears gloo down while another talks
     finally:
         chunks.chunked_loss, chunks.chunked_loss_and_grads, chunks.chunked_grads = real
         dist.destroy_process_group()
