@@ -81,6 +81,19 @@ def child_step(h, w, t, fn) -> None:
     print(json.dumps(measure_step(lambda: step(fn, h, w, t), reset=lambda: zero_grads(h, w))))
 
 
+def bench_cuda(benchmark, record, group: str, case, method: str, loss_fn) -> None:
+    """A GPU row: bf16 inputs of ``case``, ``loss_fn(method)`` timed over 5 rounds and recorded
+    in ``group`` (the card's name appended) with its extra peak memory."""
+    import pytest
+
+    if method == "liger_flce":
+        pytest.importorskip("liger_kernel")
+    h, w, t = inputs(case, "cuda", torch.bfloat16)
+    run, extra = cuda_step(loss_fn(method), h, w, t)
+    benchmark.pedantic(run, rounds=5, warmup_rounds=1)
+    record(f"{group} ({torch.cuda.get_device_name()})", method, extra_peak_mb=extra)
+
+
 def cuda_step(fn, h, w, t):
     """(run, extra peak MiB): a synchronised step, and the extra GPU memory of one."""
 

@@ -30,7 +30,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from lm_head_cases import CE, child_step, cuda_step, inputs, liger_flce, step, zero_grads
+from lm_head_cases import CE, bench_cuda, child_step, inputs, liger_flce, step, zero_grads
 from peak_memory import HAS_CLEAR_REFS, in_fresh_process
 
 import qwenrl
@@ -91,14 +91,7 @@ def test_cpu_linear_loss(benchmark, record, case_name, method):
 @pytest.mark.parametrize("case_name", list(GPU_CASES))
 @pytest.mark.parametrize("method", GPU_METHODS)
 def test_gpu_linear_loss(benchmark, record, case_name, method):
-    if method == "liger_flce":
-        pytest.importorskip("liger_kernel")
-    h, w, t = inputs(GPU_CASES[case_name], "cuda", torch.bfloat16)
-    fn = loss_fn(method)
-
-    run, extra = cuda_step(fn, h, w, t)
-    benchmark.pedantic(run, rounds=5, warmup_rounds=1)
-    record(f"cuda bf16 {case_name} ({torch.cuda.get_device_name()})", method, extra_peak_mb=extra)
+    bench_cuda(benchmark, record, f"cuda bf16 {case_name}", GPU_CASES[case_name], method, loss_fn)
 
 
 if __name__ == "__main__":

@@ -49,8 +49,8 @@ import torch
 import torch.nn.functional as F
 from lm_head_cases import (
     CE,
+    bench_cuda,
     child_step,
-    cuda_step,
     gemm_floor,
     inputs,
     liger_flce,
@@ -146,15 +146,8 @@ def test_cpu_trl_head(benchmark, record, case_name, method):
 @pytest.mark.parametrize("method", GPU_METHODS)
 def test_gpu_trl_head(benchmark, record, case_name, method):
     pytest.importorskip("trl")
-    if method == "liger_flce":
-        pytest.importorskip("liger_kernel")
-    h, w, t = inputs(GPU_CASES[case_name], "cuda", torch.bfloat16)
-    fn = loss_fn(method)
-
-    run, extra = cuda_step(fn, h, w, t)
-    benchmark.pedantic(run, rounds=5, warmup_rounds=1)
-    record(f"trl head cuda bf16 {case_name} ({torch.cuda.get_device_name()})", method,
-           extra_peak_mb=extra)  # fmt: skip
+    group = f"trl head cuda bf16 {case_name}"
+    bench_cuda(benchmark, record, group, GPU_CASES[case_name], method, loss_fn)
 
 
 if __name__ == "__main__":

@@ -47,14 +47,9 @@ def sft_trainer(case: str, method: str, out: str):
     width, vocab, length = CASES[case]
     model = tiny_qwen3(vocab, width, max_position_embeddings=length, pad_token_id=0, eos_token_id=1)
     config = SFTConfig(
-        output_dir=out,
-        per_device_train_batch_size=BATCH,
-        gradient_accumulation_steps=ACCUMULATE,
-        max_steps=STEPS,
-        max_length=length,
-        learning_rate=1e-4,
-        **RUN,
-    )
+        output_dir=out, per_device_train_batch_size=BATCH, gradient_accumulation_steps=ACCUMULATE,
+        max_steps=STEPS, max_length=length, learning_rate=1e-4, **RUN,
+    )  # fmt: skip
     data = counting_sequences(STEPS * BATCH * ACCUMULATE, vocab, lengths=(length - 32, length))
     trainer = SFTTrainer(
         model, args=config, train_dataset=data, processing_class=word_tokenizer(vocab)
