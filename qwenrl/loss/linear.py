@@ -79,15 +79,18 @@ def _check_linear(hidden, weight, bias) -> None:
             raise ValueError(f"bias is on {bias.device} but hidden is on {hidden.device}")
 
 
-def _in_place(weight_grad_in_place: bool | None, options: EFEOptions | None) -> bool:
+def check_weight_grad_in_place(value: object) -> None:
+    """``TypeError`` unless ``value`` is True, False or None (``weight_grad_in_place``)."""
+    if value is not None and not isinstance(value, bool):
+        raise TypeError(f"weight_grad_in_place must be True, False or None, got {value!r}")
+
+
+def _in_place(weight_grad_in_place: bool | None, options: EFEOptions) -> bool:
     """``weight_grad_in_place`` resolved for a call with ``options`` (``None``: in place where
     the backward runs the chunks again anyway, i.e. for ``'none'``)."""
-    if weight_grad_in_place is not None and not isinstance(weight_grad_in_place, bool):
-        raise TypeError(
-            f"weight_grad_in_place must be True, False or None, got {weight_grad_in_place!r}"
-        )
+    check_weight_grad_in_place(weight_grad_in_place)
     if weight_grad_in_place is None:
-        return options is not None and options.reduction == "none"
+        return options.reduction == "none"
     return weight_grad_in_place
 
 
@@ -274,7 +277,7 @@ class LinearEFELoss(OptionsModule):
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
         self.chunk_size = chunk_size
-        _in_place(weight_grad_in_place, None)  # checked now, not at the first call
+        check_weight_grad_in_place(weight_grad_in_place)  # now, not at the first call
         self.weight_grad_in_place = weight_grad_in_place
 
     def forward(

@@ -148,9 +148,10 @@ class TrainConfig:
     ttt_lr: float = _opt(TTTConfig.lr, "learning rate of test-time training (> 0)", min=0)
     ttt_batch_size: int = _opt(TTTConfig.batch_size, "samples per test-time training step", min=1)
     ttt_augment: bool = _opt(
-        TTTConfig.augment, "test-time training under D8 × colour augmentation (off: the demonstrations as "
-        "they are, which fit in far fewer steps)",
-    )  # fmt: skip
+        TTTConfig.augment,
+        "test-time training under D8 × colour augmentation (off: the demonstrations as they "
+        "are, which fit in far fewer steps)",
+    )
     ttt_stop_after: int = _opt(
         TTTConfig.stop_after,
         "consecutive exact test-time training batches that end it early (0 = never)",

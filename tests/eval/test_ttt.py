@@ -332,13 +332,8 @@ def test_a_runs_ttt_settings_carry_every_ttt_field_and_the_late_loss():
     cfg = TrainConfig(ttt_steps=7, ttt_lr=0.02, ttt_batch_size=3, ttt_augment=False,
                       ttt_stop_after=5, tau_end=0.45, easy_weight=0.25, seed=9)  # fmt: skip
     got = ttt_config(cfg)
-    assert (got.steps, got.lr, got.batch_size, got.augment, got.stop_after) == (
-        7,
-        0.02,
-        3,
-        False,
-        5,
-    )
+    carried = (got.steps, got.lr, got.batch_size, got.augment, got.stop_after)
+    assert carried == (7, 0.02, 3, False, 5)
     assert (got.tau, got.easy_weight, got.seed) == (0.45, 0.25, 9)
     # the run's defaults are test-time training's own
     default = ttt_config(TrainConfig())

@@ -25,8 +25,6 @@ ROOT = Path(__file__).resolve().parents[2]
 _RESOLVE = r"""
 import importlib, importlib.metadata as md, json, sys
 from pathlib import Path
-
-import pytest
 import transformers.modeling_utils  # imports the `kernels` distribution (transformers >= 5.25)
 root = Path.cwd().resolve()
 ours = {"qwenrl"}

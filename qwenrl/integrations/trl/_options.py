@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from qwenrl.loss.dispatch import BACKENDS
+from qwenrl.loss.linear import check_weight_grad_in_place
 from qwenrl.loss.options import CALLER_FIELDS, EFEOptions
 
 # The options of the token loss: EFEOptions' caller fields but those the integration sets
@@ -69,11 +70,7 @@ def check_options(options: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(
             f"use_qwenrl: backend must be one of {BACKENDS}, got {merged['backend']!r}"
         )
-    in_place = merged.get("weight_grad_in_place")
-    if in_place is not None and not isinstance(in_place, bool):
-        raise TypeError(
-            f"use_qwenrl: weight_grad_in_place must be True, False or None, got {in_place!r}"
-        )
+    check_weight_grad_in_place(merged.get("weight_grad_in_place"))
     return merged
 
 
