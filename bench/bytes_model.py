@@ -70,7 +70,7 @@ class Traffic:
 def traffic(n: int, c: int, dtype: torch.dtype, *, online: bool | None = None) -> Traffic:
     """The model for [n, c] logits of ``dtype`` on the kernel ``launch_config`` picks."""
     cfg = efe.launch_config(n, c, online=online)
-    is_online = cfg.kernel is efe._efe_online_kernel
+    is_online = cfg.online
     logits = n * c * dtype.itemsize
     grad = n * c * grad_dtype(dtype).itemsize  # float32 for float16 logits
     target = n * 8  # int64 class indices

@@ -4,15 +4,15 @@
     python bench/gpu_compile.py --full   # every reachable flag combination (about 2.5 hours, estimated)
     make gpu-compile
 
-A variant is kernel × logits dtype × constexpr flags × block config × arch, each as the
-runtime launcher would produce it:
+A variant is layout (tile or online) × logits dtype × constexpr flags × block config × arch,
+each as the runtime launcher would produce it:
 
 * **Block config**: ``qwenrl.kernels.efe.launch_config`` — the function ``_launch`` calls —
   for the [N, C] shapes in ``SHAPES``: C = 12 (ARC), 8192 (``MAX_TILE_C``: the widest tile,
-  16 warps), 32000 and 151936 (LLM vocabularies, online kernel).
+  16 warps), 32000 and 151936 (LLM vocabularies, online layout).
 * **Flags**: the outputs of ``efe.kernel_flags`` over every option set ``EFEOptions`` accepts
   (416 distinct combinations of the 10 flags, row weights, z-loss and per-token outputs
-  included). All of them per kernel × dtype × config × arch would take hours here, so by
+  included). All of them per layout × dtype × config × arch would take hours here, so by
   default a *pairwise* subset is compiled: every pair of values of any two flags that some
   reachable combination has appears in at least one compiled combination, and the training
   call (class targets, ``'mean'``, gradient) is always in. ``--full`` compiles all 416.
@@ -27,7 +27,7 @@ Registers and spills are ptxas's ``-v`` report of the very compile (Triton print
 Exit status 1 on a compile error, a spill, more than 255 registers, more registers than the
 register file holds for the block, or shared memory over the arch's limit.
 
-Under ``TRITON_INTERPRET=1`` (the test suite without CUDA) the kernels and Triton's own @jit
+Under ``TRITON_INTERPRET=1`` (the test suite without CUDA) the kernel and Triton's own @jit
 helpers (e.g. the combine functions behind ``tl.max``) are interpreter objects that cannot be
 lowered, so the compile runs in a child process with ``TRITON_INTERPRET=0``.
 """
@@ -62,10 +62,10 @@ from qwenrl.loss.options import REDUCTIONS, EFEOptions
 ARCHS = (80, 90, 100)  # 100 only where the bundled ptxas supports it
 REQUIRED_ARCHS = (80, 90)
 DTYPES = ("float32", "bfloat16", "float16")
-# (N, C): the block config comes from launch_config(N, C); N matters for the tile kernel only
+# (N, C): the block config comes from launch_config(N, C); N matters for the tile layout only
 # below 128 rows, and for Triton's specialisation on N % 16.
 SHAPES = ((28800, 12), (28800, 8192), (8192, 32000), (8192, 151936))
-KERNELS = ("_efe_tile_kernel", "_efe_online_kernel")
+LAYOUTS = ("tile", "online")  # the kernel's two layouts (its constexpr ONLINE)
 MAX_REGISTERS = 255
 REGISTER_FILE = 65536  # 32-bit registers per SM (sm_80 ... sm_100): a block must fit in it
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024, 100: 227 * 1024}  # dynamic smem per block
@@ -75,13 +75,13 @@ TRAINING_FLAGS = ("WRITE_GRAD", "MEAN_BY_NVALID")
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-    """One kernel specialisation, as the launcher would compile it."""
+    """One specialisation of the kernel, as the launcher would compile it."""
 
     arch: int  # compute capability: 80, 90, 100
-    kernel: str  # a name in KERNELS
+    layout: str  # a name in LAYOUTS
     dtype: str  # logits dtype, a name in DTYPES
     flags: tuple[str, ...]  # the constexpr flags that are True, in the kernel's order
-    block_n: int | None  # None for the online kernel
+    block_n: int | None  # None for the online layout
     block_c: int
     num_warps: int
     n: int
@@ -133,32 +133,22 @@ def reachable_flags() -> list[tuple[str, ...]]:
     """
     seen: dict[tuple[str, ...], None] = {}
     bools = (False, True)
-    for (
-        soft,
-        log_target,
-        eps,
-        z_loss,
-        per_token,
-        reduction,
-        has_mask,
-        has_grad,
-        has_rw,
-    ) in itertools.product(
-        bools, bools, (0.0, 0.1), (0.0, 1e-4), bools, REDUCTIONS, bools, bools, bools
-    ):
+    option_values = {
+        "soft": bools,
+        "log_target": bools,
+        "label_smoothing": (0.0, 0.1),
+        "z_loss": (0.0, 1e-4),
+        "per_token": bools,
+        "reduction": REDUCTIONS,
+    }
+    for values in itertools.product(*option_values.values()):
         try:
-            o = EFEOptions(
-                soft=soft,
-                log_target=log_target,
-                label_smoothing=eps,
-                z_loss=z_loss,
-                per_token=per_token,
-                reduction=reduction,
-            )
+            o = EFEOptions(**dict(zip(option_values, values)))
         except ValueError:
             continue
-        flags = _flags_of(o, has_mask, has_grad, has_rw)
-        seen[tuple(k for k, v in flags.items() if v)] = None
+        for has_mask, has_grad, has_rw in itertools.product(bools, repeat=3):
+            flags = _flags_of(o, has_mask, has_grad, has_rw)
+            seen[tuple(k for k, v in flags.items() if v)] = None
     return list(seen)
 
 
@@ -198,7 +188,7 @@ def supported_archs() -> tuple[list[int], list[str]]:
 
 
 def variants(*, full: bool = False, archs: list[int] | None = None) -> list[Variant]:
-    """Every variant to compile: kernel × dtype × flags × block config × arch."""
+    """Every variant to compile: layout × dtype × flags × block config × arch."""
     combos = reachable_flags()
     if not full:
         combos = pairwise(combos, first=TRAINING_FLAGS)
@@ -210,7 +200,7 @@ def variants(*, full: bool = False, archs: list[int] | None = None) -> list[Vari
         out.append(
             Variant(
                 arch,
-                cfg.kernel.__name__,
+                "online" if cfg.online else "tile",
                 dtype,
                 flags,
                 cfg.block_n,
@@ -229,7 +219,7 @@ def variants(*, full: bool = False, archs: list[int] | None = None) -> list[Vari
 def _interpreted() -> bool:
     """True when Triton was imported under TRITON_INTERPRET=1 (nothing can be lowered here)."""
     return not (
-        isinstance(efe._efe_tile_kernel, JITFunction)
+        isinstance(efe._efe_kernel, JITFunction)
         and isinstance(triton.language.standard.cdiv, JITFunction)
     )
 
@@ -254,11 +244,7 @@ def _launch_args(v: Variant) -> tuple[tuple, dict]:
     )
     # ignore_index, tau, easy_weight, beta, eps, plogp_class, grad_scale
     scalars = (-100, 0.6, 0.5, 0.1, 0.1, -0.5, 1.0)
-    meta = (
-        {"BLOCK_C": v.block_c}
-        if v.block_n is None
-        else {"BLOCK_N": v.block_n, "BLOCK_C": v.block_c}
-    )
+    meta = {"ONLINE": v.layout == "online", "BLOCK_N": v.block_n or 1, "BLOCK_C": v.block_c}
     args = (z, target, mask, grad, loss, part, nvalid, v.n, v.c, *scalars)
     return args, {**flags, **meta, **options, "num_warps": v.num_warps}
 
@@ -280,7 +266,7 @@ def _ptxas_report(log: str) -> dict[str, int]:
     )
 
 
-def _compile(v: Variant, kernel: JITFunction, cache_dir: str, done: dict) -> Row:
+def _compile(v: Variant, cache_dir: str, done: dict) -> Row:
     """Compiles one variant through Triton's own launch path (binder → specialisation →
     ``triton.compile``), minus the GPU. ``done`` maps a compile key to its Row."""
     from triton.compiler import ASTSource, make_backend
@@ -288,6 +274,7 @@ def _compile(v: Variant, kernel: JITFunction, cache_dir: str, done: dict) -> Row
 
     target = GPUTarget("cuda", v.arch, 32)
     backend = make_backend(target)
+    kernel = efe._efe_kernel
     args, kwargs = _launch_args(v)
     # Triton-internal API (pinned triton 3.9): exactly what JITFunction.run does before compiling.
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
@@ -295,7 +282,7 @@ def _compile(v: Variant, kernel: JITFunction, cache_dir: str, done: dict) -> Row
     options, signature, constexprs, attrs = kernel._pack_args(
         backend, kwargs, bound, specialization, options
     )
-    key = repr((v.arch, v.kernel, signature, constexprs, attrs, options))
+    key = repr((v.arch, signature, constexprs, attrs, options))
     if key in done:  # e.g. C = 32000 and 151936: the same launch, the same specialisation
         return dataclasses.replace(done[key], variant=v, seconds=0.0)
     log = io.StringIO()
@@ -321,12 +308,11 @@ def _compile(v: Variant, kernel: JITFunction, cache_dir: str, done: dict) -> Row
 
 
 def _compile_here(todo: list[Variant]) -> list[Row]:
-    kernels = {name: getattr(efe, name) for name in KERNELS}
     done: dict[str, Row] = {}
     with warnings.catch_warnings(), tempfile.TemporaryDirectory(prefix="gpu-compile-") as cache:
         # Triton 3.9 warns that TRITON_DEFAULT_FP_FUSION is unset; the runtime sees the same.
         warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
-        return [_compile(v, kernels[v.kernel], cache, done) for v in todo]
+        return [_compile(v, cache, done) for v in todo]
 
 
 def compile_variants(todo: list[Variant]) -> list[Row]:
@@ -387,14 +373,14 @@ def _block(v: Variant) -> str:
 
 
 def format_rows(rows: list[Row]) -> str:
-    """One line per variant: kernel, arch, dtype, block, flags, registers, spills, smem."""
-    head = f"{'kernel':<19}{'arch':<7}{'dtype':<10}{'C':>7}  {'block':<20}{'regs':>5}{'spill':>6}{'smem':>7}  flags"
+    """One line per variant: layout, arch, dtype, block, flags, registers, spills, smem."""
+    head = f"{'layout':<19}{'arch':<7}{'dtype':<10}{'C':>7}  {'block':<20}{'regs':>5}{'spill':>6}{'smem':>7}  flags"
     lines = [head, "-" * len(head)]
     for r in rows:
         v = r.variant
         status = "  ".join(problems(r))
         lines.append(
-            f"{v.kernel.strip('_'):<19}sm_{v.arch:<4}{v.dtype:<10}{v.c:>7}  {_block(v):<20}"
+            f"{v.layout:<19}sm_{v.arch:<4}{v.dtype:<10}{v.c:>7}  {_block(v):<20}"
             f"{r.registers:>5}{r.spill_bytes:>6}{r.smem_bytes:>7}  {'+'.join(v.flags) or '-'}"
             + (f"  FAIL: {status}" if status else "")
         )
@@ -402,23 +388,23 @@ def format_rows(rows: list[Row]) -> str:
 
 
 def summary(rows: list[Row]) -> str:
-    """Max registers, spills and smem per kernel × arch, as a markdown table."""
+    """Max registers, spills and smem per layout × arch, as a markdown table."""
     lines = [
-        "| kernel | arch | variants | max registers | variants that spill (max bytes) "
+        "| layout | arch | variants | max registers | variants that spill (max bytes) "
         "| max smem (B) | smem limit (B) |",
         "|---|---|---|---|---|---|---|",
     ]
     by_group: dict[tuple[str, int], list[Row]] = {}
     for r in rows:
-        by_group.setdefault((r.variant.kernel, r.variant.arch), []).append(r)
-    for (kernel, arch), group in sorted(by_group.items()):
+        by_group.setdefault((r.variant.layout, r.variant.arch), []).append(r)
+    for (layout, arch), group in sorted(by_group.items()):
         ok = [r for r in group if not r.error]
         errors = f" ({len(group) - len(ok)} failed to compile)" if len(ok) < len(group) else ""
         spills = [r.spill_bytes for r in ok if r.spill_bytes]
         regs = max((r.registers for r in ok), default=0)
         smem = max((r.smem_bytes for r in ok), default=0)
         lines.append(
-            f"| {kernel.strip('_')} | sm_{arch} | {len(group)}{errors} | {regs} | "
+            f"| {layout} | sm_{arch} | {len(group)}{errors} | {regs} | "
             f"{len(spills)} ({max(spills, default=0)}) | {smem} | {SMEM_LIMIT[arch]} |"
         )
     return "\n".join(lines)

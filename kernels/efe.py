@@ -1,19 +1,17 @@
-"""Fused Triton kernels for the expected-free-energy loss (``docs/loss.md``).
+"""Fused Triton kernel for the expected-free-energy loss (``docs/loss.md``).
 
 One launch computes, for every row, the loss, the stat sums and the gradient of the reduced
-loss w.r.t. the logits. Two kernels share the same math:
+loss w.r.t. the logits. The kernel (``efe_kernel.py``, the per-row math in ``efe_math.py``) has
+two layouts behind its constexpr ``ONLINE``; this module picks one and launches it:
 
-The kernels live in ``efe_tile.py`` and ``efe_online.py``, the math they share in
-``efe_math.py``; this module launches them.
+* tile (rows up to ``MAX_TILE_C`` classes, e.g. ARC's C = 12): a [BLOCK_N, BLOCK_C] tile of
+  whole rows in registers, many rows per program, so the logits are read once and the
+  gradient written once.
+* online (wider rows, LLM vocabularies up to ~152k): one row per program. Pass 1 streams the
+  row in C-blocks with an online softmax that also carries Σ e·(z − m) for the entropy; pass 2
+  reads the row again to write the gradient (skipped without a gradient).
 
-* ``_efe_tile_kernel`` (rows up to ``MAX_TILE_C`` classes, e.g. ARC's C = 12): a
-  [BLOCK_N, BLOCK_C] tile of whole rows in registers, many rows per program, so the logits are
-  read once and the gradient written once.
-* ``_efe_online_kernel`` (wider rows, LLM vocabularies up to ~152k): one row per program.
-  Pass 1 streams the row in C-blocks with an online softmax that also carries Σ e·(z − m) for
-  the entropy; pass 2 reads the row again to write the gradient (skipped without a gradient).
-
-Nothing synchronises the host: N_valid for ``mean`` is a device scalar that the kernels load,
+Nothing synchronises the host: N_valid for ``mean`` is a device scalar that the kernel loads,
 and the stats are per-program partial sums that torch ops reduce on the device afterwards.
 
 The options ``row_weight`` (r_i), ``z_loss`` (λ) and the per-token outputs each sit behind a
@@ -33,25 +31,23 @@ import torch
 import triton
 from torch import Tensor
 
+from qwenrl.kernels.efe_kernel import _efe_kernel
 from qwenrl.kernels.efe_math import N_PARTIALS
-from qwenrl.kernels.efe_online import _efe_online_kernel
-from qwenrl.kernels.efe_tile import _efe_tile_kernel
 from qwenrl.loss.options import PER_TOKEN_FIELDS, SUM_FIELDS
 
 __all__ = [
     "LaunchConfig",
     "N_PARTIALS",
-    "_efe_online_kernel",
-    "_efe_tile_kernel",
+    "_efe_kernel",
     "efe_forward_triton",
     "kernel_flags",
     "launch_config",
     "picks_online",
 ]
 
-MAX_TILE_C = 8192  # widest row the tile kernel keeps whole in registers
-TILE_ELEMS = 2048  # BLOCK_N · BLOCK_C of a tile-kernel program
-# The online kernel streams C-blocks of 4096 with 8 warps (16 elements per thread per block).
+MAX_TILE_C = 8192  # widest row the tile layout keeps whole in registers
+TILE_ELEMS = 2048  # BLOCK_N · BLOCK_C of a tile-layout program
+# The online layout streams C-blocks of 4096 with 8 warps (16 elements per thread per block).
 # ptxas caps a program at 65536 / (2 · threads) registers, to fit two per SM: 8192 with 16
 # warps (64 registers) spilled in 13 of the 252 soft-target / smoothing variants on sm_80/90,
 # and 8192 with 8 warps (128) in 8; 4096 with 8 warps spills in none (bench/gpu_compile.py).
@@ -66,26 +62,24 @@ def _num_warps(elems: int) -> int:
 
 
 def picks_online(n_classes: int) -> bool:
-    """The default kernel: online when the padded row is wider than ``MAX_TILE_C``."""
+    """The default layout: online when the padded row is wider than ``MAX_TILE_C``."""
     return triton.next_power_of_2(n_classes) > MAX_TILE_C
 
 
 @dataclasses.dataclass(frozen=True)
 class LaunchConfig:
-    """How one [N, C] call is launched: which kernel, its grid and block sizes, num_warps."""
+    """How one [N, C] call is launched: which layout, its grid and block sizes, num_warps."""
 
-    kernel: Any  # _efe_tile_kernel or _efe_online_kernel
+    online: bool  # the kernel's layout: one streamed row per program, or a tile of rows
     programs: int  # grid = (programs,)
-    block_n: int | None  # rows per program (tile kernel); None for the online kernel
-    block_c: int  # padded row (tile kernel) or streamed C-block (online kernel)
+    block_n: int | None  # rows per program (tile layout); None for the online layout
+    block_c: int  # padded row (tile layout) or streamed C-block (online layout)
     num_warps: int
 
     @property
-    def meta(self) -> dict[str, int]:
-        """The block sizes as the kernel's constexpr keyword arguments."""
-        if self.block_n is None:
-            return dict(BLOCK_C=self.block_c)
-        return dict(BLOCK_N=self.block_n, BLOCK_C=self.block_c)
+    def meta(self) -> dict[str, Any]:
+        """The layout and block sizes as the kernel's constexpr keyword arguments."""
+        return dict(ONLINE=self.online, BLOCK_N=self.block_n or 1, BLOCK_C=self.block_c)
 
 
 def launch_config(
@@ -107,11 +101,11 @@ def launch_config(
     if online:
         block_c = block_c or min(ONLINE_BLOCK_C, triton.next_power_of_2(n_classes))
         num_warps = min(ONLINE_NUM_WARPS, _num_warps(block_c))
-        return LaunchConfig(_efe_online_kernel, n_rows, None, block_c, num_warps)
+        return LaunchConfig(True, n_rows, None, block_c, num_warps)
     block_c = triton.next_power_of_2(n_classes)
     block_n = block_n or max(1, min(TILE_ELEMS // block_c, triton.next_power_of_2(n_rows)))
     programs = triton.cdiv(n_rows, block_n)
-    return LaunchConfig(_efe_tile_kernel, programs, block_n, block_c, _num_warps(block_n * block_c))
+    return LaunchConfig(False, programs, block_n, block_c, _num_warps(block_n * block_c))
 
 
 def kernel_flags(
@@ -126,7 +120,7 @@ def kernel_flags(
     z_loss: float = 0.0,
     per_token: bool = False,
 ) -> dict[str, bool]:
-    """The kernels' constexpr flags for one call of :func:`efe_forward_triton` (pure: the
+    """The kernel's constexpr flags for one call of :func:`efe_forward_triton` (pure: the
     ahead-of-time compile in ``bench/gpu_compile.py`` enumerates its reachable outputs).
 
     The last three (row weights, z-loss, per-token outputs) default to off: the plain loss."""
@@ -170,12 +164,12 @@ def _launch(
     block_n: int | None,
     block_c: int | None,
 ) -> Tensor:
-    """Launches one kernel; returns its per-program partial sums [programs, N_PARTIALS]."""
+    """Launches the kernel; returns its per-program partial sums [programs, N_PARTIALS]."""
     n, c = logits.shape
     cfg = launch_config(n, c, online=online, block_n=block_n, block_c=block_c)
     part = torch.empty((cfg.programs, N_PARTIALS), dtype=torch.float32, device=logits.device)
     # Unused pointers get any valid tensor: their constexpr flag keeps them unread/unwritten.
-    cfg.kernel[(cfg.programs,)](
+    _efe_kernel[(cfg.programs,)](
         logits,
         target,
         mask if mask is not None else part,
@@ -235,9 +229,9 @@ def efe_forward_triton(
         per_token_out: optional [4, N] contiguous float32 output: the per-row
             ``PER_TOKEN_FIELDS`` (logprob, entropy, correct, lse); 0 on ignored rows, NaN
             floats and correct = 0 on a NaN row.
-        online: force the row-per-program online kernel (True) or the tile kernel (False);
+        online: force the row-per-program online layout (True) or the tile layout (False);
             default: online when the row is wider than ``MAX_TILE_C``.
-        block_n, block_c: override the tile kernel's rows per program and the online kernel's
+        block_n, block_c: override the tile layout's rows per program and the online layout's
             C-block (tests use them to exercise several programs and C-blocks).
 
     Returns:

@@ -1,6 +1,7 @@
-"""The per-row math both Triton EFE kernels share (``efe_tile``, ``efe_online``): the soft target,
-the weighted row loss, the gradient's coefficients and the per-token stores, and the indices
-of the per-program partial sums and of the per-token rows."""
+"""The per-row math both layouts of the Triton EFE kernel share (:mod:`qwenrl.kernels.efe_kernel`,
+tile and online): the soft target, the weighted row loss, the gradient's coefficients and the
+per-token stores, and the indices of the per-program partial sums and of the per-token
+rows."""
 
 from __future__ import annotations
 
@@ -45,44 +46,29 @@ def _soft_target(t, eps, C, LOG_TARGET: tl.constexpr, SMOOTH: tl.constexpr):
 
 @triton.jit
 def _weighted_loss(
-    hard,
-    valid,
-    y_in,
-    risk,
-    entropy,
-    easy_weight,
-    beta,
-    lse,
-    r,
-    z_loss,
-    HAS_ROW_WEIGHT: tl.constexpr,
-    HAS_Z_LOSS: tl.constexpr,
+    hard, valid, y_in, risk, entropy, easy_weight, beta, lse, r, z_loss, HAS_Z_LOSS: tl.constexpr
 ):
     """Hard-cell weight w and the row loss r·(w·(risk + β·H) + λ·lse²) (0 on ignored rows,
-    NaN weight on an out-of-range target) → (hard & valid, w, loss). ``r`` and ``lse`` are
-    read only under their flags."""
+    NaN weight on an out-of-range target) → (hard & valid, w, loss). ``lse`` is read only
+    under HAS_Z_LOSS; without row weights ``r`` is the constant 1.0, which the compiler folds
+    away."""
     hard = hard & valid
     w = easy_weight + (1.0 - easy_weight) * hard.to(tl.float32)
     w = tl.where(y_in, w, float("nan"))
     loss = w * (risk + beta * entropy)
     if HAS_Z_LOSS:
         loss = loss + z_loss * lse * lse
-    if HAS_ROW_WEIGHT:
-        loss = r * loss
-    return hard, w, tl.where(valid, loss, 0.0)
+    return hard, w, tl.where(valid, r * loss, 0.0)
 
 
 @triton.jit
-def _grad_coefs(w, scale, lse, r, z_loss, HAS_ROW_WEIGHT: tl.constexpr, HAS_Z_LOSS: tl.constexpr):
+def _grad_coefs(w, scale, lse, r, z_loss, HAS_Z_LOSS: tl.constexpr):
     """The gradient of a row is coef·d + zcoef·q: coef = r·w·scale, zcoef = r·scale·2λ·lse
-    (zcoef is 0 and unused without HAS_Z_LOSS)."""
-    coef = w * scale
+    (zcoef is 0 and unused without HAS_Z_LOSS; ``r`` is 1.0 without row weights)."""
+    coef = r * (w * scale)
     zcoef = 0.0
     if HAS_Z_LOSS:
-        zcoef = (2.0 * z_loss * scale) * lse
-    if HAS_ROW_WEIGHT:
-        coef = r * coef
-        zcoef = r * zcoef
+        zcoef = r * ((2.0 * z_loss * scale) * lse)
     return coef, zcoef
 
 

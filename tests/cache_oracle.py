@@ -2,9 +2,10 @@
 
 It follows the rules in qwenrl/cache.py's docstring with plain dicts and an OrderedDict for the
 LRU order, one step at a time, so that it can be read against the rules line by line. It shares
-only the plain data types (CachePlan, CacheStats, StalePlanError) and the input checks with
-qwenrl.cache, so that results compare field by field; slot assignment is the same by design.
-Not thread-safe.
+only the plain data types (CachePlan, CacheStats, StalePlanError), the input checks and
+``fetch`` (plan + encode + write + gather, calling this class's own methods) with qwenrl.cache,
+so that results compare field by field; slot assignment is the same by design. Not
+thread-safe.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import itertools
 import operator
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -22,6 +23,7 @@ from qwenrl.cache import (
     STAT_NAMES,
     CachePlan,
     CacheStats,
+    EmbeddingCache,
     StalePlanError,
     as_keys,
     check_values,
@@ -33,14 +35,7 @@ _oracle_ids = itertools.count(-1, -1)  # negative: never equal to a C++-backed c
 class OracleEmbeddingCache:
     """Same constructor, methods and results as qwenrl.EmbeddingCache."""
 
-    def __init__(
-        self,
-        capacity: int,
-        dim: int,
-        refresh_every: int = 10,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str = "cpu",
-    ) -> None:
+    def __init__(self, capacity, dim, refresh_every=10, dtype=torch.float32, device="cpu"):
         if capacity < 1 or dim < 1:
             raise ValueError(f"capacity and dim must be >= 1, got {capacity} and {dim}")
         if refresh_every < -1:
@@ -170,13 +165,8 @@ class OracleEmbeddingCache:
         cached = self._read(plan, plan.compute_mask)
         return torch.where(plan.compute_mask.to(self.device).unsqueeze(1), computed, cached)
 
-    def fetch(
-        self, keys: Tensor | Sequence[int], step: int, encode: Callable[[Tensor], Tensor]
-    ) -> Tensor:
-        plan = self.plan(keys, step)
-        fresh = encode(plan.compute_keys) if plan.num_compute else None
-        self.write(plan, fresh, step)
-        return self.gather(plan, fresh)
+    # plan + encode + write + gather: the same composition, over this class's methods.
+    fetch = EmbeddingCache.fetch
 
     @property
     def stats(self) -> CacheStats:

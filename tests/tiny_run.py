@@ -15,20 +15,11 @@ import numpy as np
 from qwenrl.train import TrainConfig
 
 # Two epochs of four steps, a 32-wide model with one agent layer, two validation tasks.
-TINY: dict[str, Any] = dict(
-    epochs=2,
-    max_batches=4,
-    batch_size=2,
-    working_set=4,
-    refresh_every=3,
-    dim=32,
-    agent_layers=1,
-    qwen_max_length=128,
-    val_tasks=2,
-    val_batch_size=4,
-    log_every=1,
-    seed=0,
-)
+TINY: dict[str, Any] = {
+    **dict(epochs=2, max_batches=4, batch_size=2, working_set=4, refresh_every=3, seed=0),
+    **dict(dim=32, agent_layers=1, qwen_max_length=128),
+    **dict(val_tasks=2, val_batch_size=4, log_every=1),
+}
 
 
 def write_arc_tasks(

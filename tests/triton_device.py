@@ -7,8 +7,10 @@ first imported, so the test modules import this before anything that imports Tri
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+from collections.abc import Iterator
 
 DEVICE = os.environ.get("QWENRL_TRITON_TEST_DEVICE", "cpu")
 if DEVICE == "cpu":
@@ -24,3 +26,20 @@ def triton_missing() -> str | None:
     if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         return "TRITON_INTERPRET is set to something other than 1: no CPU interpreter"
     return None
+
+
+@contextlib.contextmanager
+def tensors_on_device(active: bool = True) -> Iterator[None]:
+    """Inside, every tensor created lands on DEVICE when ``active`` (tests draw their inputs on
+    the CPU first, then move them). The CPU is torch's own default: no default device is set
+    for it (that would leave a TorchFunctionMode around every op of the tests run later)."""
+    if DEVICE == "cpu" or not active:
+        yield
+        return
+    import torch  # after TRITON_INTERPRET is settled
+
+    torch.set_default_device(DEVICE)
+    try:
+        yield
+    finally:
+        torch.set_default_device(None)

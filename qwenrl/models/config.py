@@ -86,13 +86,13 @@ class QwenRLModels(nn.Module):
             baseline_momentum=config.baseline_momentum,
         )
         self.agent = GridAgent(
-            config.dim,
-            config.agent_layers,
-            config.agent_heads,
-            config.agent_ffn_mult,
-            config.patch,
-            config.dropout,
-            config.num_classes,
+            dim=config.dim,
+            layers=config.agent_layers,
+            heads=config.agent_heads,
+            ffn_mult=config.agent_ffn_mult,
+            patch=config.patch,
+            dropout=config.dropout,
+            num_classes=config.num_classes,
             prompt_dropout=config.prompt_dropout,
             use_hints=config.hints,
         )

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from qwenrl.cache import CachePlan, EmbeddingCache
 from qwenrl.data import Batch, WorkingSetSampler, build_datasets, cell_accuracy, collate
+from qwenrl.eval.scoring import ValTotals
 from qwenrl.eval.validation import log_validation, validation_totals
 from qwenrl.loss import EFELoss
 from qwenrl.models import QwenRLModels
@@ -364,6 +365,23 @@ class Trainer(TrainerCheckpoints):
 
     def validate(self, epoch: int) -> dict[str, Any]:
         """Scores the validation set (sharded over the ranks); logs and returns the summary."""
+        totals, shown = self.validation_totals()
+        return log_validation(
+            self.monitor,
+            self.out,
+            totals,
+            shown,
+            step=self.step,
+            epoch=epoch,
+            tau=self.criterion.tau,
+            vote_transforms=self.cfg.vote_transforms,
+            ttt_steps=self.cfg.ttt_steps,
+            is_main=self.dist.is_main,
+        )
+
+    def validation_totals(self) -> tuple[ValTotals, list[dict]]:
+        """The validation totals summed over the ranks and this rank's shown samples; logs
+        and writes nothing (:meth:`validate` does)."""
         cfg = self.cfg
         rounds = 0
         if cfg.fsdp:
@@ -391,18 +409,7 @@ class Trainer(TrainerCheckpoints):
         finally:
             if cfg.fsdp:
                 self.forward.reshard()  # type: ignore[operator]
-        return log_validation(
-            self.monitor,
-            self.out,
-            totals,
-            shown,
-            step=self.step,
-            epoch=epoch,
-            tau=self.criterion.tau,
-            vote_transforms=cfg.vote_transforms,
-            ttt_steps=cfg.ttt_steps,
-            is_main=self.dist.is_main,
-        )
+        return totals, shown
 
     def close(self) -> None:
         self.monitor.close()

@@ -304,14 +304,9 @@ def test_untrained_agent_scores_at_least_a_copy_on_evaluation_tasks():
 
 def _model_inputs(sample) -> dict:
     """Everything of a sample the models see (all but the answer: target and its shape)."""
-    return {
-        "key": sample.key,
-        "prompt": sample.prompt,
-        "query": sample.query,
-        "task_id": sample.task_id,
-        "aug_id": sample.aug_id,
-        **{f"hints.{name}": value for name, value in sample.hints._asdict().items()},
-    }
+    seen = {f.name: getattr(sample, f.name) for f in dataclasses.fields(sample)}
+    del seen["target"], seen["shape"], seen["hints"]
+    return seen | {f"hints.{name}": value for name, value in sample.hints._asdict().items()}
 
 
 def _assert_same_inputs(a, b) -> None:

@@ -180,24 +180,17 @@ def test_validation_votes_and_tunes_when_asked(saved_run, tmp_path, monkeypatch)
 
 
 def test_validation_computes_then_logs(saved_run, tmp_path, monkeypatch):
-    """Trainer.validate = validation_totals (no log line, no file written) then
+    """Trainer.validate = Trainer.validation_totals (no log line, no file written) then
     log_validation (the ``kind: val`` line and val_grids.json); the two give what validate
     gives."""
     from qwenrl.eval.val_grids import VAL_GRIDS_FILE, read_val_grids
-    from qwenrl.eval.validation import log_validation, validation_totals
+    from qwenrl.eval.validation import log_validation
 
     cfg = _tiny(saved_run[0].parent, out=str(tmp_path / "run"), eval_demos=False)
     trainer = Trainer(cfg, quiet=True)
     logged: list[dict] = []
     monkeypatch.setattr(trainer.monitor, "log", logged.append)
-    totals, shown = validation_totals(
-        trainer.models,
-        trainer.criterion,
-        trainer.val_set,
-        trainer.dist,
-        batch_size=cfg.val_batch_size,
-        device=trainer.device,
-    )
+    totals, shown = trainer.validation_totals()
     assert logged == [] and not (trainer.out / VAL_GRIDS_FILE).exists()
     assert totals.samples == len(trainer.val_set) and shown
     kwargs = dict(step=trainer.step, epoch=0, tau=trainer.criterion.tau)

@@ -463,7 +463,7 @@ def test_refusals_name_what_is_not_computed(tmp_path):
     add_fused_lm_head(kto_like, outputs=("log_probs", "mean_logits"))
     with pytest.raises(NotImplementedError, match="mean_logits"):
         use_qwenrl(kto_like)
-    with pytest.raises(ValueError, match="label_smoothing_factor"):
+    with pytest.raises(ValueError, match="label smoother"):
         use_qwenrl(sft_trainer(tmp_path, steps=1, label_smoothing_factor=0.1))
     with pytest.raises(ValueError, match="dft"):
         use_qwenrl(sft_trainer(tmp_path, steps=1, loss_type="dft"), tau=0.3, easy_weight=0.5)

@@ -19,7 +19,7 @@ triton backend of tests/loss/test_conformance.py): every tensor is then created 
 from __future__ import annotations
 
 import pytest
-from triton_device import DEVICE, triton_missing
+from triton_device import DEVICE, tensors_on_device, triton_missing
 
 if triton_missing() is not None:
     pytest.skip(triton_missing(), allow_module_level=True)
@@ -39,15 +39,9 @@ from qwenrl.loss.reference import STAT_NAMES  # noqa: E402
 
 @pytest.fixture(autouse=True)
 def _on_test_device():
-    """Every tensor a test creates lands on DEVICE (inputs are drawn on the CPU first). The
-    CPU is torch's own default: no default device is set for it (that would leave a
-    TorchFunctionMode around every op of the tests collected after these)."""
-    if DEVICE == "cpu":
+    """Every tensor a test creates lands on DEVICE (inputs are drawn on the CPU first)."""
+    with tensors_on_device():
         yield
-        return
-    torch.set_default_device(DEVICE)
-    yield
-    torch.set_default_device(None)
 
 
 def _cpu_drawn(tensor: torch.Tensor) -> torch.Tensor:

@@ -27,8 +27,7 @@ from loss_inputs import (
     run_reference,
     seed_of,
 )
-from triton_device import DEVICE as TRITON_DEVICE
-from triton_device import triton_missing
+from triton_device import tensors_on_device, triton_missing
 
 from qwenrl._ext import load_extension
 from qwenrl.loss import efe_loss, efe_loss_reference
@@ -71,16 +70,11 @@ def over(backends, cases):
 
 @pytest.fixture(autouse=True)
 def _on_the_backends_device(request):
-    """The Triton cases create every tensor on TRITON_DEVICE (inputs are drawn on the CPU
-    first, then moved); the others on the CPU. The CPU is torch's own default: no default
-    device is set for it (that would put a TorchFunctionMode around every later op)."""
+    """The Triton cases create every tensor on the Triton tests' device (inputs are drawn on
+    the CPU first, then moved); the others on the CPU."""
     callspec = getattr(request.node, "callspec", None)
-    if TRITON_DEVICE == "cpu" or callspec is None or callspec.params.get("backend") != "triton":
+    with tensors_on_device(callspec is not None and callspec.params.get("backend") == "triton"):
         yield
-        return
-    torch.set_default_device(TRITON_DEVICE)
-    yield
-    torch.set_default_device(None)
 
 
 def on_device(x: torch.Tensor) -> torch.Tensor:

@@ -4,20 +4,9 @@ rows that are not ignored, with z = hidden @ weight.T + bias."""
 
 from __future__ import annotations
 
+import loss_inputs as cases
 import pytest
 import torch
-from loss_inputs import (
-    LINEAR_BACKENDS,
-    WEIGHT_GRAD_MODES,
-    assert_compiled_matches_eager,
-    assert_linear_call_raises,
-    assert_linear_matches,
-    grad_out_for,
-    needs_ext,
-    run_linear_modes,
-    seed_of,
-    skip_under_mutmut,
-)
 
 import qwenrl
 from qwenrl.loss import chunks, distill, efe_loss_reference, linear, linear_op
@@ -77,10 +66,10 @@ def reference(student, teacher, t, grad_out, *, temperature=1.0, row_weight=None
 
 
 def run(student, teacher, t, grad_out, mode="fresh", **kw):
-    """linear_efe_loss with the teacher (:func:`run_linear_modes` with each ``mode``). The
+    """linear_efe_loss with the teacher (:func:`cases.run_linear_modes` with each ``mode``). The
     teacher's tensors require grad: they must get none."""
     th, tw, tb = (x.detach().clone().requires_grad_() for x in teacher)
-    out = run_linear_modes(
+    out = cases.run_linear_modes(
         *student, t, grad_out, mode, teacher_hidden=th, teacher_weight=tw, teacher_bias=tb, **kw
     )
     assert th.grad is None and tw.grad is None and tb.grad is None  # the teacher: no gradient
@@ -93,7 +82,7 @@ OPTION_SETS = [
 ]
 
 
-@pytest.mark.parametrize("backend", LINEAR_BACKENDS)
+@pytest.mark.parametrize("backend", cases.LINEAR_BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("temperature", [1.0, 2.5, 0.7])
 @pytest.mark.parametrize("target", ["ignored", "none"])
@@ -101,58 +90,60 @@ def test_matches_float64_materialised_reference(backend, reduction, temperature,
     """37 rows in chunks of 5 (the last one short), an upstream gradient ≠ 1, ignored rows
     marked by a class target or no target at all."""
     n, d, v = 37, 12, 53
-    seed = seed_of("distill", reduction, temperature, target)
+    seed = cases.seed_of("distill", reduction, temperature, target)
     student, teacher, t, *_ = make(n, d, v, seed)
     t = t if target == "ignored" else None
     opts = dict(OPTION_SETS[int(temperature != 1.0)], reduction=reduction)
-    go = grad_out_for(reduction, n, seed)
+    go = cases.grad_out_for(reduction, n, seed)
     ours = run(
         student, teacher, t, go, chunk_size=5, backend=backend, temperature=temperature, **opts
     )
-    assert_linear_matches(ours, reference(student, teacher, t, go, temperature=temperature, **opts))
+    cases.assert_linear_matches(
+        ours, reference(student, teacher, t, go, temperature=temperature, **opts)
+    )
 
 
-@pytest.mark.parametrize("backend", LINEAR_BACKENDS)
+@pytest.mark.parametrize("backend", cases.LINEAR_BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("mode", WEIGHT_GRAD_MODES)
+@pytest.mark.parametrize("mode", cases.WEIGHT_GRAD_MODES)
 def test_every_option_and_both_weight_gradient_modes(backend, reduction, mode):
     """row_weight, z_loss, a hard mask, label smoothing, β and ignored rows together."""
     n, d, v = 31, 8, 41
-    student, teacher, t, rw, mask = make(n, d, v, seed_of("combined", reduction, mode))
+    student, teacher, t, rw, mask = make(n, d, v, cases.seed_of("combined", reduction, mode))
     opts = {
         "row_weight": rw, "z_loss": 0.03, "hard_mask": mask, "label_smoothing": 0.1,
         "entropy_weight": 0.3, "tau": 0.4, "easy_weight": 0.25, "reduction": reduction,
     }  # fmt: skip
-    go = grad_out_for(reduction, n, 2)
+    go = cases.grad_out_for(reduction, n, 2)
     ours = run(
         student, teacher, t, go, mode, chunk_size=6, backend=backend, temperature=2.0, **opts
     )
-    assert_linear_matches(ours, reference(student, teacher, t, go, temperature=2.0, **opts))
+    cases.assert_linear_matches(ours, reference(student, teacher, t, go, temperature=2.0, **opts))
 
 
-@needs_ext
+@cases.needs_ext
 @pytest.mark.parametrize("chunk_size", [1, 3, 8, 64, None])
 def test_uneven_chunks_and_batched_rows(chunk_size):
     """hidden [2, 3, 5, D] and teacher_hidden [2, 3, 5, D_t]: the loss and per-token outputs
     keep the rows' shape, the gradient hidden's."""
-    student, teacher, t, rw, _ = make(30, 8, 29, seed_of("batched", chunk_size))
+    student, teacher, t, rw, _ = make(30, 8, 29, cases.seed_of("batched", chunk_size))
     shape = (2, 3, 5)
     student = (student[0].reshape(*shape, 8), *student[1:])
     teacher = (teacher[0].reshape(*shape, 6), *teacher[1:])
     t, rw = t.reshape(shape), rw.reshape(shape)
     for reduction in ("mean", "none"):
-        go = grad_out_for(reduction, 30, 3)
+        go = cases.grad_out_for(reduction, 30, 3)
         go = go.reshape(shape) if reduction == "none" else go
         opts = {"reduction": reduction, "row_weight": rw, "temperature": 1.5}
         ours = run(student, teacher, t, go, chunk_size=chunk_size, **opts)
         assert ours[0].shape == (shape if reduction == "none" else ())
         assert ours[2]["lse"].shape == shape and ours[3][0].shape == student[0].shape
-        assert_linear_matches(ours, reference(student, teacher, t, go, **opts))
+        cases.assert_linear_matches(ours, reference(student, teacher, t, go, **opts))
 
 
-@pytest.mark.parametrize("backend", LINEAR_BACKENDS)
+@pytest.mark.parametrize("backend", cases.LINEAR_BACKENDS)
 def test_no_grad(backend):
-    student, teacher, t, rw, _ = make(25, 8, 30, seed_of("nograd", backend))
+    student, teacher, t, rw, _ = make(25, 8, 30, cases.seed_of("nograd", backend))
     opts = {"reduction": "none", "row_weight": rw, "temperature": 3.0}
     truth = reference(student, teacher, t, torch.ones(25), **opts)
     h, w, b = (x.requires_grad_() for x in student)
@@ -163,12 +154,12 @@ def test_no_grad(backend):
             return_per_token=True, **opts,
         )  # fmt: skip
     assert not loss.requires_grad
-    assert_linear_matches((loss, stats, tok, ()), (*truth[:3], ()))
+    cases.assert_linear_matches((loss, stats, tok, ()), (*truth[:3], ()))
 
 
-@needs_ext
+@cases.needs_ext
 def test_teacher_without_bias_and_student_without_bias():
-    student, teacher, t, *_ = make(21, 8, 19, seed_of("nobias"))
+    student, teacher, t, *_ = make(21, 8, 19, cases.seed_of("nobias"))
     h, w, _ = (x.clone().requires_grad_() for x in student)
     loss = qwenrl.linear_efe_loss(
         h, w, t, teacher_hidden=teacher[0], teacher_weight=teacher[1], temperature=2.0, chunk_size=4
@@ -183,12 +174,12 @@ def test_teacher_without_bias_and_student_without_bias():
     torch.testing.assert_close(w.grad.double(), truth[3][1], rtol=1e-4, atol=1e-5)
 
 
-@needs_ext
+@cases.needs_ext
 @pytest.mark.parametrize("temperature", [1.0, 4.0])
 def test_a_student_equal_to_its_teacher_has_nothing_to_learn(temperature):
     """KL(p ‖ q) = 0 when the student's logits are the teacher's: loss and gradients 0 (β = 0,
     no smoothing), whatever T."""
-    student, _, t, *_ = make(20, 8, 33, seed_of("same", temperature))
+    student, _, t, *_ = make(20, 8, 33, cases.seed_of("same", temperature))
     h, w, b = (x.clone().requires_grad_() for x in student)
     loss = qwenrl.linear_efe_loss(
         h, w, t, bias=b, teacher_hidden=student[0], teacher_weight=student[1],
@@ -200,7 +191,7 @@ def test_a_student_equal_to_its_teacher_has_nothing_to_learn(temperature):
         assert g.abs().max().item() < 1e-5
 
 
-@needs_ext
+@cases.needs_ext
 @pytest.mark.parametrize(
     ("dtype", "t_dtype"),
     [
@@ -212,7 +203,7 @@ def test_a_student_equal_to_its_teacher_has_nothing_to_learn(temperature):
 def test_low_precision(dtype, t_dtype):
     """bf16 student and/or teacher: close to the float64 truth of those very values (loose)."""
     student, teacher, t, rw, _ = make(
-        64, 32, 300, seed_of("low", dtype, t_dtype), dtype=dtype, t_dtype=t_dtype
+        64, 32, 300, cases.seed_of("low", dtype, t_dtype), dtype=dtype, t_dtype=t_dtype
     )
     opts = {"reduction": "mean", "row_weight": rw, "temperature": 2.0}
     ours = run(student, teacher, t, torch.tensor(1.0), chunk_size=24, **opts)
@@ -229,7 +220,7 @@ def test_never_more_than_a_chunk_of_either_logits(drop_ignored):
     """Every kernel call sees one chunk of student logits and one chunk of soft target, only
     the rows that are not ignored: also where class targets keep their ignored rows in the
     matmul (CUDA, ``drop_ignored=False``), since the kernel's soft mode would count them."""
-    student, teacher, t, *_ = make(50, 8, 33, seed_of("spy"), ignore_frac=0.0)
+    student, teacher, t, *_ = make(50, 8, 33, cases.seed_of("spy"), ignore_frac=0.0)
     t[::3] = -100  # 17 ignored rows, 33 kept
     _, forward_fn = resolve_backend("auto", torch.device("cpu"))
     calls = []
@@ -271,7 +262,7 @@ def _peak_and_largest(fn) -> tuple[int, int]:
     return peak, max(size for _, size in allocations)
 
 
-@needs_ext
+@cases.needs_ext
 def test_memory_stays_far_below_the_materialised_logits():
     """V = 32,000, N = 512: the student's and the teacher's [N, V] float32 logits would take
     131 MB; a forward and backward in chunks of 64 rows allocates a fraction of that (a chunk
@@ -302,12 +293,12 @@ def test_memory_stays_far_below_the_materialised_logits():
 # --- torch.compile ---------------------------------------------------------------------------
 
 
-@needs_ext
+@cases.needs_ext
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_the_compiled_branch_carries_the_teacher(monkeypatch, reduction):
     """With is_compiling() forced on (eagerly): the custom op and its registered autograd give
     the eager Function's loss, per-token outputs and gradients."""
-    student, teacher, t, rw, mask = make(31, 8, 27, seed_of("op-branch", reduction))
+    student, teacher, t, rw, mask = make(31, 8, 27, cases.seed_of("op-branch", reduction))
     opts = {
         "reduction": reduction,
         "row_weight": rw,
@@ -315,7 +306,7 @@ def test_the_compiled_branch_carries_the_teacher(monkeypatch, reduction):
         "temperature": 2.0,
         "chunk_size": 6,
     }
-    go = grad_out_for(reduction, 31, 7)
+    go = cases.grad_out_for(reduction, 31, 7)
     want = run(student, teacher, t, go, **opts)
     calls = []
     real = linear_op.linear_efe_fused
@@ -332,12 +323,12 @@ def test_the_compiled_branch_carries_the_teacher(monkeypatch, reduction):
         torch.testing.assert_close(g, g_want, rtol=1e-5, atol=1e-6)
 
 
-@needs_ext
-@skip_under_mutmut
+@cases.needs_ext
+@cases.skip_under_mutmut
 def test_compiles_fullgraph():
     """A student projection and head distilled from a frozen teacher head, compiled with
     fullgraph=True: the eager loss and gradients; the teacher gets none."""
-    student, teacher, t, *_ = make(40, 12, 50, seed_of("compile"))
+    student, teacher, t, *_ = make(40, 12, 50, cases.seed_of("compile"))
     proj = torch.nn.Linear(12, 12)
     head = torch.nn.Linear(12, 50)
     t_head = torch.nn.Linear(6, 50)
@@ -356,7 +347,7 @@ def test_compiles_fullgraph():
         assert all(p.grad is None for p in t_head.parameters())
         return loss.detach(), [p.grad.clone() for p in (*proj.parameters(), *head.parameters())]
 
-    assert_compiled_matches_eager(model, grads_of)
+    cases.assert_compiled_matches_eager(model, grads_of)
 
 
 # --- bad input -------------------------------------------------------------------------------
@@ -418,7 +409,7 @@ def _bad_case_args():
     ],
 )
 def test_bad_inputs(kwargs, error, pattern):
-    assert_linear_call_raises(kwargs, error, pattern, _bad_case_args())
+    cases.assert_linear_call_raises(kwargs, error, pattern, _bad_case_args())
 
 
 def test_target_none_means_every_row():

@@ -228,13 +228,7 @@ def test_compiles_fullgraph_with_default_options():
         compiled(z, bad)
 
 
-def test_module_takes_explicit_options():
-    with pytest.raises(TypeError, match="eassy_weight"):
-        qwenrl.EFELoss(eassy_weight=0.3)
-    with pytest.raises(ValueError, match="reduction"):
-        qwenrl.EFELoss(reduction="avg")
-    with pytest.raises(ValueError, match="backend"):
-        qwenrl.EFELoss(backend="gpu")
+def test_module_options_reach_the_loss():
     crit = qwenrl.EFELoss(easy_weight=0.25, entropy_weight=0.3, backend="reference")
     z, t = make_inputs(30, 12, "class", seed=19)
     mask = torch.rand(30, generator=torch.Generator().manual_seed(19)) < 0.5

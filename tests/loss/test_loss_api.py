@@ -72,6 +72,21 @@ def test_module_options_match_the_function(backend):
         torch.testing.assert_close(crit.last_stats[k], v)
 
 
+@pytest.mark.parametrize(
+    ("module", "bad_setting"),
+    [(qwenrl.EFELoss, {"backend": "gpu"}), (qwenrl.LinearEFELoss, {"chunk_size": -1})],
+    ids=["EFELoss", "LinearEFELoss"],
+)
+def test_modules_refuse_unknown_and_bad_options(module, bad_setting):
+    with pytest.raises(TypeError, match="eassy_weight"):
+        module(eassy_weight=0.3)
+    with pytest.raises(ValueError, match="reduction"):
+        module(reduction="avg")
+    (name,) = bad_setting
+    with pytest.raises(ValueError, match=name):
+        module(**bad_setting)
+
+
 def test_tau_is_settable_and_used():
     logits, target = _inputs(seed=2)
     crit = qwenrl.EFELoss(tau=0.6, backend="reference")

@@ -39,7 +39,7 @@ def _pairs(combo: tuple[str, ...]) -> set[tuple]:
 
 
 @locked_triton
-def test_sm90_compiles_one_variant_per_kernel_and_dtype():
+def test_sm90_compiles_one_variant_per_layout_and_dtype():
     """The training call (class targets, 'mean', gradient) at C = 12 (tile) and 151936
     (online), each logits dtype, on sm_90: registers, no spill, smem within the limit, and the
     block config the runtime launcher uses."""
@@ -48,8 +48,8 @@ def test_sm90_compiles_one_variant_per_kernel_and_dtype():
         for v in gpu_compile.variants(archs=[90])
         if v.flags == gpu_compile.TRAINING_FLAGS and v.c in (12, 151936)
     ]
-    assert {(v.kernel, v.dtype) for v in todo} == set(
-        itertools.product(gpu_compile.KERNELS, gpu_compile.DTYPES)
+    assert {(v.layout, v.dtype) for v in todo} == set(
+        itertools.product(gpu_compile.LAYOUTS, gpu_compile.DTYPES)
     )
     for row in gpu_compile.compile_variants(todo):
         v = row.variant
@@ -59,8 +59,8 @@ def test_sm90_compiles_one_variant_per_kernel_and_dtype():
         assert 0 <= row.smem_bytes <= gpu_compile.SMEM_LIMIT[90]
         assert gpu_compile.problems(row) == []
         cfg = efe.launch_config(v.n, v.c)
-        assert (v.kernel, v.block_n, v.block_c, v.num_warps) == (
-            cfg.kernel.__name__,
+        assert (v.layout == "online", v.block_n, v.block_c, v.num_warps) == (
+            cfg.online,
             cfg.block_n,
             cfg.block_c,
             cfg.num_warps,
@@ -68,7 +68,7 @@ def test_sm90_compiles_one_variant_per_kernel_and_dtype():
 
 
 def test_the_launcher_launches_what_launch_config_returns(monkeypatch):
-    """_launch takes its kernel, grid, blocks and num_warps from launch_config, the function
+    """_launch takes its layout, grid, blocks and num_warps from launch_config, the function
     gpu_compile.py compiles from (so the compiled configs are the launched ones)."""
     seen = []
     real = efe.launch_config
@@ -83,10 +83,10 @@ def test_the_launcher_launches_what_launch_config_returns(monkeypatch):
         del options[name]
     efe.efe_forward_triton(z, t, None, torch.empty_like(z), **options)
     assert seen == [real(41, 12, online=False)]
-    assert seen[0].kernel is efe._efe_tile_kernel and seen[0].block_n == 64
+    assert not seen[0].online and seen[0].block_n == 64
 
 
-def test_variant_list_covers_kernels_dtypes_shapes_archs_and_flag_pairs():
+def test_variant_list_covers_layouts_dtypes_shapes_archs_and_flag_pairs():
     reachable = gpu_compile.reachable_flags()
     assert len(reachable) == 416
     for combo in reachable:  # what efe_forward_triton can produce, and nothing else
@@ -97,17 +97,17 @@ def test_variant_list_covers_kernels_dtypes_shapes_archs_and_flag_pairs():
     archs, _ = gpu_compile.supported_archs()
     assert {80, 90} <= set(archs)
     todo = gpu_compile.variants(archs=archs)
-    assert {v.kernel for v in todo} == set(gpu_compile.KERNELS)
+    assert {v.layout for v in todo} == set(gpu_compile.LAYOUTS)
     assert {v.dtype for v in todo} == {"float32", "bfloat16", "float16"}
     assert {12, 32000, 151936} <= {v.c for v in todo}
     assert {v.arch for v in todo} == set(archs)
     assert len({v.flags for v in todo}) < len(reachable)  # pairwise, not the full product
 
-    # Per kernel × dtype × block config × arch, every reachable flag-value pair is compiled.
+    # Per layout × dtype × block config × arch, every reachable flag-value pair is compiled.
     wanted = set().union(*map(_pairs, reachable))
     groups: dict[tuple, set] = {}
     for v in todo:
-        key = (v.arch, v.kernel, v.dtype, v.block_n, v.block_c, v.num_warps)
+        key = (v.arch, v.layout, v.dtype, v.block_n, v.block_c, v.num_warps)
         groups.setdefault(key, set()).update(_pairs(v.flags))
     assert len(groups) == len(archs) * 3 * 3  # tile at C = 12, tile at 8192, online
     assert all(got == wanted for got in groups.values())
@@ -133,5 +133,5 @@ def test_every_variant_compiles_for_every_supported_arch():
     for row in rows:
         if problems := gpu_compile.problems(row):
             v = row.variant
-            failing.setdefault((v.arch, v.kernel, v.dtype, v.flags), []).extend(problems)
+            failing.setdefault((v.arch, v.layout, v.dtype, v.flags), []).extend(problems)
     assert failing == {}

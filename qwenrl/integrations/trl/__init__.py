@@ -45,9 +45,9 @@ Refused with a clear error rather than silently computed otherwise: models with
 (its policy loss is built from log-probabilities: use ``linear_efe_loss(..., row_weight=
 advantages)`` in a loss of your own for an EFE-shaped policy gradient); GRPO's entropy bonus
 (``entropy_coef``, ``use_adaptive_entropy``: it needs a differentiable per-token entropy);
-``SFTTrainer`` with a ``compute_loss_func`` or ``label_smoothing_factor`` (their loss does not
-come from the fused head; use the ``label_smoothing`` option instead), or ``loss_type='dft'``
-with EFE options; ``DistillationTrainer`` with ``beta != 0``; DeepSpeed ZeRO-3.
+``SFTTrainer`` with a ``compute_loss_func`` or a label smoother (their loss does not come from
+the fused head; use qwenrl's own smoothing option instead), or ``loss_type='dft'`` with EFE
+options; ``DistillationTrainer`` with ``beta != 0``; DeepSpeed ZeRO-3.
 """
 
 from __future__ import annotations
@@ -136,10 +136,11 @@ def _use_in_sft(trainer: Any, options: dict[str, Any]) -> None:
             "use_qwenrl: this SFTTrainer has a compute_loss_func, which computes the loss from "
             "the full logits of a second forward; drop it (use_qwenrl's options choose the loss)"
         )
-    if getattr(args, "label_smoothing_factor", 0.0):
+    if getattr(trainer, "label_smoother", None) is not None:
         raise ValueError(
-            "use_qwenrl: SFTConfig.label_smoothing_factor makes SFTTrainer compute the loss from "
-            "the full logits; set it to 0 and pass use_qwenrl(trainer, label_smoothing=...)"
+            "use_qwenrl: this SFTTrainer has a label smoother (the SFTConfig's smoothing "
+            "factor), which computes the loss from the full logits; set that factor to 0 and "
+            "pass qwenrl's own smoothing option (ε, an EFEOptions field) to use_qwenrl"
         )
     if getattr(args, "loss_type", "nll") == "dft" and not is_cross_entropy(options):
         raise ValueError(
