@@ -129,6 +129,7 @@ def test_colour_votes_match_the_rule_by_hand(seed: int, colours: int, n: int):
     query = _grid(rng, *rng.integers(1, 7, size=2), colours)
     votes, level = colour_votes(demos, query)
     ref_votes, ref_level = _votes_by_hand(demos, query)
+    assert votes.dtype == np.float32 and level.dtype == np.int64  # as documented
     np.testing.assert_array_equal(level, ref_level)
     np.testing.assert_allclose(votes, ref_votes, rtol=1e-6)
     sums = votes.sum(-1)

@@ -201,6 +201,67 @@ def test_validation_computes_then_logs(saved_run, tmp_path, monkeypatch):
     trainer.close()
 
 
+def test_validation_scores_under_the_runs_autocast(saved_run, tmp_path, monkeypatch):
+    """--amp bf16 reaches validation's forward passes (the trainer's autocast context)."""
+    from qwenrl.eval import validation as validation_mod
+
+    seen = []
+    real = validation_mod.predict_attempts
+
+    def spy(models, batch, **kwargs):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return real(models, batch, **kwargs)
+
+    monkeypatch.setattr(validation_mod, "predict_attempts", spy)
+    cfg = _tiny(saved_run[0].parent, out=str(tmp_path / "run"), eval_demos=False, amp="bf16")
+    trainer = Trainer(cfg, quiet=True)
+    trainer.validation_totals()
+    trainer.close()
+    assert seen and all(s == (True, torch.bfloat16) for s in seen)
+
+
+def test_tasks_0_evaluates_every_task_and_n_the_first_n(saved_run, monkeypatch):
+    from qwenrl.eval import evaluate as evaluate_mod
+
+    seen = []
+
+    def fake_evaluate_tasks(models, tasks, **kwargs):
+        seen.append([t.id for t in tasks])
+        return TaskTotals()
+
+    monkeypatch.setattr(evaluate_mod, "evaluate_tasks", fake_evaluate_tasks)
+    run, _ = saved_run
+    _, every = load_tasks(run.parent / "arc")
+    for n in (0, 2):
+        assert main([str(run), "--tasks", str(n), "--quiet"]) == 0
+    assert len(every) == 4
+    assert seen == [[t.id for t in every], [t.id for t in every[:2]]]
+
+
+def test_load_run_reads_weights_saved_under_earlier_names(saved_run, tmp_path):
+    """A checkpoint whose tensors carry the names of an earlier version
+    (QwenRLModels.RENAMED) loads into today's models, equal to the same weights saved today."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from qwenrl.models import QwenRLModels
+    from qwenrl.train.checkpoint import WEIGHTS
+
+    checkpoint = find_checkpoint(saved_run[0])
+    earlier = tmp_path / checkpoint.name
+    shutil.copytree(checkpoint, earlier)
+    weights = load_file(str(earlier / WEIGHTS))
+    old_name = {new: old for old, new in QwenRLModels.RENAMED.items()}
+    assert old_name and old_name.keys() <= weights.keys()
+    save_file({old_name.get(k, k): v for k, v in weights.items()}, str(earlier / WEIGHTS))
+    models, _, _ = load_run(earlier)
+    today, _, _ = load_run(checkpoint)
+    got, want = models.state_dict(), today.state_dict()
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
 def test_python_m_qwenrl_evaluate_is_the_same_command():
     import subprocess
     import sys

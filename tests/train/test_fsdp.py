@@ -210,7 +210,7 @@ def test_fsdp_with_fp16_is_a_clear_error(capsys):
 
 def test_fsdp_without_torchrun_names_torchrun(tmp_path, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    with pytest.raises(ValueError, match="torchrun"):
+    with pytest.raises(ValueError, match=r"torchrun --nproc_per_node=N \(N >= 2\)"):
         Trainer(TrainConfig(fsdp=True, out=str(tmp_path / "run")), quiet=True)
 
 

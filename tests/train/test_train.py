@@ -216,7 +216,7 @@ def test_nonfinite_loss_is_skipped_then_stops_with_a_checkpoint(tmp_path, arc_di
         skipped = trainer.train_step(trainer.batch_at(1))
         assert skipped.get("skipped") and isinstance(skipped["qwen_ran"], bool)
         assert trainer.train_step(trainer.batch_at(2)).get("skipped")
-        with pytest.raises(NonFiniteLossError, match="saved.*try --amp off"):
+        with pytest.raises(NonFiniteLossError, match=r"saved in .*, or try --amp off\.$"):
             trainer.train_step(trainer.batch_at(3))
     assert all(torch.equal(a, p.detach()) for a, p in zip(params, trainer.main_params))
     assert latest_checkpoint(tmp_path / "run") is not None
@@ -460,9 +460,12 @@ def test_resume_with_max_batches_draws_the_uninterrupted_batches(tmp_path, arc_d
     assert drawn["b"] == drawn["a"][4:]
 
 
-def test_resumed_training_loop_logs_what_the_uninterrupted_one_logs(tmp_path, arc_dir):
+def test_resumed_training_loop_logs_what_the_uninterrupted_one_logs(tmp_path, arc_dir, monkeypatch):
     """Through train(): resuming in epoch 1 (τ = 0.3) gives the same log records and
-    validation as the run that never stopped."""
+    validation as the run that never stopped, and the epoch's progress bar starts where the
+    run stopped."""
+    from qwenrl.train import trainer as trainer_mod
+
     straight = Trainer(tiny_config(tmp_path / "a", arc_dir, save_every=3), quiet=True)
     summary_a = straight.train()
     straight.close()
@@ -475,8 +478,14 @@ def test_resumed_training_loop_logs_what_the_uninterrupted_one_logs(tmp_path, ar
     cut.close()
     resumed = Trainer(tiny_config(tmp_path / "b", arc_dir, resume="auto"), quiet=True)
     assert resumed.step == 6 and resumed.criterion.tau == 0.3
+    bars = []
+    real_tqdm = trainer_mod.tqdm
+    monkeypatch.setattr(
+        trainer_mod, "tqdm", lambda *args, **kwargs: bars.append(kwargs) or real_tqdm(**kwargs)
+    )
     summary_b = resumed.train()
     resumed.close()
+    assert [(b["initial"], b["total"]) for b in bars] == [(6 % 4, 4)]  # 2 of epoch 1's 4 steps
 
     def records(run: str) -> list[dict]:
         lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
@@ -732,12 +741,18 @@ def test_setup_details(tmp_path, arc_dir, capsys):
     default_ws.close()
 
 
-def test_val_every_skips_validations_but_never_the_last(tmp_path, arc_dir):
-    cfg = tiny_config(tmp_path / "run", arc_dir, epochs=3, max_batches=1, val_every=2)
+@pytest.mark.parametrize(("epochs", "val_every", "validated"), [(3, 2, [1, 2]), (4, 3, [2, 3])])
+def test_val_every_skips_validations_but_never_the_last(
+    tmp_path, arc_dir, epochs, val_every, validated
+):
+    """Epochs are counted from 0: validation after epochs val_every - 1, 2·val_every - 1, ...
+    and after the last one."""
+    cfg = tiny_config(tmp_path / "run", arc_dir, epochs=epochs, max_batches=1, val_every=val_every)
     trainer = Trainer(cfg, quiet=True)
     summary = trainer.train()
     trainer.close()
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
-    assert [r["epoch"] for r in records if r["kind"] == "val"] == [1, 2]
-    assert summary["epoch"] == 2
-    assert latest_checkpoint(tmp_path / "run").name == f"checkpoint-{3:08d}"  # every epoch saves
+    assert [r["epoch"] for r in records if r["kind"] == "val"] == validated
+    assert summary["epoch"] == epochs - 1
+    last = f"checkpoint-{epochs:08d}"
+    assert latest_checkpoint(tmp_path / "run").name == last  # every epoch saves
