@@ -7,62 +7,14 @@ from __future__ import annotations
 import loss_inputs as cases
 import pytest
 import torch
+from loss_inputs import distill_reference as reference
+from loss_inputs import make_distill as make
 
 import qwenrl
-from qwenrl.loss import chunks, distill, efe_loss_reference, linear, linear_op
+from qwenrl.loss import chunks, distill, linear, linear_op
 from qwenrl.loss.dispatch import resolve_backend
 from qwenrl.loss.options import EFEOptions
 from qwenrl.loss.reference import PER_TOKEN_FIELDS
-
-
-def make(n, d, v, seed, *, d_t=6, ignore_frac=0.25, dtype=torch.float32, t_dtype=None):
-    """The student (hidden [n, d], weight [v, d], bias [v]), the teacher (hidden [n, d_t],
-    weight [v, d_t], bias [v]), class targets that mark ignored rows, row weights, a mask."""
-    g = torch.Generator().manual_seed(seed)
-    h = torch.randn(n, d, generator=g)
-    w = torch.randn(v, d, generator=g) * (2.0 / d**0.5)
-    b = torch.randn(v, generator=g) * 0.5
-    th = torch.randn(n, d_t, generator=g)
-    tw = torch.randn(v, d_t, generator=g) * (3.0 / d_t**0.5)
-    tb = torch.randn(v, generator=g) * 0.5
-    t = torch.randint(0, v, (n,), generator=g)
-    t[torch.rand(n, generator=g) < ignore_frac] = -100
-    rw = torch.randn(n, generator=g) * 1.5
-    mask = torch.rand(n, generator=g) < 0.5
-    t_dtype = t_dtype or dtype
-    student = tuple(x.to(dtype) for x in (h, w, b))
-    teacher = tuple(x.to(t_dtype) for x in (th, tw, tb))
-    return student, teacher, t, rw, mask
-
-
-def reference(student, teacher, t, grad_out, *, temperature=1.0, row_weight=None,
-              hard_mask=None, ignore_index=-100, **opts):  # fmt: skip
-    """The float64 truth: (loss, sums, per_token [4, N], grads of the student)."""
-    leaves = [x.detach().double().requires_grad_() for x in student]
-    hh, ww, bb = leaves
-    v = ww.shape[0]
-    th, tw, tb = (x.detach().double() for x in teacher)
-    z = (hh @ ww.T + bb).reshape(-1, v) / temperature
-    p = torch.softmax((th @ tw.T + tb).reshape(-1, v) / temperature, -1)
-    n = z.shape[0]
-    keep = torch.ones(n, dtype=torch.bool) if t is None else t.reshape(-1) != ignore_index
-    sel = lambda x: None if x is None else x.reshape(-1)[keep]  # noqa: E731
-    loss, sums, tok = efe_loss_reference(
-        z[keep],
-        p[keep],
-        row_weight=None if row_weight is None else sel(row_weight.double()),
-        hard_mask=sel(hard_mask),
-        return_per_token=True,
-        **opts,
-    )
-    loss = loss * temperature**2
-    full_tok = torch.zeros(4, n, dtype=tok.dtype)
-    full_tok[:, keep] = tok
-    if opts.get("reduction") == "none":
-        loss = torch.zeros(n, dtype=loss.dtype).masked_scatter(keep, loss)
-        loss = loss.reshape(student[0].shape[:-1])
-    loss.backward(grad_out.double())
-    return loss.detach(), sums, full_tok, tuple(x.grad for x in leaves)
 
 
 def run(student, teacher, t, grad_out, mode="fresh", **kw):

@@ -381,3 +381,24 @@ def test_compute_loss_func_patch_twice_tuples_and_missing_hidden_state():
     logits, past = torch.zeros(1), torch.ones(1)
     assert _replace((logits, past), logits=None) == (past,)  # the logits (first) dropped
     assert _replace((logits, past), loss=logits)[1] is past
+
+
+def test_the_decoder_guard_is_installed_once_and_refuses_a_bypass():
+    """Patching twice leaves one guard on the decoder. Once something replaces the patched
+    forward, a training step that runs the decoder alone raises and names the patcher, also
+    on a model that never ran a qwenrl forward."""
+    from qwenrl.loss.hf import _parts, apply_linear_efe
+
+    model = tiny_qwen3(vocab=300)
+    decoder, _ = _parts(model)
+    hooks = len(decoder._forward_pre_hooks)
+    apply_linear_efe(model, **CE)
+    guard = model._qwenrl_decoder_guard
+    apply_linear_efe(model, **CE)
+    assert model._qwenrl_decoder_guard is guard
+    assert len(decoder._forward_pre_hooks) == hooks + 1
+    ids, _ = next(batches(1, vocab=300))
+    model.train()
+    model.forward = lambda **kwargs: decoder(**kwargs)  # not a qwenrl forward
+    with pytest.raises(RuntimeError, match="^qwenrl.loss.hf.apply_linear_efe patched this "):
+        model(input_ids=ids[:1, :8])

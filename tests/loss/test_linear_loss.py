@@ -13,7 +13,12 @@ from loss_inputs import (
     LINEAR_BACKENDS,
     assert_compiled_matches_eager,
     assert_linear_call_raises,
+    assert_linear_matches,
+    distill_reference,
+    grad_out_for,
+    make_distill,
     needs_ext,
+    run_linear_modes,
     run_linear_reference,
     seed_of,
     skip_under_mutmut,
@@ -23,6 +28,7 @@ from loss_inputs import (
 import qwenrl
 from qwenrl.loss import (
     chunks,
+    distill,
     efe_loss,
     efe_loss_reference,
     grad_engine,
@@ -186,7 +192,8 @@ def spy_forward(calls):
     _, forward_fn = resolve_backend("auto", torch.device("cpu"))
 
     def spy(logits, target, hard_mask, row_weight, grad, options):
-        calls.append((tuple(logits.shape), grad is not None, options.reduction))
+        over_logits = grad is not None and grad.data_ptr() == logits.data_ptr()
+        calls.append((tuple(logits.shape), grad is not None, options.reduction, over_logits))
         return forward_fn(logits, target, hard_mask, row_weight, grad, options)
 
     return spy
@@ -208,6 +215,7 @@ def test_never_more_than_a_chunk_of_logits_and_ignored_rows_skip_the_matmul():
     )
     assert [c[0] for c in calls] == [(8, 33)] * 4 + [(1, 33)]  # only the 33 valid rows
     assert all(c[1] and c[2] == "sum" for c in calls)
+    assert all(c[3] for c in calls)  # float32: the gradient overwrites the logits, no 2nd buffer
     assert (gh[::3] == 0).all() and gh.shape == h.shape
     ref, _ = efe_loss_reference(F.linear(h, w, b), t, entropy_weight=0.2)
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
@@ -514,7 +522,7 @@ def test_chunk_entry_points_check_their_mode():
     _, fwd = resolve_backend("auto", torch.device("cpu"))
     into = torch.zeros_like(w)
     p = problem(h, w, b, t, None, fwd, EFEOptions(), 4)
-    with pytest.raises(ValueError, match="upstream must be"):  # [N] upstream for 'mean'
+    with pytest.raises(ValueError, match=r"^upstream must be \[N\] for reduction='none'"):
         chunks.chunked_grads(p, (True,) * 3, torch.ones(10))
     with pytest.raises(ValueError, match="grad_w_into needs"):  # no weight gradient asked
         chunks.chunked_grads(p, (True, False, True), torch.tensor(1.0), grad_w_into=into)
@@ -579,6 +587,17 @@ def test_low_precision_within_twice_torch_error(dtype):
         ({"backend": "gpu"}, ValueError, "backend"),
         ({"hard_mask": torch.zeros(4, 6)}, TypeError, "hard_mask"),
         ({"label_smoothing": 2.0}, ValueError, "label_smoothing"),
+        ({"target": None}, TypeError, "^target is None: only a distillation call"),
+        ({"teacher_bias": torch.randn(12)}, ValueError, "^teacher_bias was given without"),
+        (  # a distillation call checks its hard_mask too
+            {
+                "teacher_hidden": torch.randn(4, 6, 5),
+                "teacher_weight": torch.randn(12, 5),
+                "hard_mask": torch.zeros(4, 6),
+            },
+            TypeError,
+            "^hard_mask must be a bool tensor",
+        ),
     ],
 )
 def test_bad_inputs(kwargs, error, pattern):
@@ -833,6 +852,22 @@ def test_custom_op_eager_autograd_and_fake_match_the_function(reduction):
     real = linear_op.linear_efe_fused(*args16, **options.kernel_kwargs())
     fake = linear_op._linear_efe_fused_fake(*args16, **options.kernel_kwargs())
     assert [(x.shape, x.dtype) for x in fake] == [(x.shape, x.dtype) for x in real]
+    # A distillation call: the teacher (its bias too) and the temperature reach the op's chunks.
+    student, teacher, t, *_ = make_distill(17, 8, 23, seed_of("op-teacher", reduction))
+    leaves = [x.clone().requires_grad_() for x in student]
+    go = grad_out_for(reduction, 17, 3)
+    kw = dict(teacher_hidden=teacher[0], teacher_weight=teacher[1], teacher_bias=teacher[2])
+    loss, *_ = linear_op.linear_efe_fused(
+        *leaves, t, None, "reference", 0, [True, True, True], **kw, temperature=1.5,
+        **options.kernel_kwargs(),
+    )  # fmt: skip
+    loss.backward(go)
+    want, _, _, want_grads = distill_reference(
+        student, teacher, t, go, temperature=1.5, reduction=reduction
+    )
+    torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-6)
+    for got, ref in zip((x.grad for x in leaves), want_grads):
+        torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-5)
 
 
 # --- the autograd internals the in-place mode reads (qwenrl/loss/grad_engine.py) ------------
@@ -988,3 +1023,94 @@ def test_double_backward_and_reuse_messages_say_what_to_do():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="; compute the loss again to backward twice$"):
         loss.backward()
+
+
+@needs_ext
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_teacher_row_weight_and_per_token_outputs_through_both_passes(reduction):
+    """What tests/loss/test_distill.py and test_linear_options.py check at length, once in a
+    file that ``make mutate`` runs: a teacher with a bias and T != 1, row weights, ignored rows
+    and the per-token outputs, through the forward and (for 'none') the backward's second pass
+    of the chunks. The per-token outputs carry no gradient."""
+    student, teacher, t, rw, _ = make_distill(23, 8, 19, seed_of("teacher-rows", reduction))
+    go = grad_out_for(reduction, 23, 5)
+    opts = {"reduction": reduction, "row_weight": rw, "temperature": 2.0}
+    kw = dict(teacher_hidden=teacher[0], teacher_weight=teacher[1], teacher_bias=teacher[2])
+    ours = run_linear_modes(*student, t, go, chunk_size=5, **kw, **opts)
+    assert not any(x.requires_grad for x in ours[2].values())
+    assert_linear_matches(ours, distill_reference(student, teacher, t, go, **opts))
+    # row weights without a teacher, and the per-token outputs of ignored rows: 0
+    h, w, b = student
+    ours = run_linear_modes(h, w, b, t, go, chunk_size=5, reduction=reduction, row_weight=rw)
+    keep = t != -100
+    assert (ours[2]["lse"][~keep] == 0).all() and (ours[2]["lse"][keep] != 0).all()
+    leaves = [x.detach().double().requires_grad_() for x in student]
+    loss64, _ = efe_loss_reference(
+        F.linear(*leaves), t, row_weight=rw.double(), reduction=reduction
+    )
+    loss64.backward(go.double())
+    torch.testing.assert_close(ours[0].double(), loss64.detach(), rtol=1e-4, atol=1e-5)
+    for g, leaf in zip(ours[3], leaves):
+        torch.testing.assert_close(g.double(), leaf.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_float64_inputs_give_float64_gradients():
+    """float64 hidden states and weight (the reference backend): the gradients are
+    accumulated and returned in float64."""
+    h, w, b, t = make_linear_inputs(40, 8, 23, "class", seed_of("f64"), dtype=torch.float64)
+    _, _, grads = run(h, w, b, t, reduction="sum", chunk_size=6, backend="reference")
+    _, _, grads64 = run_linear_reference(h, w, b, t, reduction="sum")
+    for g, g64 in zip(grads, grads64):
+        assert g.dtype == torch.float64
+        torch.testing.assert_close(g, g64, rtol=1e-5, atol=1e-6)
+
+
+def test_default_chunk_size_counts_the_teacher_buffer(monkeypatch):
+    """The default chunk rule is given the bytes per logit alive in a chunk: the logits' own
+    (float32: 4, also for bfloat16 on the CPU, whose matmul runs in float32), plus 4 for a
+    teacher's float32 soft target."""
+    elems = []
+    real = chunks.default_chunk_size
+    monkeypatch.setattr(chunks, "default_chunk_size", lambda *a: elems.append(a[-1]) or real(*a))
+    student, teacher, t, *_ = make_distill(10, 8, 12, seed_of("elem"))
+    _, fwd = resolve_backend("auto", torch.device("cpu"))
+    chunks.chunked_loss(problem(*student, t, None, fwd, EFEOptions(), 0))
+    low = tuple(x.bfloat16() for x in student)
+    chunks.chunked_loss(problem(*low, t, None, fwd, EFEOptions(), 0))
+    settings = chunks.ChunkSettings(fwd, EFEOptions(soft=True), 0)
+    with_teacher = distill.Teacher(*teacher, 1.0)
+    chunks.chunked_loss(chunks.LinearProblem(*student, t, None, settings, None, with_teacher))
+    assert elems == [4, 4, 8]
+
+
+def test_the_backward_does_not_check_the_targets_again(monkeypatch):
+    """'none' runs the chunks twice; only the forward checks the class targets' range (a
+    host sync on CUDA)."""
+    checks = []
+    real = chunks.check_target_range
+    monkeypatch.setattr(chunks, "check_target_range", lambda *a: checks.append(1) or real(*a))
+    h, w, b, t = make_linear_inputs(12, 8, 15, "class", seed_of("check-once"))
+    hh = h.clone().requires_grad_()
+    loss = qwenrl.linear_efe_loss(hh, w, t, bias=b, reduction="none", validate=True)
+    assert checks == [1]
+    loss.sum().backward()
+    assert checks == [1] and hh.grad is not None
+
+
+@pytest.mark.parametrize("upstream", [1.0, 1.7])
+def test_the_backward_scales_the_forward_gradients_in_place(monkeypatch, upstream):
+    """'mean': the gradients computed in the forward are scaled in their own buffers, which
+    become the leaves' .grad (no second [V, D] tensor)."""
+    buffers = []
+    real = chunks.chunked_loss_and_grads
+
+    def record(p, needs):
+        out = real(p, needs)
+        buffers.append([g.data_ptr() for g in out[2:]])  # addresses only: no reference kept
+        return out
+
+    monkeypatch.setattr(chunks, "chunked_loss_and_grads", record)
+    h, w, b, t = make_linear_inputs(20, 8, 30, "class", seed_of("scale-in-place", upstream))
+    leaves = [x.clone().requires_grad_() for x in (h, w, b)]
+    qwenrl.linear_efe_loss(*leaves[:2], t, bias=leaves[2]).backward(torch.tensor(upstream))
+    assert buffers == [[x.grad.data_ptr() for x in leaves]]
