@@ -4,6 +4,7 @@ demonstration predicted back leave-one-out."""
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -73,7 +74,18 @@ def test_training_on_the_demonstrations_raises_the_fit(models):
     assert before.exact == 0 and after.exact > before.exact
 
 
-def test_the_command_writes_a_summary(tmp_path, capsys):
+def test_a_task_with_one_demonstration_has_no_pair_to_predict(models):
+    fit = fit_task(models, _task(1), TTTConfig(steps=1))
+    assert (fit.task_id, fit.exact, fit.pairs, fit.seconds) == ("flip", 0, 0, 0.0)
+    assert not fit.fits()
+
+
+def test_the_help_describes_the_command():
+    assert fit_mod.build_parser().description == fit_mod.__doc__.split("\n\n")[0]
+    assert "demonstration" in fit_mod.build_parser().description
+
+
+def test_the_command_writes_a_summary(tmp_path, capsys, monkeypatch):
     write_arc_tasks(tmp_path / "arc" / "training", 4, seed=1, prefix="train")
     write_arc_tasks(tmp_path / "arc" / "evaluation", 2, seed=2, prefix="eval")
     cfg = tiny_config(tmp_path / "run", tmp_path / "arc", epochs=1, max_batches=2, val_tasks=1)
@@ -82,12 +94,25 @@ def test_the_command_writes_a_summary(tmp_path, capsys):
     trainer.close()
     out = tmp_path / "fit.json"
     argv = [str(tmp_path / "run"), "--tasks", "2", "--ttt_steps", "1", "--quiet", "--out", str(out)]
+    start = time.perf_counter()
     assert main(argv) == 0
+    wall = time.perf_counter() - start
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["tasks"] == 2 and summary["pairs"] == 6 and summary["ttt_steps"] == 1
-    assert 0 <= summary["fitted"] <= 2 and summary["seconds_per_task"] > 0
+    assert 0 <= summary["fitted"] <= 2 and summary["fit_rate"] == summary["fitted"] / 2
     saved = json.loads(out.read_text())
     assert [r["task_id"] for r in saved["per_task"]] == ["eval000", "eval001"]
+    seconds = [r["seconds"] for r in saved["per_task"]]
+    assert all(0 < t < wall for t in seconds)
+    assert summary["seconds_per_task"] == round(sum(seconds) / 2, 2)
+    assert summary["max_seconds"] == round(max(seconds), 2)
+    # Without --quiet a progress bar; tasks without a leave-one-out prompt are not counted.
+    monkeypatch.setattr(fit_mod, "fit_task", lambda m, task, *a, **k: TaskFit(task.id, 0, 0, 0.0))
+    assert main([str(tmp_path / "run"), "--tasks", "1", "--out", str(tmp_path / "none.json")]) == 0
+    captured = capsys.readouterr()
+    assert "Fitting: " in captured.err  # the bar, "Fitting: 100%|..."
+    summary = json.loads(captured.out.strip().splitlines()[-1])
+    assert (summary["tasks"], summary["fit_rate"], summary["max_seconds"]) == (0, 0.0, 0.0)
     with pytest.raises(SystemExit):
         main([str(tmp_path / "run"), "--fit_share", "0"])
     assert "--fit_share must be" in capsys.readouterr().err

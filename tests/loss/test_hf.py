@@ -402,3 +402,29 @@ def test_the_decoder_guard_is_installed_once_and_refuses_a_bypass():
     model.forward = lambda **kwargs: decoder(**kwargs)  # not a qwenrl forward
     with pytest.raises(RuntimeError, match="^qwenrl.loss.hf.apply_linear_efe patched this "):
         model(input_ids=ids[:1, :8])
+
+
+def test_the_bypass_message_names_the_replacing_forward_and_says_what_to_do():
+    """The message names where the replacing forward is defined, says when it is TRL's fused
+    head (a function from a ``trl`` package), and points to use_qwenrl."""
+    import functools
+
+    from qwenrl.loss.hf import _bypass_message
+
+    model = tiny_qwen3(vocab=300)
+    model._qwenrl_patched_by = "qwenrl.loss.hf.apply_linear_efe"
+    namespace: dict = {}
+    exec(
+        compile("def forward(**kwargs):\n    pass\n", "/site/trl/trainer/utils.py", "exec"),
+        namespace,
+    )
+    model.forward = namespace["forward"]
+    by_trl = _bypass_message(model)
+    assert "(forward of /site/trl/trainer/utils.py)" in by_trl
+    assert ": TRL's fused LM head (trl.trainer.utils.add_fused_lm_head)" in by_trl
+    assert ", so the qwenrl loss would be silently skipped. With a TRL trainer, call " in by_trl
+    assert by_trl.endswith("use_qwenrl(trainer, **options) after building the trainer.")
+    model.forward = lambda **kwargs: None
+    assert "TRL's fused LM head" not in _bypass_message(model)  # defined here, not in trl/
+    model.forward = functools.partial(lambda **kwargs: None)  # no __code__: its repr
+    assert f"({model.forward!r})" in _bypass_message(model)
