@@ -14,8 +14,9 @@ integration tests check that). Inside TRL the head runs with ``reduction='none'`
 need a differentiable log-prob per token), so its backward always runs the chunks again, in
 either weight-gradient mode; the modes differ only in where the weight gradient goes when
 ``.grad`` exists (the second micro-batch of each step): added into it in place
-(``use_qwenrl``: the default, which for ``'none'`` is in place) or built as a new [V, D] tensor that autograd then adds
-(``use_qwenrl_forward_grad``: ``use_qwenrl(trainer, weight_grad_in_place=False)``).
+(``use_qwenrl``: the default, which for ``'none'`` is in place) or built as a new [V, D]
+tensor that autograd then adds (``use_qwenrl_forward_grad``: ``use_qwenrl(trainer,
+weight_grad_in_place=False)``).
 
 Time: ``trainer.train()`` over 3 optimiser steps, pytest-benchmark's median of 2 rounds after a
 warm-up round (each round starts from the same model: ``train()`` re-creates the optimiser);

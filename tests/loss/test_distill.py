@@ -7,8 +7,6 @@ from __future__ import annotations
 import loss_inputs as cases
 import pytest
 import torch
-from loss_inputs import distill_reference as reference
-from loss_inputs import make_distill as make
 
 import qwenrl
 from qwenrl.loss import chunks, distill, linear, linear_op
@@ -18,7 +16,7 @@ from qwenrl.loss.reference import PER_TOKEN_FIELDS
 
 
 def run(student, teacher, t, grad_out, mode="fresh", **kw):
-    """linear_efe_loss with the teacher (:func:`cases.run_linear_modes` with each ``mode``). The
+    """linear_efe_loss with the teacher (``run_linear_modes`` of tests/loss_inputs.py with each ``mode``). The
     teacher's tensors require grad: they must get none."""
     th, tw, tb = (x.detach().clone().requires_grad_() for x in teacher)
     out = cases.run_linear_modes(
@@ -43,7 +41,7 @@ def test_matches_float64_materialised_reference(backend, reduction, temperature,
     marked by a class target or no target at all."""
     n, d, v = 37, 12, 53
     seed = cases.seed_of("distill", reduction, temperature, target)
-    student, teacher, t, *_ = make(n, d, v, seed)
+    student, teacher, t, *_ = cases.make_distill(n, d, v, seed)
     t = t if target == "ignored" else None
     opts = dict(OPTION_SETS[int(temperature != 1.0)], reduction=reduction)
     go = cases.grad_out_for(reduction, n, seed)
@@ -51,7 +49,7 @@ def test_matches_float64_materialised_reference(backend, reduction, temperature,
         student, teacher, t, go, chunk_size=5, backend=backend, temperature=temperature, **opts
     )
     cases.assert_linear_matches(
-        ours, reference(student, teacher, t, go, temperature=temperature, **opts)
+        ours, cases.distill_reference(student, teacher, t, go, temperature=temperature, **opts)
     )
 
 
@@ -61,7 +59,9 @@ def test_matches_float64_materialised_reference(backend, reduction, temperature,
 def test_every_option_and_both_weight_gradient_modes(backend, reduction, mode):
     """row_weight, z_loss, a hard mask, label smoothing, β and ignored rows together."""
     n, d, v = 31, 8, 41
-    student, teacher, t, rw, mask = make(n, d, v, cases.seed_of("combined", reduction, mode))
+    student, teacher, t, rw, mask = cases.make_distill(
+        n, d, v, cases.seed_of("combined", reduction, mode)
+    )
     opts = {
         "row_weight": rw, "z_loss": 0.03, "hard_mask": mask, "label_smoothing": 0.1,
         "entropy_weight": 0.3, "tau": 0.4, "easy_weight": 0.25, "reduction": reduction,
@@ -70,7 +70,9 @@ def test_every_option_and_both_weight_gradient_modes(backend, reduction, mode):
     ours = run(
         student, teacher, t, go, mode, chunk_size=6, backend=backend, temperature=2.0, **opts
     )
-    cases.assert_linear_matches(ours, reference(student, teacher, t, go, temperature=2.0, **opts))
+    cases.assert_linear_matches(
+        ours, cases.distill_reference(student, teacher, t, go, temperature=2.0, **opts)
+    )
 
 
 @cases.needs_ext
@@ -78,7 +80,7 @@ def test_every_option_and_both_weight_gradient_modes(backend, reduction, mode):
 def test_uneven_chunks_and_batched_rows(chunk_size):
     """hidden [2, 3, 5, D] and teacher_hidden [2, 3, 5, D_t]: the loss and per-token outputs
     keep the rows' shape, the gradient hidden's."""
-    student, teacher, t, rw, _ = make(30, 8, 29, cases.seed_of("batched", chunk_size))
+    student, teacher, t, rw, _ = cases.make_distill(30, 8, 29, cases.seed_of("batched", chunk_size))
     shape = (2, 3, 5)
     student = (student[0].reshape(*shape, 8), *student[1:])
     teacher = (teacher[0].reshape(*shape, 6), *teacher[1:])
@@ -90,14 +92,14 @@ def test_uneven_chunks_and_batched_rows(chunk_size):
         ours = run(student, teacher, t, go, chunk_size=chunk_size, **opts)
         assert ours[0].shape == (shape if reduction == "none" else ())
         assert ours[2]["lse"].shape == shape and ours[3][0].shape == student[0].shape
-        cases.assert_linear_matches(ours, reference(student, teacher, t, go, **opts))
+        cases.assert_linear_matches(ours, cases.distill_reference(student, teacher, t, go, **opts))
 
 
 @pytest.mark.parametrize("backend", cases.LINEAR_BACKENDS)
 def test_no_grad(backend):
-    student, teacher, t, rw, _ = make(25, 8, 30, cases.seed_of("nograd", backend))
+    student, teacher, t, rw, _ = cases.make_distill(25, 8, 30, cases.seed_of("nograd", backend))
     opts = {"reduction": "none", "row_weight": rw, "temperature": 3.0}
-    truth = reference(student, teacher, t, torch.ones(25), **opts)
+    truth = cases.distill_reference(student, teacher, t, torch.ones(25), **opts)
     h, w, b = (x.requires_grad_() for x in student)
     with torch.no_grad():
         loss, stats, tok = qwenrl.linear_efe_loss(
@@ -111,14 +113,14 @@ def test_no_grad(backend):
 
 @cases.needs_ext
 def test_teacher_without_bias_and_student_without_bias():
-    student, teacher, t, *_ = make(21, 8, 19, cases.seed_of("nobias"))
+    student, teacher, t, *_ = cases.make_distill(21, 8, 19, cases.seed_of("nobias"))
     h, w, _ = (x.clone().requires_grad_() for x in student)
     loss = qwenrl.linear_efe_loss(
         h, w, t, teacher_hidden=teacher[0], teacher_weight=teacher[1], temperature=2.0, chunk_size=4
     )
     loss.backward()
     zero = torch.zeros(19)
-    truth = reference(
+    truth = cases.distill_reference(
         (student[0], student[1], zero), (*teacher[:2], zero), t, torch.tensor(1.0), temperature=2.0
     )
     torch.testing.assert_close(loss.double(), truth[0], rtol=1e-5, atol=1e-6)
@@ -131,7 +133,7 @@ def test_teacher_without_bias_and_student_without_bias():
 def test_a_student_equal_to_its_teacher_has_nothing_to_learn(temperature):
     """KL(p ‖ q) = 0 when the student's logits are the teacher's: loss and gradients 0 (β = 0,
     no smoothing), whatever T."""
-    student, _, t, *_ = make(20, 8, 33, cases.seed_of("same", temperature))
+    student, _, t, *_ = cases.make_distill(20, 8, 33, cases.seed_of("same", temperature))
     h, w, b = (x.clone().requires_grad_() for x in student)
     loss = qwenrl.linear_efe_loss(
         h, w, t, bias=b, teacher_hidden=student[0], teacher_weight=student[1],
@@ -154,12 +156,14 @@ def test_a_student_equal_to_its_teacher_has_nothing_to_learn(temperature):
 )
 def test_low_precision(dtype, t_dtype):
     """bf16 student and/or teacher: close to the float64 truth of those very values (loose)."""
-    student, teacher, t, rw, _ = make(
+    student, teacher, t, rw, _ = cases.make_distill(
         64, 32, 300, cases.seed_of("low", dtype, t_dtype), dtype=dtype, t_dtype=t_dtype
     )
     opts = {"reduction": "mean", "row_weight": rw, "temperature": 2.0}
     ours = run(student, teacher, t, torch.tensor(1.0), chunk_size=24, **opts)
-    loss64, _, tok64, grads64 = reference(student, teacher, t, torch.tensor(1.0), **opts)
+    loss64, _, tok64, grads64 = cases.distill_reference(
+        student, teacher, t, torch.tensor(1.0), **opts
+    )
     torch.testing.assert_close(ours[0].double(), loss64, rtol=1e-2, atol=1e-3)
     torch.testing.assert_close(ours[2]["entropy"].double(), tok64[1].double(), rtol=1e-3, atol=1e-3)
     for g, g64 in zip(ours[3], grads64):
@@ -172,7 +176,7 @@ def test_never_more_than_a_chunk_of_either_logits(drop_ignored):
     """Every kernel call sees one chunk of student logits and one chunk of soft target, only
     the rows that are not ignored: also where class targets keep their ignored rows in the
     matmul (CUDA, ``drop_ignored=False``), since the kernel's soft mode would count them."""
-    student, teacher, t, *_ = make(50, 8, 33, cases.seed_of("spy"), ignore_frac=0.0)
+    student, teacher, t, *_ = cases.make_distill(50, 8, 33, cases.seed_of("spy"), ignore_frac=0.0)
     t[::3] = -100  # 17 ignored rows, 33 kept
     _, forward_fn = resolve_backend("auto", torch.device("cpu"))
     calls = []
@@ -188,7 +192,7 @@ def test_never_more_than_a_chunk_of_either_logits(drop_ignored):
     assert [c[0] for c in calls] == [(8, 33)] * 4 + [(1, 33)]
     assert all(c[0] == c[1] and c[2] == torch.float32 and c[3] for c in calls)
     assert sums[4].item() == 33 and (gh[::3] == 0).all()
-    truth = reference(student, teacher, t, torch.tensor(1.0), temperature=2.0)
+    truth = cases.distill_reference(student, teacher, t, torch.tensor(1.0), temperature=2.0)
     torch.testing.assert_close(loss.double(), truth[0], rtol=1e-5, atol=1e-6)
 
 
@@ -250,7 +254,9 @@ def test_memory_stays_far_below_the_materialised_logits():
 def test_the_compiled_branch_carries_the_teacher(monkeypatch, reduction):
     """With is_compiling() forced on (eagerly): the custom op and its registered autograd give
     the eager Function's loss, per-token outputs and gradients."""
-    student, teacher, t, rw, mask = make(31, 8, 27, cases.seed_of("op-branch", reduction))
+    student, teacher, t, rw, mask = cases.make_distill(
+        31, 8, 27, cases.seed_of("op-branch", reduction)
+    )
     opts = {
         "reduction": reduction,
         "row_weight": rw,
@@ -280,7 +286,7 @@ def test_the_compiled_branch_carries_the_teacher(monkeypatch, reduction):
 def test_compiles_fullgraph():
     """A student projection and head distilled from a frozen teacher head, compiled with
     fullgraph=True: the eager loss and gradients; the teacher gets none."""
-    student, teacher, t, *_ = make(40, 12, 50, cases.seed_of("compile"))
+    student, teacher, t, *_ = cases.make_distill(40, 12, 50, cases.seed_of("compile"))
     proj = torch.nn.Linear(12, 12)
     head = torch.nn.Linear(12, 50)
     t_head = torch.nn.Linear(6, 50)
