@@ -46,6 +46,7 @@ ABLATIONS: dict[str, tuple[list[str], str]] = {
         "the cache refresh: embeddings never expire",
     ),
     "no_hints": (["--no-demo_hints"], "the demonstration hints"),
+    "no_rule": (["--no-rule_hint"], "the hints' rule alone"),
     "tau_fixed": (["--tau_end", "0.6"], "the τ curriculum: τ = 0.6 throughout"),
 }
 

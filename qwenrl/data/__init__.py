@@ -16,6 +16,7 @@ from qwenrl.data.grids import (
     pairs_to_text,
 )
 from qwenrl.data.hints import DemoHints, colour_votes, demo_hints, output_shape_hint
+from qwenrl.data.rules import rule_prediction
 from qwenrl.data.sampler import WorkingSetSampler
 from qwenrl.data.tasks import (
     ArcFormatError,
@@ -59,4 +60,5 @@ __all__ = [
     "output_shape_hint",
     "pairs_to_text",
     "prompt_key",
+    "rule_prediction",
 ]

@@ -34,6 +34,7 @@ from torch.utils.data import Dataset
 from qwenrl.data.augment import NUM_D8, Augmentation
 from qwenrl.data.grids import OUTSIDE, PAD, grid_to_canvas, pairs_to_text
 from qwenrl.data.hints import DemoHints, demo_hints
+from qwenrl.data.rules import rule_prediction
 from qwenrl.data.tasks import ArcTask, load_tasks
 
 
@@ -101,6 +102,9 @@ class ArcDataset(Dataset):
             raise ValueError(f"num_colour_perms must be >= 1, got {num_colour_perms}")
         self.num_augmentations = NUM_D8 * num_colour_perms if self.augment else 1
         self.aug_seed = aug_seed
+        # Item → its rule prediction in the task's own frame (qwenrl.data.rules), computed on
+        # first use: every augmentation of the item maps it along instead of searching again.
+        self._rules: dict[int, np.ndarray | None] = {}
 
         # Prompts: a task's demonstrations with one pair held out (leave-one-out) or none; for
         # each, the items (queries) that use it. An item records its task and held-out pair.
@@ -153,10 +157,13 @@ class ArcDataset(Dataset):
         it, aug_id = self._split_index(index)
         task = self.tasks[it.task_index]
         aug = Augmentation.from_id(aug_id, self.aug_seed)
-        demos = [
-            (aug.apply(i), aug.apply(o)) for j, (i, o) in enumerate(task.train) if j != it.held_out
-        ]
+        own_demos = [p for j, p in enumerate(task.train) if j != it.held_out]
+        demos = [(aug.apply(i), aug.apply(o)) for i, o in own_demos]
         query_in, query_out = (task.train if it.kind == "train" else task.test)[it.pair]
+        item = index // self.num_augmentations
+        if item not in self._rules:
+            self._rules[item] = rule_prediction(own_demos, query_in)
+        rule = self._rules[item]
         query_in, target = aug.apply(query_in), aug.apply(query_out)
         return Sample(
             key=prompt_key(self.split, self.aug_seed, it.task_index, it.held_out, aug_id),
@@ -166,7 +173,7 @@ class ArcDataset(Dataset):
             shape=(int(target.shape[0]), int(target.shape[1])),
             task_id=task.id,
             aug_id=aug_id,
-            hints=demo_hints(demos, query_in),
+            hints=demo_hints(demos, query_in, None if rule is None else aug.apply(rule)),
         )
 
     def target_grid(self, index: int) -> np.ndarray:

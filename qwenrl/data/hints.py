@@ -1,6 +1,8 @@
 """What a task's demonstration pairs say about the query's output, before any learning:
 its shape (:func:`output_shape_hint`) and, cell by cell, the colours that similar cells became
-(:func:`colour_votes`). :func:`demo_hints` packs both for the agent (:class:`DemoHints`).
+(:func:`colour_votes`), and the smallest per-cell rule they all agree on
+(:func:`qwenrl.data.rules.rule_prediction`). :func:`demo_hints` packs them for the agent
+(:class:`DemoHints`).
 
 Both are read off the demonstrations only, never off the query's output, and both are plain
 rules: what the agent learns is how far to trust them, which carries over to unseen tasks in a
@@ -38,6 +40,7 @@ import numpy as np
 import torch
 
 from qwenrl.data.grids import CANVAS, NUM_COLOURS, Pair
+from qwenrl.data.rules import rule_prediction
 
 Shape = tuple[int, int]
 
@@ -146,17 +149,23 @@ def _count_table(
 # --- what the agent receives -------------------------------------------------------------------
 
 
+NO_RULE = -1  # DemoHints.rule where no rule predicts a colour
+
+
 class DemoHints(NamedTuple):
     """The hints of one sample (unbatched) or a batch (leading B), as tensors.
 
     shape [2] / [B, 2] int64: the implied output (h, w), (0, 0) = none ·
     votes [30, 30, 10] / [B, 30, 30, 10] float32: :func:`colour_votes` on the canvas (zero
-    beyond the query) · level [30, 30] / [B, 30, 30] int64: their level (0 beyond the query).
+    beyond the query) · level [30, 30] / [B, 30, 30] int64: their level (0 beyond the query) ·
+    rule [30, 30] / [B, 30, 30] int64: the colour :func:`~qwenrl.data.rules.rule_prediction`
+    gives each output cell, :data:`NO_RULE` where there is none (beyond its output, or no rule).
     """
 
     shape: torch.Tensor
     votes: torch.Tensor
     level: torch.Tensor
+    rule: torch.Tensor
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> DemoHints:
         return DemoHints(*(t.to(device, non_blocking=non_blocking) for t in self))
@@ -168,6 +177,7 @@ class DemoHints(NamedTuple):
             torch.zeros(batch, 2, dtype=torch.long, device=device),
             torch.zeros(batch, CANVAS, CANVAS, NUM_COLOURS, device=device),
             torch.zeros(batch, CANVAS, CANVAS, dtype=torch.long, device=device),
+            torch.full((batch, CANVAS, CANVAS), NO_RULE, dtype=torch.long, device=device),
         )
 
     @staticmethod
@@ -175,13 +185,31 @@ class DemoHints(NamedTuple):
         return DemoHints(*(torch.stack(ts) for ts in zip(*hints, strict=True)))
 
 
-def demo_hints(demos: Sequence[Pair], query: np.ndarray) -> DemoHints:
-    """Both hints for one query, on the canvas (see :class:`DemoHints`)."""
+_COMPUTE = object()
+
+
+def demo_hints(
+    demos: Sequence[Pair], query: np.ndarray, rule: np.ndarray | None | object = _COMPUTE
+) -> DemoHints:
+    """The hints for one query, on the canvas (see :class:`DemoHints`).
+
+    ``rule``: :func:`~qwenrl.data.rules.rule_prediction` for these demonstrations and query
+    when the caller already has it (``None``: no rule); computed here when not given.
+    """
     h, w = query.shape
+    if rule is _COMPUTE:
+        rule = rule_prediction(demos, query)
+    canvas_rule = torch.full((CANVAS, CANVAS), NO_RULE, dtype=torch.long)
+    if rule is not None:
+        if rule.ndim != 2 or max(rule.shape) > CANVAS:
+            raise ValueError(
+                f"rule must be an output grid within {CANVAS}×{CANVAS}, got {rule.shape}"
+            )
+        canvas_rule[: rule.shape[0], : rule.shape[1]] = torch.from_numpy(rule.astype(np.int64))
     votes, level = colour_votes(demos, query)
     canvas_votes = torch.zeros(CANVAS, CANVAS, NUM_COLOURS)
     canvas_votes[:h, :w] = torch.from_numpy(votes)
     canvas_level = torch.zeros(CANVAS, CANVAS, dtype=torch.long)
     canvas_level[:h, :w] = torch.from_numpy(level)
     shape = output_shape_hint(demos, (h, w)) or (0, 0)
-    return DemoHints(torch.tensor(shape, dtype=torch.long), canvas_votes, canvas_level)
+    return DemoHints(torch.tensor(shape, dtype=torch.long), canvas_votes, canvas_level, canvas_rule)

@@ -33,6 +33,7 @@ class ModelConfig:
     refiner_depth: int = 2  # 0: the refiner is the identity
     num_actions: int = 4  # 1: one fixed action, nothing for the RL policy to choose
     hints: bool = True  # False: the agent never sees the demonstration hints
+    rule_hint: bool = True  # False: the agent never sees the hints' rule (qwenrl.data.rules)
     reward_scale: float = 5.0
     entropy_coef: float = 0.01
     baseline_momentum: float = 0.9
@@ -95,6 +96,7 @@ class QwenRLModels(nn.Module):
             num_classes=config.num_classes,
             prompt_dropout=config.prompt_dropout,
             use_hints=config.hints,
+            use_rule=config.rule_hint,
         )
 
     def main_param_groups(self, agent_lr: float, qwen_lr: float) -> list[dict]:

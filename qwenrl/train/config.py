@@ -119,6 +119,10 @@ class TrainConfig:
     demo_hints: bool = _opt(
         True, "give the agent the demonstrations' output-shape and colour hints", model="hints"
     )
+    rule_hint: bool = _opt(
+        True, "give the agent the per-cell rule the demonstrations agree on, where one exists "
+        "(qwenrl.data.rules)", model="rule_hint",
+    )  # fmt: skip
     # --- hardware ---
     device: str = _opt("cpu", "cpu, cuda or cuda:N")
     amp: str = _opt(

@@ -267,23 +267,59 @@ def test_agent_prior_copies_inside_and_marks_outside_the_implied_shape():
     assert (pred[1, 6:] == OUTSIDE).all()
 
 
-def test_vote_gain_learns_to_trust_consistent_votes():
-    """A few steps on samples whose answer is the votes' argmax raise vote_gain."""
+@pytest.mark.parametrize("hint", ["votes", "rule"])
+def test_agent_learns_to_trust_a_hint_that_is_right(hint: str):
+    """A few steps on samples whose answer is the votes' argmax (or the rule's colour) raise
+    that hint's gain and leave the other's at 0; with ``use_rule=False`` the rule is unseen."""
     torch.manual_seed(0)
-    agent = GridAgent(dim=32, layers=1, heads=2)
     q = torch.randint(0, 10, (4, 30, 30))
     answer = (q + 1) % 10
-    votes = torch.nn.functional.one_hot(answer, NUM_COLOURS).float()
-    hints = DemoHints(torch.full((4, 2), 30), votes, torch.full((4, 30, 30), 2))
-    opt = torch.optim.Adam(agent.parameters(), lr=1e-2)
-    for _ in range(5):
-        loss = torch.nn.functional.cross_entropy(
-            agent(q, torch.zeros(4, 32), hints).reshape(-1, NUM_CLASSES), answer.reshape(-1)
-        )
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert agent.vote_gain[2] > 0.02 and agent.vote_gain[0] == 0
+    empty = DemoHints.empty(4)
+    if hint == "votes":
+        votes = torch.nn.functional.one_hot(answer, NUM_COLOURS).float()
+        hints = empty._replace(votes=votes, level=torch.full((4, 30, 30), 2))
+    else:
+        hints = empty._replace(rule=answer)
+    for use_rule in (True, False):
+        agent = GridAgent(dim=32, layers=1, heads=2, use_rule=use_rule)
+        opt = torch.optim.Adam(agent.parameters(), lr=1e-2)
+        for _ in range(5):
+            loss = torch.nn.functional.cross_entropy(
+                agent(q, torch.zeros(4, 32), hints).reshape(-1, NUM_CLASSES), answer.reshape(-1)
+            )
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        start = GridAgent(dim=32, layers=1, heads=2).rule_gain.item()
+        if hint == "votes":
+            assert agent.vote_gain[2] > 0.02 and agent.vote_gain[0] == 0
+            assert agent.rule_gain == start  # no rule in these hints: no gradient
+        elif use_rule:
+            assert agent.rule_gain > start + 0.02 and (agent.vote_gain == 0).all()
+        else:  # the rule never reaches the agent: no gradient to its gain or its embedding
+            assert agent.rule_gain == start
+            seen = GridAgent(dim=32, layers=1, heads=2, use_rule=False)
+            seen.load_state_dict(agent.state_dict())
+            torch.testing.assert_close(
+                seen(q, torch.zeros(4, 32), hints), seen(q, torch.zeros(4, 32), empty)
+            )
+
+
+def test_untrained_agent_follows_the_rule_over_the_copy():
+    """The rule starts trusted above the copy vote: with the transformer's head silenced, cells
+    with a rule take its colour, the others copy the query."""
+    torch.manual_seed(0)
+    agent = GridAgent(dim=32, layers=1, heads=2).eval()
+    with torch.no_grad():
+        agent.head.weight.zero_()
+        agent.head.bias.zero_()
+    q = torch.randint(0, 10, (1, 30, 30))
+    hints = DemoHints.empty(1)._replace(shape=torch.tensor([[30, 30]]))
+    hints.rule[0, :10] = (q[0, :10] + 3) % 10
+    pred = agent(q, torch.zeros(1, 32), hints).argmax(-1).view(30, 30)
+    assert (pred[:10] == (q[0, :10] + 3) % 10).all() and (pred[10:] == q[0, 10:]).all()
+    trusted = GridAgent(dim=32, layers=1, heads=2, rule_trust=2.0, vote_scale=10.0)
+    assert trusted.rule_gain.item() * 10.0 == pytest.approx(2.0)
 
 
 def test_untrained_agent_scores_at_least_a_copy_on_evaluation_tasks():
