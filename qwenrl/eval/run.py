@@ -137,7 +137,8 @@ def load_run(
         cfg = dataclasses.replace(cfg, amp="off")  # fp16 autocast is a CUDA-only path
     check_config(cfg)
     models = QwenRLModels(model_config(cfg))
-    models.load_state_dict(
-        Checkpointer.load_weights(checkpoint, models.state_dict, renamed=models.RENAMED)
+    models.load_weights(
+        Checkpointer.load_weights(checkpoint, models.state_dict, renamed=models.RENAMED),
+        str(checkpoint),
     )
     return models.to(cfg.device).eval(), cfg, int(state["step"])

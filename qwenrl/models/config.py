@@ -99,6 +99,22 @@ class QwenRLModels(nn.Module):
             use_rule=config.rule_hint,
         )
 
+    def load_weights(self, weights: dict[str, torch.Tensor], where: str) -> None:
+        """``load_state_dict(weights)``, or a ``ValueError`` naming ``where`` (a checkpoint, an
+        export) and the parameters it lacks or has beyond these models: e.g. weights saved
+        before a part of the model existed, which this version cannot run without."""
+        own = self.state_dict()
+        renamed = {new for old, new in self.RENAMED.items() if old in weights}
+        missing = sorted(own.keys() - weights.keys() - renamed)
+        extra = sorted(weights.keys() - own.keys() - self.RENAMED.keys())
+        if missing or extra:
+            raise ValueError(
+                f"{where}: its weights do not fit this version's models (missing: "
+                f"{', '.join(missing) or 'none'}; unexpected: {', '.join(extra) or 'none'}); "
+                "it was saved by another version: train a new run"
+            )
+        self.load_state_dict(weights)
+
     def main_param_groups(self, agent_lr: float, qwen_lr: float) -> list[dict]:
         """Optimizer groups: Qwen at ``qwen_lr``; projection, refiner, steering, agent at
         ``agent_lr``."""

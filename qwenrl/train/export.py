@@ -93,7 +93,7 @@ def load_models(directory: str | Path, device: torch.device | str = "cpu") -> Qw
             raise FileNotFoundError(f"{directory} is not an export directory (no {name})")
     cfg = config_from_dict(yaml.safe_load((directory / CONFIG_FILE).read_text()), str(directory))
     models = QwenRLModels(model_config(cfg))
-    models.load_state_dict(load_file(str(directory / WEIGHTS)))
+    models.load_weights(load_file(str(directory / WEIGHTS)), str(directory))
     return models.to(device).eval()
 
 

@@ -76,7 +76,7 @@ class TrainerCheckpoints:
             D.load_sharded_state_dict(self.models, self.optimizer, sharded)
         else:
             weights, state = Checkpointer.load(path, self.device)
-            self.models.load_state_dict(weights)
+            self.models.load_weights(weights, str(path))
         self.load_state_dict(state)
         own, why = Checkpointer.load_rank_state(path, state, self.dist)
         if own is None:

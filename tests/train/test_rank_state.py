@@ -24,9 +24,10 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from qwenrl.cache import EmbeddingCache
+from qwenrl.eval.evaluate import main as evaluate_main
 from qwenrl.eval.run import load_run
 from qwenrl.models import ModelConfig, QwenRLModels, Steering
 from qwenrl.train import TrainConfig, Trainer
@@ -378,3 +379,29 @@ def test_fsdp_shards_the_steering_module_the_policy_uses(tmp_path):
 
 if __name__ == "__main__":
     worker(json.loads(Path(sys.argv[1]).read_text()))
+
+
+def test_weights_from_another_version_are_refused_by_name(arc, tmp_path, capsys):
+    """A checkpoint saved before a parameter existed (the rule hint's) or with one this
+    version lacks: evaluation, the export's loader and resuming each refuse it naming the
+    parameters, and ``python -m qwenrl.evaluate`` says so in one line."""
+    trainer = Trainer(TrainConfig(**config(arc, tmp_path / "run")), quiet=True)
+    weights = {k: v.clone() for k, v in trainer.models.state_dict().items()}
+    del weights["agent.rule_gain"]
+    weights["agent.old_part"] = torch.zeros(1)
+    path = Checkpointer(tmp_path / "run").save(0, weights, trainer.state_dict())
+    trainer.close()
+    why = "missing: agent.rule_gain; unexpected: agent.old_part"
+    with pytest.raises(ValueError, match=why):
+        load_run(path)
+    assert evaluate_main([str(path), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path}: its weights do not fit") and why in err
+    with pytest.raises(ValueError, match=why):
+        Trainer(TrainConfig(**config(arc, tmp_path / "run", resume=str(path))), quiet=True)
+    out = tmp_path / "export"
+    out.mkdir()
+    save_file(weights, str(out / "model.safetensors"))
+    (out / "config.yaml").write_text((tmp_path / "run" / "config.yaml").read_text())
+    with pytest.raises(ValueError, match=f"{out}: its weights do not fit"):
+        load_models(out)
