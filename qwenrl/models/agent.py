@@ -134,7 +134,8 @@ class GridAgent(nn.Module):
         self.vote_gain = nn.Parameter(torch.zeros(NUM_VOTE_LEVELS))
         self.vote_scale = vote_scale
         self.rule_emb = nn.Embedding(NUM_COLOURS + 1, dim)  # the rule's colour + 1; 0: none
-        self.rule_gain = nn.Parameter(torch.tensor(rule_trust / vote_scale))  # its trust
+        # Its trust; shape [1], not a scalar, for FSDP2, which shards no 0-d parameter.
+        self.rule_gain = nn.Parameter(torch.full((1,), rule_trust / vote_scale))
         self.patch_proj = nn.Linear(patch * patch * dim, dim)
         self.row_emb = nn.Parameter(torch.randn(self.side, dim) * 0.02)
         self.col_emb = nn.Parameter(torch.randn(self.side, dim) * 0.02)

@@ -249,7 +249,8 @@ def test_ttt_feeds_embedding_plus_offset_and_trains_the_two_likeliest_actions(
     monkeypatch.setattr(ttt, "tuned_copy", spying_copy)
     monkeypatch.setattr(ttt, "collate", recording_collate)
     task = _few_colour_task(6)
-    adapt_to_task(models, task.train, TTTConfig(steps=4, lr=1e-2, num_colour_perms=1, seed=3))
+    cfg = TTTConfig(steps=4, lr=1e-2, num_colour_perms=1, stop_after=0, seed=3)
+    adapt_to_task(models, task.train, cfg)
     assert len(refiner_inputs) == 4 and not refiner_inputs[0].any()
     for inputs, offset in zip(refiner_inputs[1:], offsets_before[1:]):
         assert offset.abs().sum() > 0
