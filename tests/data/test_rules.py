@@ -45,6 +45,7 @@ def test_features_by_hand():
     assert f["e"][:, 3].tolist() == [BORDER] * 3 and f["w"][1].tolist() == [BORDER, 2, 0, 3]
     assert f["se"][0].tolist() == [0, 3, 2, BORDER] and f["nw"][1, 1] == 0
     assert f["row_mod3"][:, 0].tolist() == [0, 1, 2] and f["col_mod2"][0].tolist() == [0, 1, 0, 1]
+    assert f["col_mod3"][2].tolist() == [0, 1, 2, 0] and f["row_mod2"][:, 3].tolist() == [0, 1, 0]
     assert f["mirror_h"][1].tolist() == [2, 3, 0, 2] and f["mirror_v"][0].tolist() == [0] * 4
     assert f["row_colours"][:, 0].tolist() == [0b1001, 0b1101, 0b1]
     assert f["col_colours"][0].tolist() == [0b101, 0b1, 0b1001, 0b101]
@@ -68,6 +69,7 @@ def test_features_by_hand():
     assert (
         f["between_h"][0, 0] == BORDER + 1 and _feature([[4, 0, 0, 4, 0]], "between_h")[0, 1] == 4
     )
+    assert _feature(np.array([[4, 0, 0, 4, 0]]).T, "between_v")[1, 0] == 4
     assert f["is_background"].tolist() == (GRID == 0).tolist()
 
 
