@@ -4,7 +4,7 @@ its shape (:func:`output_shape_hint`) and, cell by cell, the colours that simila
 (:func:`qwenrl.data.rules.rule_prediction`). :func:`demo_hints` packs them for the agent
 (:class:`DemoHints`).
 
-Both are read off the demonstrations only, never off the query's output, and both are plain
+All three are read off the demonstrations only, never off the query's output, and all are plain
 rules: what the agent learns is how far to trust them, which carries over to unseen tasks in a
 way that task-specific habits do not.
 

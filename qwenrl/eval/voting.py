@@ -35,6 +35,7 @@ from qwenrl.data import (
     demo_hints,
     grid_to_canvas,
     pairs_to_text,
+    rule_prediction,
 )
 from qwenrl.data.grids import Pair
 from qwenrl.models import QwenRLModels
@@ -65,13 +66,14 @@ def augment_query(
     if not aug_ids:
         raise ValueError("aug_ids is empty: at least one augmentation (0 = identity) is needed")
     prompts, queries, hints, augs = [], [], [], []
+    rule = rule_prediction(demos, np.asarray(query_input))  # in the task's frame, as the dataset
     for aug_id in aug_ids:
         aug = Augmentation.from_id(int(aug_id), aug_seed)
         aug_demos = [(aug.apply(i), aug.apply(o)) for i, o in demos]
         aug_query = aug.apply(np.asarray(query_input))
         prompts.append(pairs_to_text(aug_demos))
         queries.append(grid_to_canvas(aug_query, PAD))
-        hints.append(demo_hints(aug_demos, aug_query))
+        hints.append(demo_hints(aug_demos, aug_query, None if rule is None else aug.apply(rule)))
         augs.append(aug)
     return AugmentedQuery(prompts, torch.stack(queries), DemoHints.stack(hints), augs)
 

