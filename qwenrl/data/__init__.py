@@ -15,7 +15,13 @@ from qwenrl.data.grids import (
     grid_to_canvas,
     pairs_to_text,
 )
-from qwenrl.data.hints import DemoHints, colour_votes, demo_hints, output_shape_hint
+from qwenrl.data.hints import (
+    DemoHints,
+    colour_votes,
+    demo_hints,
+    output_shape_guess,
+    output_shape_hint,
+)
 from qwenrl.data.rules import rule_prediction
 from qwenrl.data.sampler import WorkingSetSampler
 from qwenrl.data.tasks import (
@@ -57,6 +63,7 @@ __all__ = [
     "load_json_dir",
     "load_task_file",
     "load_tasks",
+    "output_shape_guess",
     "output_shape_hint",
     "pairs_to_text",
     "prompt_key",

@@ -12,9 +12,10 @@ pairs (``--ttt_steps``, :mod:`qwenrl.eval.ttt`), then each test query predicted 
 only then is the test output read, to score (:func:`qwenrl.eval.tasks.evaluate_tasks`):
 
 * ``exact_match``: ARC's pass@2, one of the two attempts equals the output exactly;
-* ``cell_accuracy``: the target grid's cells right in the per-cell argmax on the task as it is
-  under the likeliest action (the trainer's validation metric; after test-time training, the
-  tuned models');
+* ``cell_accuracy``: the target grid's cells right in the per-cell vote over the augmentations
+  (:func:`qwenrl.eval.voting.cell_vote`; with ``--vote_transforms 1`` the argmax on the task as
+  it is under the likeliest action, the trainer's validation metric; after test-time training,
+  the tuned models');
 * ``attempt_cell_accuracy``: the target grid's cells the first attempt gets right (cells it
   does not cover count as wrong).
 

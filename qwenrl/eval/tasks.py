@@ -3,8 +3,9 @@
 For each task: test-time training on its demonstration pairs (:mod:`qwenrl.eval.ttt`), then
 each test query predicted under the augmentations and voted into two attempts
 (:mod:`qwenrl.eval.voting`); only then is the query's output read, to score it
-(:func:`qwenrl.eval.scoring.score_query`). Cell accuracy is that of the per-cell argmax on the
-task as it is (after test-time training, the tuned models'). The trainer's validation uses it
+(:func:`qwenrl.eval.scoring.score_query`). Cell accuracy is that of the per-cell vote over the
+same augmentations (:func:`qwenrl.eval.voting.cell_vote`; with one, the per-cell argmax on the
+task as it is), after test-time training the tuned models'. The trainer's validation uses it
 with ``--vote_transforms`` > 1 or ``--ttt_steps`` > 0; ``python -m qwenrl.eval.evaluate``
 always.
 """

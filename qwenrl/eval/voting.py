@@ -10,6 +10,13 @@ votes are the attempts, ties going to the grid seen first (earlier augmentation,
 action). With ``K = 1`` the attempts are the two likeliest actions' predictions on the task as
 it is, which is how the trainer's validation picks them.
 
+Cell accuracy scores one canvas per query, and it votes per cell (:func:`cell_vote`): each
+augmentation's cell probabilities under its likeliest action, mapped back to the task's frame
+and averaged inside the output shape the hints give. Whole grids rarely agree where the agent
+is wrong, single cells more often: on the default run's 419 evaluation queries, 8
+augmentations raise cell accuracy from 0.792 to 0.794 (16, with colour permutations, to
+0.794 as well: 0.7939 against 0.7943).
+
 A prediction sees only the task's demonstration pairs and the query's input: the functions here
 take no output grid. The scheme follows the ARChitects' ARC Prize 2024 solution (Franzen,
 Disselhoff and Hartmann, "The LLM ARChitect", 2024) and TRM (Jolicoeur-Martineau, "Less is
@@ -27,6 +34,7 @@ import numpy as np
 import torch
 
 from qwenrl.data import (
+    CANVAS,
     NUM_COLOURS,
     PAD,
     Augmentation,
@@ -109,13 +117,50 @@ class Prediction:
     """What :func:`predict` returns for one query.
 
     attempts: at most two grids [h, w] in the task's frame, best first · votes: their pooled
-    vote weights · canvas [900] int64: the per-cell argmax on the task as it is (aug id 0)
-    under the likeliest action, the prediction the trainer's cell accuracy scores.
+    vote weights · canvas [900] int64: the per-cell prediction that cell accuracy scores
+    (:func:`cell_vote`; with K = 1 the argmax on the task as it is under the likeliest action,
+    as in the trainer's validation).
     """
 
     attempts: list[np.ndarray]
     votes: list[float]
     canvas: torch.Tensor
+
+
+def cell_vote(
+    probs: torch.Tensor, augmentations: Sequence[Augmentation], shape: Sequence[int]
+) -> torch.Tensor:
+    """Per-cell vote over augmentations: [K, 900, C] cell probabilities, one row per
+    augmentation (each under its likeliest action), → canvas [900] int64 in the task's frame.
+
+    Inside the output ``shape`` (h, w) in the task's frame (the hints' implied or guessed
+    shape), each augmentation's probabilities are mapped back (the D8 transform undone on the
+    transformed h × w region, the colour channels un-permuted) and averaged, and each cell
+    takes the likeliest class; beyond it, and everywhere when ``shape`` is (0, 0), the canvas
+    is augmentation 0's argmax (which must be the identity).
+    """
+    if len(augmentations) != probs.shape[0]:
+        raise ValueError(
+            f"{probs.shape[0]} probability rows for {len(augmentations)} augmentations"
+        )
+    if augmentations[0] != Augmentation.from_id(0):
+        raise ValueError("augmentation 0 must be the identity (aug id 0)")
+    canvas = probs[0].argmax(-1).reshape(CANVAS, CANVAS)
+    h, w = (int(x) for x in shape)
+    if h <= 0 or w <= 0 or len(augmentations) == 1:
+        return canvas.reshape(-1)
+    grids = probs.reshape(probs.shape[0], CANVAS, CANVAS, -1)
+    mean = torch.zeros(h, w, grids.shape[-1], dtype=probs.dtype, device=probs.device)
+    for aug, grid in zip(augmentations, grids, strict=True):
+        transposed = aug.d8 % 2 == 1  # a quarter turn (mirrored or not) swaps the sides
+        region = grid[: (w if transposed else h), : (h if transposed else w)]
+        colours = torch.as_tensor(aug.colours, device=probs.device)
+        region = torch.cat([region[..., colours], region[..., NUM_COLOURS:]], -1)
+        if aug.d8 >= 4:
+            region = region.flip(1)
+        mean += torch.rot90(region, -(aug.d8 % 4), dims=(0, 1))
+    canvas[:h, :w] = mean.argmax(-1)
+    return canvas.reshape(-1)
 
 
 @torch.no_grad()
@@ -156,7 +201,8 @@ def predict(
     cond = models.policy.steer(refined.repeat(n_actions, 1), actions)
     query = aq.query.to(device).repeat(n_actions, 1, 1)
     hints = DemoHints(*(t.repeat(n_actions, *[1] * (t.dim() - 1)) for t in aq.hints.to(device)))
-    tokens = models.agent(query, cond, hints).argmax(-1).cpu()  # [a·K, 900]
+    logits = models.agent(query, cond, hints)  # [a·K, 900, C]
+    tokens = logits.argmax(-1).cpu()
     weights = probs.gather(1, ranked).T.reshape(-1).cpu()  # [a·K], π(action | prompt)
     candidates = []
     for i in range(k):  # augmentation-major, so ties favour earlier augmentations
@@ -164,4 +210,6 @@ def predict(
             row = r * k + i
             candidates.append((aq.augmentations[i].invert(decode_grid(tokens[row])), weights[row]))
     best = rank_candidates(candidates)
-    return Prediction([g for g, _ in best], [v for _, v in best], tokens[0])
+    # The likeliest action's rows (r = 0) vote per cell, inside the hints' output shape.
+    canvas = cell_vote(logits[:k].float().softmax(-1).cpu(), aq.augmentations, aq.hints.shape[0])
+    return Prediction([g for g, _ in best], [v for _, v in best], canvas)

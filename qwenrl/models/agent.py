@@ -14,7 +14,9 @@ Demonstration hints (:class:`qwenrl.data.hints.DemoHints`, optional):
 * the output shape the demonstrations imply puts every cell in one of three states: unknown,
   inside the implied output, outside it. Without it the agent learns the training tasks'
   output sizes from absolute positions, and on the (larger) evaluation grids predicts OUTSIDE
-  over cells a copy would get right.
+  over cells a copy would get right. Where none is implied, the cells inside a guessed shape
+  (:func:`qwenrl.data.hints.output_shape_guess`) have a fourth state, and those beyond it stay
+  unknown.
 * the colour votes (what similar demonstration cells became) and their level enter the cell
   embedding, and also the logits directly through ``vote_gain`` (one learned weight per level,
   starting at 0: the agent learns how far to trust the rule).
@@ -27,9 +29,9 @@ evaluation test queries that have one), and learned from 0 in a 5-minute run its
 below the copy vote, so the agent kept copying where the rule said otherwise.
 
 Copy skip: most ARC outputs share the input's size and most of its cells, so each cell's query
-token and state add a learned vote to the logits (``copy_logits``, a [3 × 12, C] table)
+token and state add a learned vote to the logits (``copy_logits``, a [4 × 12, C] table)
 initialised to: colour c → c, except outside the implied output → OUTSIDE; PAD → OUTSIDE,
-except inside the implied output (the output is larger than the input) → no vote. The
+except inside the implied or guessed output (the output is larger than the input) → no vote. The
 transformer then learns the deviations from that prior instead of rediscovering the copy and
 the output's size from scratch.
 """
@@ -42,20 +44,29 @@ from torch import nn
 from qwenrl.data.grids import CANVAS, NUM_CLASSES, NUM_COLOURS, OUTSIDE, PAD
 from qwenrl.data.hints import NO_RULE, DemoHints
 
-UNKNOWN, INSIDE, BEYOND = 0, 1, 2  # cell states relative to the implied output shape
-NUM_STATES = 3
+# Cell states relative to the output shape: none known, inside / beyond an implied shape,
+# inside a guessed one (beyond a guessed shape is UNKNOWN: a guess does not rule a cell out).
+UNKNOWN, INSIDE, BEYOND, GUESSED = 0, 1, 2, 3
+NUM_STATES = 4
 NUM_VOTE_LEVELS = 3  # none, same colour, same 3×3 neighbourhood (qwenrl.data.hints)
 
 
-def cell_states(shape_hint: torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
-    """[B, 2] implied output shapes ((0, 0) = none) → cell states [B, 30, 30] (int64)."""
+def cell_states(
+    shape_hint: torch.Tensor, batch: int, device: torch.device, guessed: torch.Tensor | None = None
+) -> torch.Tensor:
+    """[B, 2] output shapes ((0, 0) = none), implied or, where ``guessed`` [B] (bool; ``None``:
+    none is), guessed → cell states [B, 30, 30] (int64)."""
     if shape_hint.shape != (batch, 2):
         raise ValueError(f"shape_hint must be [{batch}, 2], got {list(shape_hint.shape)}")
+    if guessed is not None and guessed.shape != (batch,):
+        raise ValueError(f"guessed must be [{batch}], got {list(guessed.shape)}")
     idx = torch.arange(CANVAS, device=device)
     h, w = shape_hint[:, 0, None, None], shape_hint[:, 1, None, None]
     inside = (idx[None, :, None] < h) & (idx[None, None, :] < w)
     known = (h > 0) & (w > 0)
     state = torch.where(inside, INSIDE, BEYOND)
+    if guessed is not None:
+        state = torch.where(guessed[:, None, None], torch.where(inside, GUESSED, UNKNOWN), state)
     return torch.where(known, state, UNKNOWN)
 
 
@@ -162,7 +173,7 @@ class GridAgent(nn.Module):
                     out = token if token < NUM_COLOURS else OUTSIDE
                     if state == BEYOND:
                         out = OUTSIDE
-                    elif state == INSIDE and token == PAD:
+                    elif state in (INSIDE, GUESSED) and token == PAD:
                         continue
                     if out < num_classes:
                         self.copy_logits.weight[state * NUM_CLASSES + token, out] = copy_gain
@@ -180,7 +191,7 @@ class GridAgent(nn.Module):
                 f"hints.votes must be [{b}, {CANVAS}, {CANVAS}, {NUM_COLOURS}], "
                 f"got {list(hints.votes.shape)}"
             )
-        state = cell_states(hints.shape, b, query.device)
+        state = cell_states(hints.shape, b, query.device, hints.guessed)
         rule = hints.rule if self.use_rule else torch.full_like(hints.rule, NO_RULE)
         cells = (
             self.cell_emb(query)

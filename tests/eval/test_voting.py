@@ -144,5 +144,45 @@ def test_votes_are_each_augmentations_policy_probabilities_and_ties_go_to_it_fir
     np.testing.assert_array_equal(pred.attempts[0], a)
     np.testing.assert_array_equal(pred.attempts[1], b)
     assert pred.votes == [0.8125, 0.375]
-    # the canvas the cell accuracy scores: augmentation 0 (as it is), its likeliest action
-    np.testing.assert_array_equal(pred.canvas.numpy(), models.canvases[0][0].numpy())
+    # the canvas the cell accuracy scores, with one augmentation: as it is, likeliest action
+    one = predict(_ScriptedModels(probs[:1], [a, b, c, d], augs[:1]), task.train,
+                  task.test[0][0], vote_transforms=1)  # fmt: skip
+    np.testing.assert_array_equal(one.canvas.numpy(), models.canvases[0][0].numpy())
+
+
+def _one_hot_canvas(grid: np.ndarray, aug: Augmentation) -> torch.Tensor:
+    """[900, 12] one-hot probabilities of ``grid`` as seen through ``aug``, OUTSIDE beyond it."""
+    from qwenrl.data import OUTSIDE, grid_to_canvas
+
+    tokens = grid_to_canvas(aug.apply(grid), OUTSIDE).reshape(-1)
+    return torch.nn.functional.one_hot(tokens, 12).double()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_cell_vote_maps_each_augmentation_back_and_takes_the_majority(seed: int):
+    """Three augmentations (transposing and colour-permuting ones among them) each see a grid
+    in their own frame; mapped back, each cell takes the colour two of the three agree on,
+    inside the output shape only; beyond it the canvas is augmentation 0's."""
+    from qwenrl.eval.voting import cell_vote
+
+    rng = np.random.default_rng(seed)
+    h, w = 3 + seed, 5
+    truth = rng.integers(0, 10, size=(h, w))
+    augs = [Augmentation.from_id(i, seed) for i in (0, 8 * 2 + 1 + 2 * seed, 4 + seed)]
+    assert any(a.d8 % 2 for a in augs) and any(a.colours != tuple(range(10)) for a in augs)
+    wrong = [np.where(rng.random((h, w)) < 0.5, (truth + 1 + k) % 10, truth) for k in range(3)]
+    for k in range(3):  # every cell: at most one augmentation is wrong
+        others = [j for j in range(3) if j != k]
+        wrong[k] = np.where(np.any([wrong[j] != truth for j in others], 0), truth, wrong[k])
+    probs = torch.stack([_one_hot_canvas(g, aug) for g, aug in zip(wrong, augs, strict=True)])
+    probs[0].view(30, 30, 12)[h:, :] = 0  # beyond the shape: aug 0's own (here colour 0)
+    canvas = cell_vote(probs, augs, (h, w)).view(30, 30)
+    np.testing.assert_array_equal(canvas[:h, :w].numpy(), truth)
+    assert (canvas[h:] == 0).all() and (canvas[:h, w:] == 10).all()
+    # no shape, or one augmentation: augmentation 0's argmax everywhere
+    for got in (cell_vote(probs, augs, (0, 0)), cell_vote(probs[:1], augs[:1], (h, w))):
+        torch.testing.assert_close(got, probs[0].argmax(-1))
+    with pytest.raises(ValueError, match="3 probability rows for 2 augmentations"):
+        cell_vote(probs, augs[:2], (h, w))
+    with pytest.raises(ValueError, match="augmentation 0 must be the identity"):
+        cell_vote(probs, augs[::-1], (h, w))
