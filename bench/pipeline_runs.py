@@ -47,6 +47,7 @@ ABLATIONS: dict[str, tuple[list[str], str]] = {
     ),
     "no_hints": (["--no-demo_hints"], "the demonstration hints"),
     "no_rule": (["--no-rule_hint"], "the hints' rule alone"),
+    "no_guess": (["--no-shape_guess"], "the guessed output shape alone"),
     "tau_fixed": (["--tau_end", "0.6"], "the τ curriculum: τ = 0.6 throughout"),
 }
 

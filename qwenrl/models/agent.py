@@ -105,6 +105,8 @@ class GridAgent(nn.Module):
             ablation of the demonstration hints.
         use_rule: ``False`` ignores the hints' rule alone (every cell as without one): its
             ablation.
+        use_guess: ``False`` ignores a guessed output shape (those samples as without a shape,
+            every cell unknown): its ablation.
         rule_trust: the rule's initial logit bonus (``vote_scale · rule_gain`` at the start).
     """
 
@@ -123,6 +125,7 @@ class GridAgent(nn.Module):
         use_hints: bool = True,
         use_rule: bool = True,
         rule_trust: float = 7.5,
+        use_guess: bool = True,
     ) -> None:
         super().__init__()
         if CANVAS % patch:
@@ -133,6 +136,7 @@ class GridAgent(nn.Module):
         self.prompt_dropout = prompt_dropout
         self.use_hints = use_hints
         self.use_rule = use_rule
+        self.use_guess = use_guess
         self.side = CANVAS // patch
         self.num_classes = num_classes
         self.cell_emb = nn.Embedding(NUM_CLASSES, dim)  # canvas tokens: colours, OUTSIDE, PAD
@@ -191,7 +195,10 @@ class GridAgent(nn.Module):
                 f"hints.votes must be [{b}, {CANVAS}, {CANVAS}, {NUM_COLOURS}], "
                 f"got {list(hints.votes.shape)}"
             )
-        state = cell_states(hints.shape, b, query.device, hints.guessed)
+        shape = hints.shape
+        if not self.use_guess:  # a guessed shape becomes no shape: every cell unknown
+            shape = shape.masked_fill(hints.guessed[:, None], 0)
+        state = cell_states(shape, b, query.device, hints.guessed)
         rule = hints.rule if self.use_rule else torch.full_like(hints.rule, NO_RULE)
         cells = (
             self.cell_emb(query)

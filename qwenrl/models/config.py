@@ -34,6 +34,7 @@ class ModelConfig:
     num_actions: int = 4  # 1: one fixed action, nothing for the RL policy to choose
     hints: bool = True  # False: the agent never sees the demonstration hints
     rule_hint: bool = True  # False: the agent never sees the hints' rule (qwenrl.data.rules)
+    shape_guess: bool = True  # False: the agent never sees a guessed shape (no shape there)
     reward_scale: float = 5.0
     entropy_coef: float = 0.01
     baseline_momentum: float = 0.9
@@ -97,6 +98,7 @@ class QwenRLModels(nn.Module):
             prompt_dropout=config.prompt_dropout,
             use_hints=config.hints,
             use_rule=config.rule_hint,
+            use_guess=config.shape_guess,
         )
 
     def load_weights(self, weights: dict[str, torch.Tensor], where: str) -> None:

@@ -123,6 +123,10 @@ class TrainConfig:
         True, "give the agent the per-cell rule the demonstrations agree on, where one exists "
         "(qwenrl.data.rules)", model="rule_hint",
     )  # fmt: skip
+    shape_guess: bool = _opt(
+        True, "give the agent a guessed output shape where the demonstrations imply none "
+        "(qwenrl.data.hints.output_shape_guess)", model="shape_guess",
+    )  # fmt: skip
     # --- hardware ---
     device: str = _opt("cpu", "cpu, cuda or cuda:N")
     amp: str = _opt(

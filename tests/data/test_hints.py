@@ -377,11 +377,31 @@ def test_no_rule_has_an_embedding_of_its_own():
     assert not torch.allclose(agent(q, p, empty), agent(q, p, zeros))
 
 
-@pytest.mark.parametrize(("hints", "rule"), [(True, True), (True, False), (False, True)])
-def test_the_model_config_switches_reach_the_agent(hints: bool, rule: bool):
-    cfg = ModelConfig(dim=32, agent_layers=1, max_length=128, hints=hints, rule_hint=rule)
+@pytest.mark.parametrize(
+    ("hints", "rule", "guess"),
+    [(True, True, True), (True, False, True), (False, True, True), (True, True, False)],
+)
+def test_the_model_config_switches_reach_the_agent(hints: bool, rule: bool, guess: bool):
+    cfg = ModelConfig(
+        dim=32, agent_layers=1, max_length=128, hints=hints, rule_hint=rule, shape_guess=guess
+    )
     agent = QwenRLModels(cfg).agent
-    assert (agent.use_hints, agent.use_rule) == (hints, rule)
+    assert (agent.use_hints, agent.use_rule, agent.use_guess) == (hints, rule, guess)
+
+
+def test_agent_without_the_guess_sees_no_shape_where_it_was_guessed():
+    """``use_guess=False``: a guessed shape is as no shape at all; an implied one still counts."""
+    torch.manual_seed(0)
+    agent = GridAgent(dim=32, layers=1, heads=2, use_guess=False).eval()
+    q, p = torch.randint(0, 10, (2, 30, 30)), torch.randn(2, 32)
+    hints = DemoHints.empty(2)._replace(
+        shape=torch.tensor([[3, 4], [5, 6]]), guessed=torch.tensor([True, False])
+    )
+    unguessed = hints._replace(shape=torch.tensor([[0, 0], [5, 6]]))
+    torch.testing.assert_close(agent(q, p, hints), agent(q, p, unguessed))
+    agent.use_guess = True
+    assert not torch.allclose(agent(q, p, hints)[0], agent(q, p, unguessed)[0])
+    torch.testing.assert_close(agent(q, p, hints)[1], agent(q, p, unguessed)[1])
 
 
 def test_untrained_agent_scores_at_least_a_copy_on_evaluation_tasks():

@@ -158,10 +158,12 @@ def test_model_config_is_built_from_the_fields():
     cfg = TrainConfig(dim=48, agent_layers=2, dropout=0.1, prompt_dropout=0.2, reward_scale=3.0)
     cfg.qwen, cfg.qwen_max_length = "/models/q", 256
     cfg.num_actions, cfg.refiner_depth, cfg.demo_hints, cfg.rule_hint = 1, 0, False, False
+    cfg.shape_guess = False
     mc = model_config(cfg)
     assert (mc.dim, mc.agent_layers, mc.dropout, mc.prompt_dropout) == (48, 2, 0.1, 0.2)
     assert (mc.reward_scale, mc.qwen_path, mc.max_length) == (3.0, "/models/q", 256)
     assert (mc.num_actions, mc.refiner_depth, mc.hints, mc.rule_hint) == (1, 0, False, False)
+    assert mc.shape_guess is False and model_config(TrainConfig()).shape_guess is True
     model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
     assert {f.metadata["model"] for f in FIELDS.values() if "model" in f.metadata} <= model_fields
 
