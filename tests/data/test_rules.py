@@ -277,6 +277,8 @@ def test_hints_carry_the_rule_on_the_canvas():
     assert (given.rule == NO_RULE).all()
     with pytest.raises(ValueError, match="rule must be an output grid within 30×30"):
         demo_hints(demos, query, rule=np.zeros((31, w), dtype=np.int64))
+    full = demo_hints(demos, query, rule=np.full((30, 30), 4, dtype=np.int64))  # the whole canvas
+    assert (full.rule == 4).all()
 
 
 def test_dataset_maps_the_task_frame_rule_through_each_augmentation():

@@ -184,5 +184,23 @@ def test_cell_vote_maps_each_augmentation_back_and_takes_the_majority(seed: int)
         torch.testing.assert_close(got, probs[0].argmax(-1))
     with pytest.raises(ValueError, match="3 probability rows for 2 augmentations"):
         cell_vote(probs, augs[:2], (h, w))
-    with pytest.raises(ValueError, match="augmentation 0 must be the identity"):
+    with pytest.raises(ValueError, match="^augmentation 0 must be the identity"):
         cell_vote(probs, augs[::-1], (h, w))
+
+
+@pytest.mark.parametrize("shape", [(1, 4), (3, 1), (2, 2)])
+def test_cell_vote_averages_two_augmentations_over_thin_outputs(shape: tuple[int, int]):
+    """Two augmentations: the second is sure of the right colours where the first leans 0.6 to
+    a wrong one, so the average (0.7 against 0.3) is right everywhere inside the shape; one-row
+    and one-column outputs vote too."""
+    from qwenrl.eval.voting import cell_vote
+
+    h, w = shape
+    truth = np.arange(h * w).reshape(h, w) % 9 + 1
+    augs = [Augmentation.from_id(0), Augmentation.from_id(8 + 3, 0)]
+    first = 0.6 * _one_hot_canvas(truth % 9 + 1, augs[0]) + 0.4 * _one_hot_canvas(truth, augs[0])
+    probs = torch.stack([first, _one_hot_canvas(truth, augs[1])])
+    canvas = cell_vote(probs, augs, shape).view(30, 30)
+    np.testing.assert_array_equal(canvas[:h, :w].numpy(), truth)
+    alone = cell_vote(probs[:1], augs[:1], shape).view(30, 30)
+    np.testing.assert_array_equal(alone[:h, :w].numpy(), truth % 9 + 1)
