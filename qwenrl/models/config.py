@@ -103,17 +103,24 @@ class QwenRLModels(nn.Module):
 
     def load_weights(self, weights: dict[str, torch.Tensor], where: str) -> None:
         """``load_state_dict(weights)``, or a ``ValueError`` naming ``where`` (a checkpoint, an
-        export) and the parameters it lacks or has beyond these models: e.g. weights saved
-        before a part of the model existed, which this version cannot run without."""
+        export) and the parameters it lacks, has beyond these models or holds in another shape:
+        e.g. weights saved before a part of the model existed, or grew, which this version
+        cannot run without."""
         own = self.state_dict()
         renamed = {new for old, new in self.RENAMED.items() if old in weights}
         missing = sorted(own.keys() - weights.keys() - renamed)
         extra = sorted(weights.keys() - own.keys() - self.RENAMED.keys())
-        if missing or extra:
+        reshaped = [
+            f"{name} (saved {list(weights[name].shape)}, here {list(own[name].shape)})"
+            for name in sorted(own.keys() & weights.keys())
+            if weights[name].shape != own[name].shape
+        ]
+        if missing or extra or reshaped:
             raise ValueError(
                 f"{where}: its weights do not fit this version's models (missing: "
-                f"{', '.join(missing) or 'none'}; unexpected: {', '.join(extra) or 'none'}); "
-                "it was saved by another version: train a new run"
+                f"{', '.join(missing) or 'none'}; unexpected: {', '.join(extra) or 'none'}; "
+                f"other shapes: {', '.join(reshaped) or 'none'}); it was saved by another "
+                "version: train a new run"
             )
         self.load_state_dict(weights)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import socket
 import subprocess
 import sys
@@ -389,14 +390,21 @@ def test_weights_from_another_version_are_refused_by_name(arc, tmp_path, capsys)
     weights = {k: v.clone() for k, v in trainer.models.state_dict().items()}
     del weights["agent.rule_gain"]
     weights["agent.old_part"] = torch.zeros(1)
+    states = weights["agent.state_emb.weight"]  # saved when the agent had one cell state less
+    weights["agent.state_emb.weight"] = states[:-1].clone()
     path = Checkpointer(tmp_path / "run").save(0, weights, trainer.state_dict())
     trainer.close()
-    why = "missing: agent.rule_gain; unexpected: agent.old_part"
+    rows, dim = states.shape
+    why = (
+        r"missing: agent.rule_gain; unexpected: agent.old_part; other shapes: "
+        rf"agent.state_emb.weight \(saved \[{rows - 1}, {dim}\], here \[{rows}, {dim}\]\)"
+    )
     with pytest.raises(ValueError, match=why):
         load_run(path)
     assert evaluate_main([str(path), "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: {path}: its weights do not fit") and why in err
+    assert err.startswith(f"error: {path}: its weights do not fit")
+    assert re.search(why, err)
     with pytest.raises(ValueError, match=why):
         Trainer(TrainConfig(**config(arc, tmp_path / "run", resume=str(path))), quiet=True)
     out = tmp_path / "export"
