@@ -229,14 +229,12 @@ def demo_hints(
     canvas_votes[:h, :w] = torch.from_numpy(votes)
     canvas_level = torch.zeros(CANVAS, CANVAS, dtype=torch.long)
     canvas_level[:h, :w] = torch.from_numpy(level)
-    shape = output_shape_hint(demos, (h, w))
-    guessed = shape is None and bool(demos)
-    if shape is None:
-        shape = output_shape_guess(demos) or (0, 0)
+    implied = output_shape_hint(demos, (h, w))
+    guess = None if implied else output_shape_guess(demos)
     return DemoHints(
-        torch.tensor(shape, dtype=torch.long),
+        torch.tensor(implied or guess or (0, 0), dtype=torch.long),
         canvas_votes,
         canvas_level,
         canvas_rule,
-        torch.tensor(guessed),
+        torch.tensor(guess is not None),
     )

@@ -39,6 +39,7 @@ from qwenrl.data import (
     PAD,
     Augmentation,
     DemoHints,
+    d8_invert,
     decode_grid,
     demo_hints,
     grid_to_canvas,
@@ -130,14 +131,14 @@ class Prediction:
 def cell_vote(
     probs: torch.Tensor, augmentations: Sequence[Augmentation], shape: Sequence[int]
 ) -> torch.Tensor:
-    """Per-cell vote over augmentations: [K, 900, C] cell probabilities, one row per
+    """Per-cell vote over augmentations: [K, 900, C] cell probabilities on the CPU, one row per
     augmentation (each under its likeliest action), → canvas [900] int64 in the task's frame.
 
     Inside the output ``shape`` (h, w) in the task's frame (the hints' implied or guessed
-    shape), each augmentation's probabilities are mapped back (the D8 transform undone on the
-    transformed h × w region, the colour channels un-permuted) and averaged, and each cell
-    takes the likeliest class; beyond it, and everywhere when ``shape`` is (0, 0), the canvas
-    is augmentation 0's argmax (which must be the identity).
+    shape), each augmentation's probabilities are mapped back (the colour channels
+    un-permuted, :func:`~qwenrl.data.d8_invert` on the transformed h × w region) and averaged,
+    and each cell takes the likeliest class; beyond it, and everywhere when ``shape`` is
+    (0, 0), the canvas is augmentation 0's argmax (which must be the identity).
     """
     if len(augmentations) != probs.shape[0]:
         raise ValueError(
@@ -149,17 +150,13 @@ def cell_vote(
     h, w = (int(x) for x in shape)
     if h <= 0 or w <= 0 or len(augmentations) == 1:
         return canvas.reshape(-1)
-    grids = probs.reshape(probs.shape[0], CANVAS, CANVAS, -1)
-    mean = torch.zeros(h, w, grids.shape[-1], dtype=probs.dtype, device=probs.device)
+    grids = probs.reshape(probs.shape[0], CANVAS, CANVAS, -1).numpy()
+    mean = np.zeros((h, w, grids.shape[-1]))
     for aug, grid in zip(augmentations, grids, strict=True):
-        transposed = aug.d8 % 2 == 1  # a quarter turn (mirrored or not) swaps the sides
-        region = grid[: (w if transposed else h), : (h if transposed else w)]
-        colours = torch.as_tensor(aug.colours, device=probs.device)
-        region = torch.cat([region[..., colours], region[..., NUM_COLOURS:]], -1)
-        if aug.d8 >= 4:
-            region = region.flip(1)
-        mean += torch.rot90(region, -(aug.d8 % 4), dims=(0, 1))
-    canvas[:h, :w] = mean.argmax(-1)
+        region = grid[:w, :h] if aug.d8 % 2 else grid[:h, :w]  # odd: a quarter turn
+        colours = [*aug.colours, *range(NUM_COLOURS, grid.shape[-1])]  # OUTSIDE, PAD stay
+        mean += d8_invert(region[..., colours], aug.d8)
+    canvas[:h, :w] = torch.from_numpy(mean.argmax(-1))
     return canvas.reshape(-1)
 
 
